@@ -1,0 +1,97 @@
+"""The ``hybridiff`` command line: compile, run, bench, save-model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from hybridiff import quiet_libraries
+from hybridiff.errors import HybridiffError, report_and_exit
+from hybridiff.runtime.worker import run_command
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app.command("run")(run_command)
+
+
+@app.command("compile")
+def compile_command(
+    model: str = typer.Argument(..., help="builtin:tiny-sdxl or a local diffusers pipeline folder"),
+    gpus: int = typer.Option(2, help="number of devices"),
+    out: Path = typer.Option(Path("plan.json"), "-o", "--out", help="where to write the plan"),
+    steps: int = typer.Option(50, min=1, help="denoising steps"),
+    guidance_scale: float = typer.Option(5.0, help="classifier-free guidance scale (> 1)"),
+    L: int = typer.Option(12, "--L", min=1, help="discrepancy slope window, steps"),
+    g_slope: float = typer.Option(4e-4, help="slope threshold that starts the window"),
+    tau_cap: int = typer.Option(15, min=1, help="latest step at which the window starts"),
+    k: int = typer.Option(5, "-k", "--k", min=0, help="window length in steps (0: no window)"),
+    height: Optional[int] = typer.Option(None, help="image height [default: the model's]"),
+    width: Optional[int] = typer.Option(None, help="image width [default: the model's]"),
+    link_gbps: float = typer.Option(100.0, help="device link bandwidth, Gbit/s (default ~PCIe 3 x16)"),
+    repeats: int = typer.Option(10, min=1, help="timing repeats per node (median)"),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads while profiling [default: cores / gpus]"),
+) -> None:
+    """Trace, profile and partition MODEL into an execution plan."""
+    from pydantic import ValidationError
+
+    from hybridiff.compiler.compile import compile_model
+    from hybridiff.plan import Schedule
+
+    try:
+        try:
+            schedule = Schedule(steps=steps, guidance_scale=guidance_scale, L=L, g_slope=g_slope, tau_cap=tau_cap, k=k)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise HybridiffError(f"bad schedule option {err['loc'][0]}: {err['msg']}") from None
+        plan = compile_model(
+            model, gpus, schedule, height, width, link_gbps=link_gbps, repeats=repeats, threads=threads
+        )
+        plan.save(out)
+    except HybridiffError as e:
+        report_and_exit(e)
+    est = plan.estimates
+    typer.echo(
+        f"wrote {out}: {len(plan.stages)} stages, stage costs "
+        + " / ".join(f"{s.cost_s * 1e3:.1f} ms" for s in plan.stages)
+        + f", window step {est.window_step_s * 1e3:.1f} ms vs serial step {est.serial_step_s * 1e3:.1f} ms, "
+        f"speed-up bound {est.speedup_bound:.2f}x"
+    )
+
+
+@app.command("save-model")
+def save_model_command(
+    model: str = typer.Argument(..., help="builtin:NAME"),
+    folder: Path = typer.Argument(..., help="folder to write (diffusers save_pretrained layout)"),
+) -> None:
+    """Write a model as a local diffusers pipeline folder, loadable by compile and run."""
+    from hybridiff.models import load_pipeline
+
+    try:
+        load_pipeline(model).save_pretrained(folder)
+    except HybridiffError as e:
+        report_and_exit(e)
+    typer.echo(f"wrote {folder}")
+
+
+@app.command("bench")
+def bench_command(
+    plan: Path = typer.Argument(..., help="plan.json"),
+    prompt: str = typer.Option("a red cube on a table", help="text prompt"),
+    steps: Optional[int] = typer.Option(None, min=1, help="denoising steps [default: the plan's]"),
+    repeats: int = typer.Option(3, min=1, help="images per mode; the median latency counts"),
+    threads: int = typer.Option(1, min=1, help="CPU threads per worker (and for the serial baseline)"),
+    out: Path = typer.Option(Path("out-bench"), "-o", "--out", help="folder for per-mode outputs"),
+) -> None:
+    """Serial vs hybrid latency, measured side by side, against the plan's bound."""
+    from hybridiff.bench import run_bench
+
+    try:
+        typer.echo(run_bench(plan, prompt, steps, repeats, threads, out))
+    except HybridiffError as e:
+        report_and_exit(e)
+
+
+def main() -> None:
+    quiet_libraries()
+    app()

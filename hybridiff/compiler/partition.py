@@ -1,0 +1,142 @@
+"""Cut the traced graph into pipeline stages that minimise the window step time.
+
+Inside the pipeline window every rank runs its own stage at once, so a window step costs the
+slowest rank's compute plus what it must send, plus the broadcast of the final prediction.
+Nodes that do not depend on the latent (time and added-condition embeddings) are cheap and are
+recomputed by every stage that needs them, so they never cross a cut and are never stale.
+
+Stages here are contiguous ranges of the heavy nodes in topological order, found by dynamic
+programming over every valid boundary; a boundary is valid only when everything crossing it is
+a tensor (a block's tuple output stays with the block and its ``getitem`` users).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import networkx as nx
+from torch import fx
+
+from hybridiff.compiler.cost import NodeMeasure
+from hybridiff.compiler.trace import LATENT_INPUT
+
+
+@dataclass(frozen=True)
+class CutValue:
+    node: str
+    producer: int
+    consumers: tuple[int, ...]
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Partition:
+    replicated: tuple[str, ...]
+    #: Heavy nodes per stage in topological order; the last stage also runs the graph output.
+    stages: tuple[tuple[str, ...], ...]
+    stage_costs: tuple[float, ...]
+    cuts: tuple[CutValue, ...]
+    output_bytes: int
+    window_step_s: float
+    window_comm_bytes_per_step: int
+
+
+def dependency_graph(gm: fx.GraphModule) -> nx.DiGraph:
+    """The graph's data dependencies as a networkx DAG over node names."""
+    g = nx.DiGraph()
+    for node in gm.graph.nodes:
+        g.add_node(node.name, op=node.op)
+        for producer in node.all_input_nodes:
+            g.add_edge(producer.name, node.name)
+    return g
+
+
+def classify(gm: fx.GraphModule) -> tuple[list[str], list[str]]:
+    """Split compute nodes into (replicated, heavy) lists in topological order."""
+    g = dependency_graph(gm)
+    on_latent = nx.descendants(g, LATENT_INPUT)
+    replicated, heavy = [], []
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        (heavy if node.name in on_latent else replicated).append(node.name)
+    return replicated, heavy
+
+
+def replicated_needed(g: nx.DiGraph, replicated: set[str], nodes: set[str]) -> set[str]:
+    """The replicated nodes a set of heavy nodes depends on."""
+    needed: set[str] = set()
+    for name in nodes:
+        needed |= nx.ancestors(g, name) & replicated
+    return needed
+
+
+def split_contiguous(
+    gm: fx.GraphModule, measures: dict[str, NodeMeasure], num_stages: int, link_bytes_per_s: float
+) -> Partition:
+    """The contiguous split into ``num_stages`` stages with the least window step time."""
+    g = dependency_graph(gm)
+    replicated, heavy = classify(gm)
+    rep_set = set(replicated)
+    n = len(heavy)
+    if n < num_stages:
+        raise ValueError(f"graph has {n} heavy nodes, too few for {num_stages} stages")
+    position = {name: i for i, name in enumerate(heavy)}
+    output_name = next(node.name for node in gm.graph.nodes if node.op == "output")
+    # The furthest heavy position that consumes each heavy value (the output counts as last).
+    last_user = {name: max((position.get(u, n) for u in g.successors(name)), default=-1) for name in heavy}
+    rep_ancestors = {name: nx.ancestors(g, name) & rep_set for name in heavy}
+    output_value = next(p for p in g.predecessors(output_name))
+    output_bytes = measures[output_value].bytes
+
+    def boundary_ok(i: int) -> bool:
+        """Whether every value crossing the boundary before position i is a tensor."""
+        return all(measures[heavy[j]].shape is not None for j in range(i) if last_user[heavy[j]] >= i)
+
+    valid = [i for i in range(1, n) if boundary_ok(i)]
+
+    def stage_cost(j: int, i: int) -> tuple[float, int]:
+        """Compute and send time of a stage owning heavy[j:i]; returns (seconds, bytes sent)."""
+        nodes = heavy[j:i]
+        reps = set().union(*(rep_ancestors[x] for x in nodes))
+        compute = sum(measures[x].cost_s for x in nodes) + sum(measures[r].cost_s for r in reps)
+        sent = sum(measures[x].bytes for x in nodes if i <= last_user[x] < n)
+        return compute + sent / link_bytes_per_s, sent
+
+    bounds = [0, *valid, n]
+    # best[s][b] = (cost of the slowest of s stages covering heavy[:b], boundaries)
+    best: list[dict[int, tuple[float, tuple[int, ...]]]] = [{0: (0.0, ())}]
+    for s in range(1, num_stages + 1):
+        layer: dict[int, tuple[float, tuple[int, ...]]] = {}
+        for b in bounds:
+            if b == 0 or (s == num_stages and b != n):
+                continue
+            for a, (prev, cuts) in best[s - 1].items():
+                if a >= b:
+                    continue
+                cost = max(prev, stage_cost(a, b)[0])
+                if b not in layer or cost < layer[b][0]:
+                    layer[b] = (cost, cuts + (b,))
+        best.append(layer)
+    if n not in best[num_stages]:
+        raise ValueError(f"no valid boundaries for {num_stages} stages")
+    slowest, ends = best[num_stages][n]
+    starts = (0, *ends[:-1])
+    stages = tuple(tuple(heavy[a:b]) for a, b in zip(starts, ends))
+    stage_of = {name: s for s, nodes in enumerate(stages) for name in nodes}
+    cuts = []
+    for name in heavy:
+        consumers = sorted({stage_of[u] for u in g.successors(name) if u in stage_of} - {stage_of[name]})
+        if consumers:
+            cuts.append(CutValue(name, stage_of[name], tuple(consumers), measures[name].bytes))
+    broadcast = output_bytes * (num_stages - 1)
+    return Partition(
+        replicated=tuple(replicated),
+        stages=stages[:-1] + (stages[-1] + (output_name,),),
+        stage_costs=tuple(stage_cost(a, b)[0] for a, b in zip(starts, ends)),
+        cuts=tuple(cuts),
+        output_bytes=output_bytes,
+        window_step_s=slowest + broadcast / link_bytes_per_s,
+        window_comm_bytes_per_step=sum(c.bytes * len(c.consumers) for c in cuts) + broadcast,
+    )

@@ -1,0 +1,182 @@
+"""Rank-aware stand-ins for a pipeline's UNet.
+
+``HybridDenoiser`` replaces ``pipe.unet`` inside a stock diffusers pipeline: the pipeline keeps
+doing text encoding, CFG batching, guidance, the scheduler step, callbacks and decoding, and
+every call to "the UNet" runs one step of the plan's schedule instead:
+
+- cond-partition step: each rank runs the whole graph for its guidance branch at batch 1; the
+  predictions are all-gathered, so every rank returns the same ``[eps_u; eps_c]`` batch and the
+  pipeline's guidance and scheduler step stay identical everywhere. The rule for entering the
+  window is evaluated here from the two predictions.
+- pipeline step: each rank runs only its stage, with its branch's conditioning, on the fresh
+  latent and on the cut tensors its producers sent one step earlier; the last stage's output
+  is broadcast and returned as both halves (guidance is off inside the window, as in the paper).
+
+The first window step consumes cut tensors kept from tau1's full forward, so no forward is
+repeated to fill the pipeline. ``ObservedUNet`` wraps the real UNet unchanged and only records
+the discrepancy curve, for the serial baseline.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from hybridiff.compiler.compile import TracedModel, branch_inputs
+from hybridiff.errors import HybridiffError
+from hybridiff.execution import GraphRunner
+from hybridiff.plan import Plan
+from hybridiff.runtime.phases import Phase, PhaseController, discrepancy
+from hybridiff.runtime.transport import Transport
+
+
+class _UNetProxy(nn.Module):
+    """Looks like the wrapped UNet to the pipeline (config, dtype, add_embedding, ...)."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.inner = unet
+        self.loop_start: float | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+    @contextmanager
+    def installed(self, pipe: Any) -> Iterator[None]:
+        """Stand in for ``pipe.unet`` for the duration of one pipeline call."""
+        original = pipe.unet
+        pipe.unet = self
+        try:
+            yield
+        finally:
+            pipe.unet = original
+
+    def _start_clock(self, barrier: Any = None) -> None:
+        if self.loop_start is None:
+            if barrier is not None:
+                barrier()
+            self.loop_start = time.perf_counter()
+
+
+class ObservedUNet(_UNetProxy):
+    """The stock UNet, unchanged, recording the per-step discrepancy of its CFG batch."""
+
+    def begin_image(self, num_steps: int) -> None:
+        self.loop_start = None
+        self.discrepancy: list[float | None] = []
+
+    def forward(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        self._start_clock()
+        out = self.inner(sample, *args, **kwargs)
+        prediction = out[0] if isinstance(out, tuple) else out.sample
+        if prediction.shape[0] % 2 == 0:
+            uncond, cond = prediction.chunk(2)
+            self.discrepancy.append(discrepancy(uncond, cond))
+        else:
+            self.discrepancy.append(None)
+        return out
+
+
+class HybridDenoiser(_UNetProxy):
+    """Executes the plan's hybrid schedule for the ranks this process hosts."""
+
+    def __init__(self, traced: TracedModel, plan: Plan, transport: Transport) -> None:
+        super().__init__(traced.pipe.unet)
+        self.adapter = traced.adapter
+        self.plan = plan
+        self.transport = transport
+        self.runner = GraphRunner(traced.graph)
+        cuts = plan.cut_tensors
+        compute = [n.name for n in traced.graph.graph.nodes if n.op != "placeholder"]
+        self._full = self.runner.program(compute, keep=[c.node for c in cuts])
+        self._stage_programs = {
+            s.index: self.runner.program(s.recompute + s.nodes, keep=[c.node for c in cuts if c.producer == s.index])
+            for s in plan.stages
+        }
+        #: (producer stage, consumer stage) -> cut node names, in plan order (the wire order).
+        self._links: dict[tuple[int, int], list[str]] = {}
+        for c in cuts:
+            for consumer in c.consumers:
+                self._links.setdefault((c.producer, consumer), []).append(c.node)
+        self._output_stage = next(s for s in plan.stages if "output" in s.nodes)
+
+    def begin_image(self, num_steps: int) -> None:
+        self.controller = PhaseController(self.plan.schedule, num_steps)
+        self.loop_start = None
+        self._step = 0
+        #: Per hosted rank: values kept from its last full forward (send sources on tau1,
+        #: and receive-buffer shapes for the window), and its last prediction.
+        self._last_full: dict[int, dict[str, torch.Tensor]] = {}
+
+    @property
+    def discrepancy(self) -> list[float | None]:
+        return self.controller.discrepancy
+
+    def forward(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor, **kwargs: Any) -> Any:
+        return_dict = kwargs.pop("return_dict", True)
+        inputs = self.adapter.inputs_from_call(sample, timestep, encoder_hidden_states, **kwargs)
+        if sample.shape[0] % 2:
+            raise HybridiffError(
+                "the hybrid schedule needs classifier-free guidance (guidance_scale > 1); "
+                "run with --serial for unguided sampling"
+            )
+        self._start_clock(self.transport.barrier)
+        branches = dict(zip(("uncond", "cond"), branch_inputs(inputs)))
+        step = self._step
+        self._step += 1
+        if self.controller.phase(step) is Phase.PIPELINE:
+            prediction = self._window_step(step, branches)
+            out = torch.cat([prediction, prediction])
+        else:
+            out = torch.cat(self._full_step(step, branches))
+        return self.adapter.wrap_output(out, return_dict)
+
+    def _full_step(self, step: int, branches: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        mesh = self.plan.mesh
+        mine = {}
+        for rank in self.transport.hosted:
+            values = self.runner.run(self._full, branches[mesh.branch_of(rank)])
+            self._last_full[rank] = values
+            mine[rank] = values["output"]
+        gathered = self.transport.all_gather(mine)
+        eps_u, eps_c = gathered[mesh.rank_of("uncond")], gathered[mesh.rank_of("cond")]
+        self.controller.observe(eps_u, eps_c)
+        if self.controller.window_follows(step):
+            for rank in self.transport.hosted:
+                self._post_cuts(rank, self._last_full[rank])
+        return eps_u, eps_c
+
+    def _window_step(self, step: int, branches: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
+        plan, mesh = self.plan, self.plan.mesh
+        last = self.controller.is_last_window_step(step)
+        prediction = None
+        for rank in self.transport.hosted:
+            stage = plan.stage_of_rank(rank)
+            owns_output = stage.index == self._output_stage.index
+            if last and not owns_output:
+                continue  # nothing it would produce is consumed any more
+            env = dict(branches[mesh.branch_of(rank)])
+            for (producer, consumer), names in self._links.items():
+                if consumer == stage.index:
+                    templates = [self._last_full[rank][n] for n in names]
+                    env.update(zip(names, self.transport.take(plan.stages[producer].rank, rank, templates)))
+            values = self.runner.run(self._stage_programs[stage.index], env)
+            if not last:
+                self._post_cuts(rank, values)
+            if owns_output:
+                prediction = values["output"]
+        template = self._last_full[self.transport.hosted[0]]["output"]
+        return self.transport.broadcast(prediction, self._output_stage.rank, template)
+
+    def _post_cuts(self, rank: int, values: dict[str, torch.Tensor]) -> None:
+        stage = self.plan.stage_of_rank(rank)
+        for (producer, consumer), names in self._links.items():
+            if producer == stage.index:
+                self.transport.post(rank, self.plan.stages[consumer].rank, [values[n] for n in names])

@@ -1,0 +1,131 @@
+"""Moving tensors between ranks: torch.distributed, or in memory for the emulation.
+
+The schedule code is written once against ``Transport`` and loops over the ranks a process
+hosts: one rank per worker process with ``DistTransport``, every rank in one process with
+``LocalTransport``. Point-to-point messages are first-in first-out per (src, dst) pair, which
+is what makes one-step-stale cut tensors line up: a value posted at step i is taken at i+1.
+Both count the bytes each rank sends, with the same accounting, so the emulation predicts
+the distributed run's traffic exactly.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import defaultdict, deque
+
+import torch
+import torch.distributed as dist
+
+
+def _nbytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class Transport(ABC):
+    def __init__(self, world_size: int, hosted: tuple[int, ...]) -> None:
+        self.world_size = world_size
+        self.hosted = hosted
+        self.bytes_sent = 0
+
+    @abstractmethod
+    def all_gather(self, mine: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+        """Every rank's tensor, indexed by rank, given the hosted ranks' tensors."""
+
+    @abstractmethod
+    def post(self, src: int, dst: int, tensors: list[torch.Tensor]) -> None:
+        """Send ``tensors`` from hosted rank ``src`` to ``dst`` (received by a later ``take``)."""
+
+    @abstractmethod
+    def take(self, src: int, dst: int, templates: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Receive the oldest message ``src`` posted to hosted rank ``dst``, shaped like ``templates``."""
+
+    @abstractmethod
+    def broadcast(self, value: torch.Tensor | None, src: int, template: torch.Tensor) -> torch.Tensor:
+        """``src``'s tensor on every hosted rank (``value`` is given where ``src`` is hosted)."""
+
+    @abstractmethod
+    def barrier(self) -> None: ...
+
+    @abstractmethod
+    def total_bytes_sent(self) -> int:
+        """Bytes sent by all ranks (a collective: every rank must call it)."""
+
+
+class LocalTransport(Transport):
+    """All ranks in one process: messages are handed over in memory."""
+
+    def __init__(self, world_size: int) -> None:
+        super().__init__(world_size, tuple(range(world_size)))
+        self._mailbox: dict[tuple[int, int], deque[list[torch.Tensor]]] = defaultdict(deque)
+
+    def all_gather(self, mine: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+        self.bytes_sent += sum(_nbytes([t]) for t in mine.values()) * (self.world_size - 1)
+        return [mine[r] for r in range(self.world_size)]
+
+    def post(self, src: int, dst: int, tensors: list[torch.Tensor]) -> None:
+        self.bytes_sent += _nbytes(tensors)
+        self._mailbox[(src, dst)].append(tensors)
+
+    def take(self, src: int, dst: int, templates: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self._mailbox[(src, dst)].popleft()
+
+    def broadcast(self, value: torch.Tensor | None, src: int, template: torch.Tensor) -> torch.Tensor:
+        assert value is not None
+        self.bytes_sent += _nbytes([value]) * (self.world_size - 1)
+        return value
+
+    def barrier(self) -> None:
+        pass
+
+    def total_bytes_sent(self) -> int:
+        return self.bytes_sent
+
+
+class DistTransport(Transport):
+    """One rank per process over an initialised ``torch.distributed`` process group."""
+
+    def __init__(self) -> None:
+        super().__init__(dist.get_world_size(), (dist.get_rank(),))
+        self.rank = dist.get_rank()
+        self._pending: list[tuple[dist.Work, list[torch.Tensor]]] = []
+
+    def all_gather(self, mine: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+        tensor = mine[self.rank].contiguous()
+        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(out, tensor)
+        self.bytes_sent += _nbytes([tensor]) * (self.world_size - 1)
+        return out
+
+    def post(self, src: int, dst: int, tensors: list[torch.Tensor]) -> None:
+        self._drain()
+        tensors = [t.contiguous() for t in tensors]
+        for t in tensors:
+            self._pending.append((dist.isend(t, dst), tensors))
+        self.bytes_sent += _nbytes(tensors)
+
+    def take(self, src: int, dst: int, templates: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = [torch.empty_like(t) for t in templates]
+        for t in out:
+            dist.recv(t, src)
+        return out
+
+    def broadcast(self, value: torch.Tensor | None, src: int, template: torch.Tensor) -> torch.Tensor:
+        tensor = value.contiguous() if self.rank == src else torch.empty_like(template)
+        dist.broadcast(tensor, src)
+        if self.rank == src:
+            self.bytes_sent += _nbytes([tensor]) * (self.world_size - 1)
+        return tensor
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def total_bytes_sent(self) -> int:
+        self._drain()
+        total = torch.tensor([self.bytes_sent], dtype=torch.int64)
+        dist.all_reduce(total)
+        return int(total.item())
+
+    def _drain(self) -> None:
+        for work, _ in self._pending:
+            work.wait()
+        self._pending.clear()

@@ -1,0 +1,73 @@
+"""The ``run`` command: shared by ``hybridiff run`` and ``python -m hybridiff.runtime.worker``.
+
+Under torchrun (RANK set in the environment) the command executes this process's rank; from a
+plain shell, hybrid mode launches one local worker per device of the plan, and ``--emulate``
+or ``--serial`` run in this process. Multi-node: run the module under torchrun on every node.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from hybridiff import quiet_libraries
+from hybridiff.errors import HybridiffError, report_and_exit
+from hybridiff.plan import load_plan
+
+
+def run_command(
+    plan: Path = typer.Argument(..., help="plan.json written by `hybridiff compile`"),
+    prompt: str = typer.Option(..., help="text prompt"),
+    negative_prompt: Optional[str] = typer.Option(None, help="negative prompt (the uncond branch)"),
+    seed: int = typer.Option(0, help="seed of the initial latent"),
+    steps: Optional[int] = typer.Option(None, min=1, help="denoising steps [default: the plan's]"),
+    guidance_scale: Optional[float] = typer.Option(None, help="CFG scale [default: the plan's]"),
+    out: Path = typer.Option(Path("out"), "-o", "--out", help="folder for image-0.png and report.json"),
+    emulate: bool = typer.Option(False, "--emulate", help="run the hybrid schedule of all ranks in one process"),
+    serial: bool = typer.Option(False, "--serial", help="run the stock pipeline in one process (baseline)"),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads per worker [default: cores / workers]"),
+    repeats: int = typer.Option(1, min=1, help="generate the image this many times; latency is the median"),
+) -> None:
+    """Generate an image with a compiled plan."""
+    if emulate and serial:
+        report_and_exit(HybridiffError("--emulate and --serial exclude each other; pick one"))
+    mode = "emulate" if emulate else "serial" if serial else "hybrid"
+    from hybridiff.runtime.session import RunOptions, execute  # heavy: torch, diffusers
+
+    opts = RunOptions(
+        plan=plan,
+        prompt=prompt,
+        out=out,
+        mode=mode,
+        seed=seed,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        negative_prompt=negative_prompt,
+        threads=threads,
+        repeats=repeats,
+    )
+    try:
+        if mode == "hybrid" and "RANK" not in os.environ:
+            from hybridiff.runtime.launch import launch_local
+
+            launch_local(opts, load_plan(plan).mesh.world_size)
+        else:
+            execute(opts)
+    except HybridiffError as e:
+        report_and_exit(e)
+    if mode != "hybrid" or os.environ.get("RANK", "0") == "0":
+        typer.echo(f"wrote {out / 'image-0.png'} and {out / 'report.json'}")
+
+
+def main() -> None:
+    quiet_libraries()
+    app = typer.Typer(add_completion=False)
+    app.command()(run_command)
+    app()
+
+
+if __name__ == "__main__":
+    main()
