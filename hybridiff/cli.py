@@ -29,10 +29,13 @@ def compile_command(
     height: Optional[int] = typer.Option(None, help="image height [default: the model's]"),
     width: Optional[int] = typer.Option(None, help="image width [default: the model's]"),
     link_gbps: float = typer.Option(100.0, help="device link bandwidth, Gbit/s (default ~PCIe 3 x16)"),
+    cost: str = typer.Option("time", help="node costs: 'time' (measured) or 'flops' (counted, reproducible)"),
     repeats: int = typer.Option(10, min=1, help="timing repeats per node (median)"),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads while profiling [default: cores / gpus]"),
 ) -> None:
     """Trace, profile and partition MODEL into an execution plan."""
+    if cost not in ("time", "flops"):
+        report_and_exit(HybridiffError(f"--cost {cost!r} is not a cost method; use 'time' or 'flops'"))
     from pydantic import ValidationError
 
     from hybridiff.compiler.compile import compile_model
@@ -45,7 +48,7 @@ def compile_command(
             err = e.errors()[0]
             raise HybridiffError(f"bad schedule option {err['loc'][0]}: {err['msg']}") from None
         plan = compile_model(
-            model, gpus, schedule, height, width, link_gbps=link_gbps, repeats=repeats, threads=threads
+            model, gpus, schedule, height, width, link_gbps=link_gbps, repeats=repeats, threads=threads, cost=cost
         )
         plan.save(out)
     except HybridiffError as e:

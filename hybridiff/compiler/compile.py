@@ -55,6 +55,7 @@ def compile_model(
     repeats: int = 10,
     threads: int | None = None,
     dtype: str = "float32",
+    cost: str = "time",
 ) -> Plan:
     """Compile ``model`` (``builtin:NAME`` or a diffusers folder) into a plan for ``gpus`` devices."""
     if gpus != 2:
@@ -71,7 +72,7 @@ def compile_model(
     both = traced.adapter.inputs_from_call(*args, **kwargs)
     uncond, cond = branch_inputs(both)
 
-    measures = profile_nodes(traced.graph, cond, repeats)
+    measures = profile_nodes(traced.graph, cond, repeats, cost)
     link_bytes_per_s = link_gbps * 1e9 / 8
     partition = split_contiguous(traced.graph, measures, gpus, link_bytes_per_s)
     ranks = [RankRole(rank=0, branch="uncond"), RankRole(rank=1, branch="cond")]

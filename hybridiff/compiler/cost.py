@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
 from torch import fx
+from torch.utils.flop_counter import FlopCounterMode
 
 from hybridiff.execution import GraphRunner
 
@@ -46,8 +47,18 @@ def median_time(fn: Callable[[], Any], repeats: int, device: torch.device, warmu
     return statistics.median(times)
 
 
-def profile_nodes(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], repeats: int) -> dict[str, NodeMeasure]:
-    """Per-node median cost and output size for one forward on ``inputs``."""
+def profile_nodes(
+    gm: fx.GraphModule, inputs: dict[str, torch.Tensor], repeats: int, method: str = "time"
+) -> dict[str, NodeMeasure]:
+    """Per-node cost and output size for one forward on ``inputs``.
+
+    ``method="time"`` measures each node (median of ``repeats``); ``method="flops"`` counts its
+    floating-point operations with torch's flop counter and converts them to seconds with one
+    measured whole forward, which makes the costs, and so the partition, reproducible across
+    runs and machines (at the price of ignoring memory-bound work such as norms).
+    """
+    if method not in ("time", "flops"):
+        raise ValueError(f"unknown cost method {method!r}")
     runner = GraphRunner(gm)
     device = inputs["sample"].device
     compute = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
@@ -60,7 +71,12 @@ def profile_nodes(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], repeats: 
         interp.env = env
         measures = {}
         for node in compute:
-            cost = median_time(lambda: interp.run_node(node), repeats, device)
+            if method == "time":
+                cost = median_time(lambda: interp.run_node(node), repeats, device)
+            else:
+                with FlopCounterMode(display=False) as counter:
+                    interp.run_node(node)
+                cost = float(counter.get_total_flops())
             out = env[node]
             if isinstance(out, torch.Tensor):
                 measures[node.name] = NodeMeasure(
@@ -68,6 +84,9 @@ def profile_nodes(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], repeats: 
                 )
             else:
                 measures[node.name] = NodeMeasure(cost, None, None, 0)
+    if method == "flops":
+        seconds_per_flop = forward_time(gm, inputs, repeats) / max(1.0, sum(m.cost_s for m in measures.values()))
+        measures = {k: replace(m, cost_s=m.cost_s * seconds_per_flop) for k, m in measures.items()}
     return measures
 
 

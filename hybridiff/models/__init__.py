@@ -43,7 +43,7 @@ def load_pipeline(model: str, dtype: str = "float32", device: str | torch.device
         pipe = BUILTINS[source[len(BUILTIN_PREFIX):]]()
         pipe.to(device=device, dtype=None if torch_dtype == torch.float32 else torch_dtype)
     else:
-        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=torch_dtype, local_files_only=True).to(device)
+        pipe = DiffusionPipeline.from_pretrained(source, dtype=torch_dtype, local_files_only=True).to(device)
     if not hasattr(pipe, "unet"):
         raise HybridiffError(f"model {model!r} has no UNet denoiser; hybridiff supports UNet2DConditionModel pipelines")
     pipe.set_progress_bar_config(disable=True)

@@ -7,6 +7,7 @@ Multi-node jobs skip this module: ``torchrun ... -m hybridiff.runtime.worker`` r
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import tempfile
@@ -34,8 +35,16 @@ def _worker_entry(opts: RunOptions, error_dir: str) -> None:
         raise SystemExit(2) from None
 
 
+def _quiet_elastic() -> None:
+    """Elastic logs each failed worker with a traceback; the error files say it in one line."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def launch_local(opts: RunOptions, world_size: int) -> None:
     """Run ``opts`` on ``world_size`` local workers; raises HybridiffError if any fails."""
+    _quiet_elastic()
     with tempfile.TemporaryDirectory(prefix="hybridiff-") as error_dir:
         config = LaunchConfig(
             min_nodes=1,

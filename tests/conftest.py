@@ -1,0 +1,62 @@
+"""Shared fixtures: the built-in tiny SDXL model, traced once, and a small test plan.
+
+The test schedule is short (12 steps) with an early cap, so every run enters and leaves the
+pipeline window; flop-counted costs make the partition reproducible from run to run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hybridiff import quiet_libraries
+
+quiet_libraries()
+
+from hybridiff.compiler.compile import TracedModel, compile_model, trace_pipeline  # noqa: E402
+from hybridiff.compiler.trace import capture_denoiser_call  # noqa: E402
+from hybridiff.models import load_pipeline  # noqa: E402
+from hybridiff.plan import Plan, Schedule  # noqa: E402
+
+MODEL = "builtin:tiny-sdxl"
+TEST_SCHEDULE = Schedule(steps=12, guidance_scale=5.0, L=3, g_slope=4e-4, tau_cap=6, k=3)
+HYBRIDIFF = str(Path(sys.executable).parent / "hybridiff")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def traced() -> TracedModel:
+    return trace_pipeline(load_pipeline(MODEL))
+
+
+@pytest.fixture(scope="session")
+def unet_call(traced: TracedModel) -> tuple[tuple, dict]:
+    """The arguments the stock pipeline passes to its UNet (CFG batch of 2)."""
+    return capture_denoiser_call(traced.pipe, 128, 128, guidance_scale=5.0)
+
+
+@pytest.fixture(scope="session")
+def plan() -> Plan:
+    return compile_model(MODEL, schedule=TEST_SCHEDULE, repeats=2, threads=1, cost="flops")
+
+
+@pytest.fixture(scope="session")
+def plan_path(plan: Plan, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("plan") / "plan.json"
+    plan.save(path)
+    return path
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the ``hybridiff`` console script as a user would."""
+    env = {**os.environ, "HYBRIDIFF_TIMEOUT_S": "120"}
+    return subprocess.run([HYBRIDIFF, *args], capture_output=True, text=True, timeout=timeout, env=env)

@@ -1,0 +1,104 @@
+"""Plans round-trip through JSON, and broken plans are refused with one line, exit code 2."""
+
+import json
+
+import pytest
+
+from hybridiff.errors import HybridiffError
+from hybridiff.plan import Plan, load_plan
+from tests.conftest import cli
+
+
+def test_plan_round_trips_through_json(plan, plan_path):
+    assert load_plan(plan_path) == plan
+    assert Plan.model_validate_json(plan.model_dump_json()) == plan
+
+
+def test_plan_describes_the_hybrid_schedule(plan):
+    assert [(r.rank, r.branch) for r in plan.mesh.ranks] == [(0, "uncond"), (1, "cond")]
+    assert [s.rank for s in plan.stages] == [0, 1]
+    assert "output" in plan.stages[-1].nodes
+    assert plan.cut_tensors and all(c.producer == 0 and c.consumers == [1] for c in plan.cut_tensors)
+    assert plan.estimates.window_step_s < plan.estimates.branch_step_s
+    assert plan.estimates.speedup_bound > 1
+
+
+def _broken(plan_path, tmp_path, edit):
+    data = json.loads(plan_path.read_text())
+    edit(data)
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _drop_stages(d):
+    del d["stages"]
+
+
+def _duplicate_node(d):
+    d["stages"][1]["nodes"].append(d["stages"][0]["nodes"][0])
+
+
+def _bad_k(d):
+    d["schedule"]["k"] = -1
+
+
+def _extra_field(d):
+    d["mesh"]["colour"] = "blue"
+
+
+def _wrong_version(d):
+    d["format_version"] = 99
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_drop_stages, "stages: Field required"),
+        (_duplicate_node, "assigned to more than one stage"),
+        (_bad_k, "schedule.k"),
+        (_extra_field, "mesh.colour"),
+        (_wrong_version, "format_version 99"),
+    ],
+)
+def test_malformed_plans_are_refused(plan_path, tmp_path, edit, message):
+    with pytest.raises(HybridiffError, match=message):
+        load_plan(_broken(plan_path, tmp_path, edit))
+
+
+def _assert_one_line_error(result, fragment):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("mode", ["--emulate", None])
+def test_cli_refuses_a_malformed_plan(plan_path, tmp_path, mode):
+    bad = _broken(plan_path, tmp_path, _duplicate_node)
+    args = ["run", str(bad), "--prompt", "x", "-o", str(tmp_path / "out")] + ([mode] if mode else [])
+    _assert_one_line_error(cli(*args), "more than one stage")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_text_that_is_not_json(tmp_path):
+    bad = tmp_path / "plan.json"
+    bad.write_text("{not json")
+    _assert_one_line_error(cli("run", str(bad), "--prompt", "x", "--emulate"), "is not JSON")
+
+
+def test_runtime_refuses_a_plan_for_another_graph(plan_path, tmp_path):
+    def other_graph(d):
+        d["graph"]["fingerprint"] = "0123456789abcdef"
+
+    bad = _broken(plan_path, tmp_path, other_graph)
+    result = cli("run", str(bad), "--prompt", "x", "-o", str(tmp_path / "out"), "--threads", "1")
+    _assert_one_line_error(result, "does not match the model's graph")
+    assert not (tmp_path / "out").exists()
+
+
+def test_compile_refuses_unknown_models_and_meshes(tmp_path):
+    _assert_one_line_error(cli("compile", "builtin:nope", "-o", str(tmp_path / "p.json")), "unknown built-in model")
+    _assert_one_line_error(cli("compile", str(tmp_path), "-o", str(tmp_path / "p.json")), "model_index.json")
+    _assert_one_line_error(cli("compile", "builtin:tiny-sdxl", "--gpus", "3", "-o", str(tmp_path / "p.json")), "--gpus 3")
+    assert not (tmp_path / "p.json").exists()

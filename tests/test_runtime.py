@@ -1,0 +1,117 @@
+"""The runtime against its references: emulation, the stock pipeline, and hand-made staleness."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hybridiff.compiler.compile import branch_inputs, compile_model
+from hybridiff.execution import GraphRunner
+from hybridiff.plan import Schedule
+from hybridiff.runtime.denoiser import HybridDenoiser
+from hybridiff.runtime.session import RunOptions, execute
+from hybridiff.runtime.transport import LocalTransport
+from tests.conftest import MODEL, cli
+
+PROMPT = "a red cube on a table"
+
+
+def _pixels(folder):
+    return np.asarray(Image.open(folder / "image-0.png"), dtype=np.int16)
+
+
+def _hybrid(plan_path, out):
+    result = cli("run", str(plan_path), "--prompt", PROMPT, "--seed", "3", "--threads", "1", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    return json.loads((out / "report.json").read_text())
+
+
+def _in_process(plan_path, out, mode):
+    return execute(RunOptions(plan=plan_path, prompt=PROMPT, out=out, mode=mode, seed=3, threads=1))
+
+
+def test_two_workers_produce_exactly_the_emulated_image(plan_path, tmp_path):
+    hybrid = _hybrid(plan_path, tmp_path / "hybrid")
+    emulated = _in_process(plan_path, tmp_path / "emulate", "emulate")
+    assert np.array_equal(_pixels(tmp_path / "hybrid"), _pixels(tmp_path / "emulate"))
+    assert "pipeline" in hybrid["phases"], "the test schedule must enter the window"
+    for key in ("tau1", "tau2", "phases", "discrepancy", "comm_bytes", "steps", "plan_fingerprint"):
+        assert hybrid[key] == emulated[key], key
+    assert hybrid["mode"] == "hybrid" and hybrid["world_size"] == 2
+    assert hybrid["latency_s"] > 0
+    assert hybrid["phases"].count("pipeline") == 3  # k
+
+
+def test_plan_without_window_matches_the_stock_pipeline(plan, tmp_path):
+    no_window = plan.model_copy(update={"schedule": plan.schedule.model_copy(update={"k": 0})})
+    no_window.save(tmp_path / "k0.json")
+    hybrid = _hybrid(tmp_path / "k0.json", tmp_path / "hybrid")
+    serial = _in_process(tmp_path / "k0.json", tmp_path / "serial", "serial")
+    assert set(hybrid["phases"]) == {"cond-partition"}
+    diff = np.abs(_pixels(tmp_path / "hybrid") - _pixels(tmp_path / "serial"))
+    assert diff.max() <= 1, f"max pixel difference {diff.max()}/255"
+    assert hybrid["discrepancy"] == pytest.approx(serial["discrepancy"], rel=1e-4)
+
+
+class _CountingRunner(GraphRunner):
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.runs = []
+
+    def run(self, program, env):
+        self.runs.append(len(program.nodes))
+        return super().run(program, env)
+
+
+def test_window_uses_one_step_stale_cut_tensors(traced, unet_call, plan):
+    """Drive the denoiser by hand and rebuild every window step from its definition."""
+    schedule = Schedule(steps=6, guidance_scale=5.0, L=1, g_slope=1e-9, tau_cap=1, k=3)  # tau1=1, window 2..4
+    plan = plan.model_copy(update={"schedule": schedule})
+    denoiser = HybridDenoiser(traced, plan, LocalTransport(2))
+    counting = _CountingRunner(traced.graph)
+    denoiser.runner = counting
+    denoiser.begin_image(schedule.steps)
+
+    args, kwargs = unet_call
+    kwargs = {**kwargs, "return_dict": False}
+    gen = torch.Generator().manual_seed(0)
+    samples = [torch.randn(args[0].shape, generator=gen) for _ in range(schedule.steps)]
+    stage0, stage1 = plan.stages
+    ref = GraphRunner(traced.graph)
+    cut_names = [c.node for c in plan.cut_tensors]
+    p0 = ref.program(stage0.recompute + stage0.nodes, keep=cut_names)
+    p1 = ref.program(stage1.recompute + stage1.nodes)
+
+    outputs = []
+    with torch.inference_mode():
+        for x in samples:
+            outputs.append(denoiser(x, args[1], *args[2:], **kwargs)[0])
+        branches = [branch_inputs(traced.adapter.inputs_from_call(x, args[1], *args[2:], **kwargs)) for x in samples]
+        for step in range(schedule.steps):
+            uncond, cond = branches[step]
+            if step in (2, 3, 4):
+                stale = ref.run(p0, branches[step - 1][0])  # stage 0: previous step, uncond branch
+                mixed = ref.run(p1, {**cond, **{n: stale[n] for n in cut_names}})["output"]
+                expected = torch.cat([mixed, mixed])
+            else:
+                expected = torch.cat([traced.graph(**uncond), traced.graph(**cond)])
+            assert torch.equal(outputs[step], expected), f"step {step}"
+    assert denoiser.controller.tau1 == 1 and denoiser.controller.tau2 == 4
+
+    # No wasted forward: 2 full forwards per full step; in the window stage 1 every step and
+    # stage 0 only while its output is still consumed (not on the last window step).
+    full = len(ref.program([n.name for n in traced.graph.graph.nodes if n.op != "placeholder"]).nodes)
+    n0, n1 = len(p0.nodes), len(p1.nodes)
+    assert counting.runs == [full] * 4 + [n0, n1] * 2 + [n1] + [full] * 2
+
+
+def test_saved_model_folder_compiles_to_the_same_plan(tmp_path, plan):
+    result = cli("save-model", MODEL, str(tmp_path / "model"))
+    assert result.returncode == 0, result.stderr
+    from_folder = compile_model(str(tmp_path / "model"), schedule=plan.schedule, repeats=2, threads=1, cost="flops")
+    assert from_folder.model.source == str((tmp_path / "model").resolve())
+    assert from_folder.graph == plan.graph
+    assert [s.nodes for s in from_folder.stages] == [s.nodes for s in plan.stages]
+    assert from_folder.cut_tensors == plan.cut_tensors
