@@ -102,3 +102,13 @@ def test_compile_refuses_unknown_models_and_meshes(tmp_path):
     _assert_one_line_error(cli("compile", str(tmp_path), "-o", str(tmp_path / "p.json")), "model_index.json")
     _assert_one_line_error(cli("compile", "builtin:tiny-sdxl", "--gpus", "3", "-o", str(tmp_path / "p.json")), "--gpus 3")
     assert not (tmp_path / "p.json").exists()
+
+
+def test_shipped_example_plans_fit_the_builtin_model(traced):
+    from pathlib import Path
+
+    shipped = sorted((Path(__file__).parents[1] / "plans").glob("*.json"))
+    assert shipped
+    for path in shipped:
+        example = load_plan(path)
+        assert example.graph.fingerprint == traced.fingerprint, path.name

@@ -151,6 +151,7 @@ class HybridDenoiser(_UNetProxy):
         if self.controller.window_follows(step):
             for rank in self.transport.hosted:
                 self._post_cuts(rank, self._last_full[rank])
+                self._expect_cuts(rank)
         return eps_u, eps_c
 
     def _window_step(self, step: int, branches: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
@@ -163,10 +164,10 @@ class HybridDenoiser(_UNetProxy):
             if last and not owns_output:
                 continue  # nothing it would produce is consumed any more
             env = dict(branches[mesh.branch_of(rank)])
-            for (producer, consumer), names in self._links.items():
-                if consumer == stage.index:
-                    templates = [self._last_full[rank][n] for n in names]
-                    env.update(zip(names, self.transport.take(plan.stages[producer].rank, rank, templates)))
+            for src, names, templates in self._incoming(rank):
+                env.update(zip(names, self.transport.take(src, rank, templates)))
+            if not last:
+                self._expect_cuts(rank)
             values = self.runner.run(self._stage_programs[stage.index], env)
             if not last:
                 self._post_cuts(rank, values)
@@ -174,6 +175,20 @@ class HybridDenoiser(_UNetProxy):
                 prediction = values["output"]
         template = self._last_full[self.transport.hosted[0]]["output"]
         return self.transport.broadcast(prediction, self._output_stage.rank, template)
+
+    def _incoming(self, rank: int) -> list[tuple[int, list[str], list[torch.Tensor]]]:
+        """(source rank, cut names, receive templates) for each link into ``rank``'s stage."""
+        stage = self.plan.stage_of_rank(rank)
+        return [
+            (self.plan.stages[producer].rank, names, [self._last_full[rank][n] for n in names])
+            for (producer, consumer), names in self._links.items()
+            if consumer == stage.index
+        ]
+
+    def _expect_cuts(self, rank: int) -> None:
+        """Pre-post the receives of the next window step's cut tensors."""
+        for src, _, templates in self._incoming(rank):
+            self.transport.expect(src, rank, templates)
 
     def _post_cuts(self, rank: int, values: dict[str, torch.Tensor]) -> None:
         stage = self.plan.stage_of_rank(rank)
