@@ -28,18 +28,20 @@ class _Strict(BaseModel):
 
 
 class ModelRef(_Strict):
-    """Where the runtime loads the pipeline from: ``builtin:NAME`` or a local diffusers folder."""
+    """What the plan was compiled from: ``builtin:NAME``, a local diffusers folder,
+    ``arch:NAME`` (a published architecture, no weights) or ``python:CLASS`` (the Python API)."""
 
     source: str
-    denoiser: Literal["unet"] = "unet"
-    height: int = Field(gt=0, description="image height in pixels the plan was costed for")
-    width: int = Field(gt=0)
+    denoiser: Literal["unet", "sd3-transformer", "custom"] = "unet"
+    height: int | None = Field(default=None, gt=0, description="image height in pixels the plan was costed for")
+    width: int | None = Field(default=None, gt=0)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
 
 class GraphInfo(_Strict):
     fingerprint: str = Field(min_length=1)
     num_nodes: int = Field(gt=0)
+    latent: str = Field(default="sample", description="the graph input carrying the noisy latent")
     #: Nodes that do not depend on the latent (time and added-condition embeddings): every
     #: rank recomputes them each step from its own inputs, so they are never stale.
     replicated: list[str]

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import torch
-from torch import fx
+import torch.utils._pytree as pytree
+from torch import fx, nn
 
 import hybridiff
 from hybridiff import device as devices
 from hybridiff.compiler import schedule as sched
-from hybridiff.compiler.cost import forward_time, profile_nodes
+from hybridiff.compiler.cost import device_of, forward_time, profile_nodes
 from hybridiff.compiler.partition import Partition, dependency_graph, replicated_needed, split_contiguous
-from hybridiff.compiler.trace import UNetAdapter, capture_denoiser_call, graph_fingerprint
+from hybridiff.compiler.trace import Leaf, UNetAdapter, capture_denoiser_call, graph_fingerprint, trace_module
 from hybridiff.errors import HybridiffError
 from hybridiff.execution import GraphRunner
 from hybridiff.models import load_pipeline, resolve_source
@@ -58,8 +59,7 @@ def compile_model(
     cost: str = "time",
 ) -> Plan:
     """Compile ``model`` (``builtin:NAME`` or a diffusers folder) into a plan for ``gpus`` devices."""
-    if gpus != 2:
-        raise HybridiffError(f"--gpus {gpus} is not supported yet; this version builds 2-device plans")
+    _check_gpus(gpus)
     source = resolve_source(model)
     device = devices.worker_device(0)
     torch.set_num_threads(threads or devices.default_threads(gpus))
@@ -70,19 +70,91 @@ def compile_model(
     width = width or pipe.unet.config.sample_size * scale
     args, kwargs = capture_denoiser_call(pipe, height, width, schedule.guidance_scale)
     both = traced.adapter.inputs_from_call(*args, **kwargs)
-    uncond, cond = branch_inputs(both)
+    _, cond = branch_inputs(both)
+    return compile_graph(
+        traced.graph,
+        latent=traced.adapter.latent,
+        branch_inputs=cond,
+        serial_step_s=forward_time(traced.graph, both, repeats),
+        model=ModelRef(source=source, denoiser="unet", height=height, width=width, dtype=dtype),
+        gpus=gpus,
+        schedule=schedule,
+        link_gbps=link_gbps,
+        repeats=repeats,
+        cost=cost,
+        device=devices.describe(device),
+    )
 
-    measures = profile_nodes(traced.graph, cond, repeats, cost)
+
+def compile_module(
+    model: nn.Module,
+    example_inputs: tuple | dict[str, Any],
+    gpus: int = 2,
+    *,
+    leaves: Iterable[Leaf] | None = None,
+    latent: str | None = None,
+    schedule: Schedule = sched.DEFAULT_SCHEDULE,
+    link_gbps: float = DEFAULT_LINK_GBPS,
+    repeats: int = 5,
+    cost: str = "time",
+) -> Plan:
+    """Compile any denoiser ``nn.Module`` from one branch's example inputs (the Python API).
+
+    ``latent`` names the forward argument carrying the noisy sample (default: the first one);
+    ``leaves`` lists submodules (objects, qualified names or classes) to keep opaque.
+    """
+    _check_gpus(gpus)
+    graph = trace_module(model, example_inputs, leaves)
+    inputs = _named_inputs(graph, example_inputs)
+    latent = latent or next(iter(inputs))
+    if latent not in inputs:
+        raise HybridiffError(f"latent={latent!r} is not one of the traced inputs {sorted(inputs)}")
+    dtype = next((str(p.dtype).removeprefix("torch.") for p in model.parameters()), "float32")
+    return compile_graph(
+        graph,
+        latent=latent,
+        branch_inputs=inputs,
+        serial_step_s=None,
+        model=ModelRef(source=f"python:{type(model).__module__}.{type(model).__qualname__}", denoiser="custom", dtype=dtype),
+        gpus=gpus,
+        schedule=schedule,
+        link_gbps=link_gbps,
+        repeats=repeats,
+        cost=cost,
+        device=devices.describe(device_of(inputs)),
+    )
+
+
+def compile_graph(
+    graph: fx.GraphModule,
+    *,
+    latent: str,
+    branch_inputs: dict[str, Any],
+    serial_step_s: float | None,
+    model: ModelRef,
+    gpus: int,
+    schedule: Schedule,
+    link_gbps: float,
+    repeats: int,
+    cost: str,
+    device: str,
+) -> Plan:
+    """Cost and partition a traced graph given one guidance branch's inputs.
+
+    ``serial_step_s`` is the measured cost of one step on one device with both branches batched;
+    without it (custom models) the estimate assumes twice the batch-1 forward.
+    """
+    measures = profile_nodes(graph, branch_inputs, repeats, cost)
     link_bytes_per_s = link_gbps * 1e9 / 8
-    partition = split_contiguous(traced.graph, measures, gpus, link_bytes_per_s)
-    ranks = [RankRole(rank=0, branch="uncond"), RankRole(rank=1, branch="cond")]
+    partition = split_contiguous(graph, measures, gpus, link_bytes_per_s, latent)
     prediction_bytes = partition.output_bytes
-    branch_step = forward_time(traced.graph, cond, repeats) + prediction_bytes * (gpus - 1) / link_bytes_per_s
-    serial_step = forward_time(traced.graph, both, repeats)
+    forward = forward_time(graph, branch_inputs, repeats)
+    branch_step = forward + prediction_bytes * (gpus - 1) / link_bytes_per_s
+    serial_step = serial_step_s if serial_step_s is not None else 2 * forward
     hybrid = sched.hybrid_latency(schedule, branch_step, partition.window_step_s)
     cut_bytes = sum(c.bytes * len(c.consumers) for c in partition.cuts)
     estimates = Estimates(
-        device=devices.describe(device),
+        device=device,
         threads=torch.get_num_threads(),
         link_gbps=link_gbps,
         serial_step_s=serial_step,
@@ -95,10 +167,18 @@ def compile_model(
     )
     return Plan(
         hybridiff_version=hybridiff.__version__,
-        model=ModelRef(source=source, height=height, width=width, dtype=dtype),
-        graph=GraphInfo(fingerprint=traced.fingerprint, num_nodes=len(traced.graph.graph.nodes), replicated=list(partition.replicated)),
-        mesh=Mesh(world_size=gpus, ranks=ranks),
-        stages=_stages(traced.graph, partition),
+        model=model,
+        graph=GraphInfo(
+            fingerprint=graph_fingerprint(graph),
+            num_nodes=len(graph.graph.nodes),
+            latent=latent,
+            replicated=list(partition.replicated),
+        ),
+        mesh=Mesh(
+            world_size=gpus,
+            ranks=[RankRole(rank=r, branch="uncond" if r < gpus // 2 else "cond") for r in range(gpus)],
+        ),
+        stages=_stages(graph, partition),
         cut_tensors=[
             CutTensor(
                 node=c.node,
@@ -115,6 +195,21 @@ def compile_model(
     )
 
 
+def _check_gpus(gpus: int) -> None:
+    if gpus < 2 or gpus % 2:
+        raise HybridiffError(
+            f"--gpus {gpus}: plans need an even number of at least 2 devices (one group per guidance branch)"
+        )
+
+
+def _named_inputs(graph: fx.GraphModule, example_inputs: tuple | dict[str, Any]) -> dict[str, Any]:
+    """Example inputs keyed by the graph's placeholder names."""
+    names = [n.name for n in graph.graph.nodes if n.op == "placeholder"]
+    if isinstance(example_inputs, dict):
+        return {n: example_inputs[n] for n in names if n in example_inputs}
+    return dict(zip(names, example_inputs))
+
+
 def _stages(gm: fx.GraphModule, partition: Partition) -> list[Stage]:
     g = dependency_graph(gm)
     rep = set(partition.replicated)
@@ -126,7 +221,33 @@ def _stages(gm: fx.GraphModule, partition: Partition) -> list[Stage]:
     return stages
 
 
-def chain_stages(gm: fx.GraphModule, plan: Plan, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def check_plan(
+    plan: Plan, model: nn.Module, example_inputs: tuple | dict[str, Any], leaves: Iterable[Leaf] | None = None
+) -> float:
+    """Chain the plan's stages in one process and return the max abs difference to ``model``.
+
+    Raises if the model's graph is not the one the plan was compiled from.
+    """
+    graph = trace_module(model, example_inputs, leaves)
+    fingerprint = graph_fingerprint(graph)
+    if fingerprint != plan.graph.fingerprint:
+        raise HybridiffError(
+            f"plan fingerprint {plan.graph.fingerprint} does not match the model's graph ({fingerprint}); recompile"
+        )
+    args, kwargs = ((), example_inputs) if isinstance(example_inputs, dict) else (tuple(example_inputs), {})
+    with torch.inference_mode():
+        expected = _first_tensor(model(*args, **kwargs))
+        got = _first_tensor(chain_stages(graph, plan, _named_inputs(graph, example_inputs)))
+    return float((got.float() - expected.float()).abs().max())
+
+
+def _first_tensor(value: Any) -> torch.Tensor:
+    if hasattr(value, "to_tuple"):  # diffusers/transformers output dataclasses
+        value = value.to_tuple()
+    return next(v for v in pytree.tree_leaves(value) if isinstance(v, torch.Tensor))
+
+
+def chain_stages(gm: fx.GraphModule, plan: Plan, inputs: dict[str, Any]) -> Any:
     """Run the plan's stages one after another in one process with fresh (not stale) values.
 
     Equal to the model's forward when the partition is correct: every value a stage needs

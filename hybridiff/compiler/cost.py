@@ -48,7 +48,7 @@ def median_time(fn: Callable[[], Any], repeats: int, device: torch.device, warmu
 
 
 def profile_nodes(
-    gm: fx.GraphModule, inputs: dict[str, torch.Tensor], repeats: int, method: str = "time"
+    gm: fx.GraphModule, inputs: dict[str, Any], repeats: int, method: str = "time"
 ) -> dict[str, NodeMeasure]:
     """Per-node cost and output size for one forward on ``inputs``.
 
@@ -60,7 +60,7 @@ def profile_nodes(
     if method not in ("time", "flops"):
         raise ValueError(f"unknown cost method {method!r}")
     runner = GraphRunner(gm)
-    device = inputs["sample"].device
+    device = device_of(inputs)
     compute = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     with torch.inference_mode():
         everything = runner.program([n.name for n in compute], keep=[n.name for n in compute])
@@ -90,7 +90,13 @@ def profile_nodes(
     return measures
 
 
-def forward_time(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], repeats: int) -> float:
+def forward_time(gm: fx.GraphModule, inputs: dict[str, Any], repeats: int) -> float:
     """Median time of a whole forward of the traced graph."""
+    runner = GraphRunner(gm)
+    program = runner.program([n.name for n in gm.graph.nodes if n.op != "placeholder"])
     with torch.inference_mode():
-        return median_time(lambda: gm(**inputs), repeats, inputs["sample"].device)
+        return median_time(lambda: runner.run(program, inputs), repeats, device_of(inputs))
+
+
+def device_of(inputs: dict[str, Any]) -> torch.device:
+    return next((v.device for v in inputs.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))

@@ -52,15 +52,42 @@ def dependency_graph(gm: fx.GraphModule) -> nx.DiGraph:
     return g
 
 
-def classify(gm: fx.GraphModule) -> tuple[list[str], list[str]]:
-    """Split compute nodes into (replicated, heavy) lists in topological order."""
-    g = dependency_graph(gm)
-    on_latent = nx.descendants(g, LATENT_INPUT)
+_METADATA_ATTRS = {"shape", "dtype", "device", "ndim"}
+_METADATA_METHODS = {"size", "dim"}
+
+
+def _reads_input_metadata(node: fx.Node) -> bool:
+    """``x.shape``/``x.size()``-style access to a graph input: known to every rank."""
+    source = node.args[0] if node.args else None
+    if not isinstance(source, fx.Node) or source.op != "placeholder":
+        return False
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in _METADATA_ATTRS
+    return node.op == "call_method" and node.target in _METADATA_METHODS
+
+
+def classify(gm: fx.GraphModule, latent: str = LATENT_INPUT) -> tuple[list[str], list[str]]:
+    """Split compute nodes into (replicated, heavy) lists in topological order.
+
+    Heavy nodes depend on the latent's values; the rest (embeddings of the timestep and
+    conditions, and arithmetic on the inputs' shapes) are cheap and recomputed by every stage.
+    """
+    on_latent: set[str] = set()
     replicated, heavy = [], []
     for node in gm.graph.nodes:
-        if node.op in ("placeholder", "output"):
+        if node.op == "placeholder":
+            if node.name == latent:
+                on_latent.add(node.name)
             continue
-        (heavy if node.name in on_latent else replicated).append(node.name)
+        if node.op == "output":
+            continue
+        if not _reads_input_metadata(node) and any(p.name in on_latent for p in node.all_input_nodes):
+            on_latent.add(node.name)
+            heavy.append(node.name)
+        else:
+            replicated.append(node.name)
+    if latent not in {n.name for n in gm.graph.nodes if n.op == "placeholder"}:
+        raise ValueError(f"graph has no input named {latent!r}")
     return replicated, heavy
 
 
@@ -73,11 +100,15 @@ def replicated_needed(g: nx.DiGraph, replicated: set[str], nodes: set[str]) -> s
 
 
 def split_contiguous(
-    gm: fx.GraphModule, measures: dict[str, NodeMeasure], num_stages: int, link_bytes_per_s: float
+    gm: fx.GraphModule,
+    measures: dict[str, NodeMeasure],
+    num_stages: int,
+    link_bytes_per_s: float,
+    latent: str = LATENT_INPUT,
 ) -> Partition:
     """The contiguous split into ``num_stages`` stages with the least window step time."""
     g = dependency_graph(gm)
-    replicated, heavy = classify(gm)
+    replicated, heavy = classify(gm, latent)
     rep_set = set(replicated)
     n = len(heavy)
     if n < num_stages:

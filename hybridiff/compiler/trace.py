@@ -15,9 +15,14 @@ runtime can stand in for the UNet inside a stock pipeline.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+import inspect
+import logging
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterable, Union
 
 import torch
+from diffusers import UNet2DConditionModel
 from torch import fx, nn
 
 from hybridiff.errors import HybridiffError
@@ -116,6 +121,7 @@ class UNetAdapter:
     """Traces a ``UNet2DConditionModel`` and maps pipeline calls onto the traced graph."""
 
     input_names = ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")
+    latent = LATENT_INPUT
 
     def __init__(self, unet: nn.Module) -> None:
         config = unet.config
@@ -131,16 +137,9 @@ class UNetAdapter:
 
     def trace(self) -> fx.GraphModule:
         """Trace the UNet at block granularity; the graph equals ``unet.forward``."""
-        unet = self.unet
-        leaves: set[nn.Module] = set()
-        for name, child in unet.named_children():
-            if isinstance(child, nn.ModuleList):
-                leaves.update(child)
-            else:
-                leaves.add(child)
-        root = _UNetForward(unet)
+        root = _UNetForward(self.unet)
         concrete = {} if self.uses_added_conditions else {"text_embeds": None, "time_ids": None}
-        graph = _BlockTracer(leaves).trace(root, concrete_args=concrete)
+        graph = _BlockTracer(_default_leaves(self.unet)).trace(root, concrete_args=concrete)
         return fx.GraphModule(root, graph, class_name="TracedUNet")
 
     def inputs_from_call(
@@ -187,6 +186,90 @@ class UNetAdapter:
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
         return UNet2DConditionOutput(sample=prediction) if return_dict else (prediction,)
+
+
+Leaf = Union[nn.Module, str, type]
+#: Module classes with a hand-written tracing adapter: ``factory(module) -> adapter`` where the
+#: adapter has ``trace() -> fx.GraphModule`` and a ``latent`` attribute naming the latent input.
+ADAPTERS: dict[type, Callable[[nn.Module], Any]] = {}
+
+
+def register_adapter(cls: type, factory: Callable[[nn.Module], Any]) -> None:
+    """Trace every instance of ``cls`` with ``factory(instance).trace()`` instead of torch.fx."""
+    ADAPTERS[cls] = factory
+
+
+def _default_leaves(model: nn.Module) -> set[nn.Module]:
+    """Block granularity: the model's children, with module lists opened one level."""
+    leaves: set[nn.Module] = set()
+    for child in model.children():
+        if isinstance(child, (nn.ModuleList, nn.Sequential)):
+            leaves.update(child)
+        else:
+            leaves.add(child)
+    return leaves
+
+
+def _resolve_leaves(model: nn.Module, leaves: Iterable[Leaf]) -> set[nn.Module]:
+    named = dict(model.named_modules())
+    out: set[nn.Module] = set()
+    for leaf in leaves:
+        if isinstance(leaf, nn.Module):
+            out.add(leaf)
+        elif isinstance(leaf, str):
+            if leaf not in named:
+                raise HybridiffError(f"leaf {leaf!r} is not a submodule of {type(model).__name__}; use a name from named_modules()")
+            out.add(named[leaf])
+        else:
+            out.update(m for m in named.values() if isinstance(m, leaf))
+    return out
+
+
+def _where(error: BaseException) -> str:
+    """The innermost traceback frame outside torch: the user's line that broke tracing."""
+    torch_dir = Path(torch.__file__).parent
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if not Path(f.filename).is_relative_to(torch_dir)]
+    if not frames:
+        return "an unknown line"
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno} ({(f.line or '').strip()})"
+
+
+def trace_module(
+    model: nn.Module,
+    example_inputs: tuple | dict[str, Any],
+    leaves: Iterable[Leaf] | None = None,
+) -> fx.GraphModule:
+    """Trace any denoiser into an fx graph whose placeholders are its forward's arguments.
+
+    Order of attempts: a registered adapter for the model's class; torch.fx with the given (or
+    default: block-level) leaves; torch.export's graph, which handles shape-dependent Python
+    control flow. When none works, the error names the line that broke tracing and the fixes.
+    """
+    for cls in type(model).__mro__:
+        if cls in ADAPTERS:
+            return ADAPTERS[cls](model).trace()
+    params = list(inspect.signature(model.forward).parameters.values())
+    given = set(example_inputs) if isinstance(example_inputs, dict) else {p.name for p in params[: len(example_inputs)]}
+    concrete = {p.name: p.default for p in params if p.name not in given and p.default is not inspect.Parameter.empty}
+    leaf_set = _default_leaves(model) if leaves is None else _resolve_leaves(model, leaves)
+    try:
+        graph = _BlockTracer(leaf_set).trace(model, concrete_args=concrete or None)
+        return fx.GraphModule(model, graph, class_name=f"Traced{type(model).__name__}")
+    except Exception as fx_error:  # noqa: BLE001 - any tracing failure falls back to export
+        args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, dict) else (tuple(example_inputs), {})
+        logging.disable(logging.CRITICAL)  # export logs each failed guard with its whole graph
+        try:
+            return torch.export.export(model, args, kwargs, strict=False).module()
+        except Exception:  # noqa: BLE001 - report the fx failure, which names the user's line
+            first = str(fx_error).strip().splitlines()[0] if str(fx_error).strip() else type(fx_error).__name__
+            raise HybridiffError(
+                f"cannot trace {type(model).__name__}: {first} at {_where(fx_error)}; mark the module "
+                "holding that line as a leaf (leaves=[...]), register a tracing adapter "
+                "(hybridiff.register_adapter), or make the argument concrete"
+            ) from None
+        finally:
+            logging.disable(logging.NOTSET)
 
 
 def graph_fingerprint(gm: fx.GraphModule) -> str:
@@ -240,3 +323,6 @@ def capture_denoiser_call(pipe: Any, height: int, width: int, guidance_scale: fl
     finally:
         handle.remove()
     return seen["call"]
+
+
+register_adapter(UNet2DConditionModel, UNetAdapter)

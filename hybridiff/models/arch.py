@@ -1,0 +1,50 @@
+"""The published denoiser architectures, as facts: real-size models without weights.
+
+Each file in ``configs/`` is the diffusers ``config.json`` of a released denoiser, byte for byte
+as published in its Hugging Face model repository (``unet/config.json`` or
+``transformer/config.json``). Building one on the meta device gives a module with the real
+layer structure, shapes and parameter count but no storage, so plans for full-size models can be
+compiled and costed on any machine without downloading a single weight.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+
+from hybridiff.errors import HybridiffError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+ARCHS: dict[str, str] = {
+    "sd15": "sd15.json",  # runwayml/stable-diffusion-v1-5 unet/config.json
+    "sd2": "sd2.json",  # stabilityai/stable-diffusion-2-1 unet/config.json
+    "sdxl": "sdxl.json",  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
+    "sd3-medium": "sd3-medium.json",  # stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json
+    "sd35-large": "sd35-large.json",  # stabilityai/stable-diffusion-3.5-large transformer/config.json
+}
+
+_CLASSES: dict[str, type[UNet2DConditionModel] | type[SD3Transformer2DModel]] = {
+    "UNet2DConditionModel": UNet2DConditionModel,
+    "SD3Transformer2DModel": SD3Transformer2DModel,
+}
+
+
+def arch_config(name: str) -> dict[str, Any]:
+    """The published diffusers config of architecture ``name`` (a fresh dict on every call)."""
+    if name not in ARCHS:
+        raise HybridiffError(f"unknown architecture {name!r}; valid names: {', '.join(ARCHS)}")
+    return json.loads((CONFIG_DIR / ARCHS[name]).read_text(encoding="utf-8"))
+
+
+def build_on_meta(name: str) -> torch.nn.Module:
+    """Architecture ``name`` instantiated on the meta device, in eval mode, with no weights allocated."""
+    config = arch_config(name)
+    model_class = _CLASSES[config["_class_name"]]
+    with torch.device("meta"):
+        model = model_class.from_config(config)
+    return model.eval()
