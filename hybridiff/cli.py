@@ -9,6 +9,7 @@ import typer
 
 from hybridiff import quiet_libraries
 from hybridiff.errors import HybridiffError, report_and_exit
+from hybridiff.summary import imbalance
 from hybridiff.runtime.worker import run_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -17,7 +18,11 @@ app.command("run")(run_command)
 
 @app.command("compile")
 def compile_command(
-    model: str = typer.Argument(..., help="builtin:tiny-sdxl or a local diffusers pipeline folder"),
+    model: Optional[str] = typer.Argument(None, help="builtin:tiny-sdxl or a local diffusers pipeline folder"),
+    arch: Optional[str] = typer.Option(None, help="instead of MODEL: sd15, sd2, sdxl, sd3-medium, sd35-large (no weights)"),
+    resolution: int = typer.Option(1024, help="with --arch: image size in pixels"),
+    device_tflops: float = typer.Option(150.0, help="with --arch: effective device TFLOP/s (default ~A100 fp16)"),
+    device_mem_gbps: float = typer.Option(1500.0, help="with --arch: device memory bandwidth, GB/s"),
     gpus: int = typer.Option(2, help="number of devices"),
     out: Path = typer.Option(Path("plan.json"), "-o", "--out", help="where to write the plan"),
     steps: int = typer.Option(50, min=1, help="denoising steps"),
@@ -33,9 +38,11 @@ def compile_command(
     repeats: int = typer.Option(10, min=1, help="timing repeats per node (median)"),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads while profiling [default: cores / gpus]"),
 ) -> None:
-    """Trace, profile and partition MODEL into an execution plan."""
+    """Trace, profile and partition MODEL (or a published --arch) into an execution plan."""
     if cost not in ("time", "flops"):
         report_and_exit(HybridiffError(f"--cost {cost!r} is not a cost method; use 'time' or 'flops'"))
+    if (model is None) == (arch is None):
+        report_and_exit(HybridiffError("give either MODEL or --arch NAME (not both, not neither)"))
     from pydantic import ValidationError
 
     from hybridiff.compiler.compile import compile_model
@@ -47,19 +54,47 @@ def compile_command(
         except ValidationError as e:
             err = e.errors()[0]
             raise HybridiffError(f"bad schedule option {err['loc'][0]}: {err['msg']}") from None
-        plan = compile_model(
-            model, gpus, schedule, height, width, link_gbps=link_gbps, repeats=repeats, threads=threads, cost=cost
-        )
+        if arch is not None:
+            from hybridiff.compiler.cost import DeviceModel
+            from hybridiff.compiler.compile import compile_arch
+
+            device = DeviceModel(f"{device_tflops:g} TFLOP/s, {device_mem_gbps:g} GB/s (roofline)", device_tflops, device_mem_gbps)
+            plan = compile_arch(arch, resolution, gpus, schedule, link_gbps=link_gbps, device_model=device)
+        else:
+            plan = compile_model(
+                model, gpus, schedule, height, width, link_gbps=link_gbps, repeats=repeats, threads=threads, cost=cost
+            )
         plan.save(out)
     except HybridiffError as e:
         report_and_exit(e)
     est = plan.estimates
     typer.echo(
-        f"wrote {out}: {len(plan.stages)} stages, stage costs "
-        + " / ".join(f"{s.cost_s * 1e3:.1f} ms" for s in plan.stages)
-        + f", window step {est.window_step_s * 1e3:.1f} ms vs serial step {est.serial_step_s * 1e3:.1f} ms, "
+        f"wrote {out}: {len(plan.stages)} stages, imbalance {imbalance(plan):.3f}, "
+        f"window step {est.window_step_s * 1e3:.2f} ms vs serial step {est.serial_step_s * 1e3:.2f} ms, "
         f"speed-up bound {est.speedup_bound:.2f}x"
     )
+
+
+@app.command("inspect")
+def inspect_command(
+    plan: Path = typer.Argument(..., help="plan.json"),
+    as_json: bool = typer.Option(False, "--json", help="print a machine-readable summary"),
+    plot: Optional[Path] = typer.Option(None, help="also draw the partition to this PNG"),
+) -> None:
+    """Summarise a plan: mesh, stages, cut tensors, schedule, estimates."""
+    import json
+
+    from hybridiff.plan import load_plan
+    from hybridiff.summary import plot as draw
+    from hybridiff.summary import render_text, summary
+
+    try:
+        loaded = load_plan(plan)
+    except HybridiffError as e:
+        report_and_exit(e)
+    typer.echo(json.dumps(summary(loaded), indent=2) if as_json else render_text(loaded))
+    if plot is not None:
+        draw(loaded, plot)
 
 
 @app.command("save-model")

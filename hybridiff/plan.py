@@ -42,6 +42,9 @@ class GraphInfo(_Strict):
     fingerprint: str = Field(min_length=1)
     num_nodes: int = Field(gt=0)
     latent: str = Field(default="sample", description="the graph input carrying the noisy latent")
+    #: Blocks opened into their children after tracing, in order (see compiler.refine): the
+    #: runtime applies the same list to reproduce this graph.
+    refined: list[str] = Field(default_factory=list)
     #: Nodes that do not depend on the latent (time and added-condition embeddings): every
     #: rank recomputes them each step from its own inputs, so they are never stale.
     replicated: list[str]
@@ -76,11 +79,16 @@ class Stage(_Strict):
     rank: int = Field(ge=0, description="the rank that owns this stage inside the pipeline window")
     nodes: list[str] = Field(min_length=1, description="heavy nodes, in topological order")
     recompute: list[str] = Field(description="replicated nodes this stage recomputes each step")
-    cost_s: float = Field(ge=0, description="measured compute of the nodes, batch 1, seconds")
+    cost_s: float = Field(ge=0, description="compute of nodes and recomputed embeddings, batch 1, seconds")
+    send_bytes: int = Field(ge=0, description="cut tensor bytes this stage sends per window step")
 
 
 class CutTensor(_Strict):
-    """A value produced in one stage and consumed by others: sent one step stale."""
+    """A value produced in one stage and consumed by others: sent one step stale.
+
+    Shape arithmetic crossing a cut (``constant`` set) is static for the plan's input shapes:
+    consumers read it from here and nothing is sent.
+    """
 
     node: str
     producer: int = Field(ge=0, description="producing stage index")
@@ -88,6 +96,11 @@ class CutTensor(_Strict):
     shape: list[int]
     dtype: str
     bytes: int = Field(ge=0)
+    constant: int | float | list[int] | None = None
+
+    @property
+    def runtime_value(self) -> int | float | tuple[int, ...] | None:
+        return tuple(self.constant) if isinstance(self.constant, list) else self.constant
 
 
 class Schedule(_Strict):

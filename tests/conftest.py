@@ -50,6 +50,12 @@ def plan() -> Plan:
 
 
 @pytest.fixture(scope="session")
+def plan_traced(traced: TracedModel, plan: Plan) -> TracedModel:
+    """The built-in model traced with the blocks the test plan opened."""
+    return trace_pipeline(traced.pipe, plan.graph.refined)
+
+
+@pytest.fixture(scope="session")
 def plan_path(plan: Plan, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("plan") / "plan.json"
     plan.save(path)

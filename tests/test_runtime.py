@@ -65,10 +65,11 @@ class _CountingRunner(GraphRunner):
         return super().run(program, env)
 
 
-def test_window_uses_one_step_stale_cut_tensors(traced, unet_call, plan):
+def test_window_uses_one_step_stale_cut_tensors(plan_traced, unet_call, plan):
     """Drive the denoiser by hand and rebuild every window step from its definition."""
     schedule = Schedule(steps=6, guidance_scale=5.0, L=1, g_slope=1e-9, tau_cap=1, k=3)  # tau1=1, window 2..4
     plan = plan.model_copy(update={"schedule": schedule})
+    traced = plan_traced
     denoiser = HybridDenoiser(traced, plan, LocalTransport(2))
     counting = _CountingRunner(traced.graph)
     denoiser.runner = counting

@@ -3,7 +3,8 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from hybridiff.compiler.compile import trace_pipeline
-from hybridiff.compiler.trace import UNetAdapter, graph_fingerprint
+from hybridiff.compiler.adapters import UNetAdapter
+from hybridiff.compiler.trace import graph_fingerprint
 from hybridiff.errors import HybridiffError
 from hybridiff.models import load_pipeline
 

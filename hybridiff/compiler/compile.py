@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.utils._pytree as pytree
+from diffusers import UNet2DConditionModel
 from torch import fx, nn
 
 import hybridiff
 from hybridiff import device as devices
 from hybridiff.compiler import schedule as sched
-from hybridiff.compiler.cost import device_of, forward_time, profile_nodes
+from hybridiff.compiler.cost import DeviceModel, NodeMeasure, device_of, forward_time, profile_nodes
+from hybridiff.compiler.refine import refinable, refine
 from hybridiff.compiler.partition import Partition, dependency_graph, replicated_needed, split_contiguous
-from hybridiff.compiler.trace import Leaf, UNetAdapter, capture_denoiser_call, graph_fingerprint, trace_module
+from hybridiff.compiler.adapters import UNetAdapter
+from hybridiff.compiler.trace import Leaf, capture_denoiser_call, graph_fingerprint, trace_module
 from hybridiff.errors import HybridiffError
 from hybridiff.execution import GraphRunner
 from hybridiff.models import load_pipeline, resolve_source
+from hybridiff.models.arch import build_on_meta
 from hybridiff.plan import CutTensor, Estimates, GraphInfo, Mesh, ModelRef, Plan, RankRole, Schedule, Stage
 
 #: Default link bandwidth: PCIe 3.0 x16 moves ~15.75 GB/s raw, ~100 Gbit/s in practice.
@@ -34,9 +38,9 @@ class TracedModel:
     fingerprint: str
 
 
-def trace_pipeline(pipe: Any) -> TracedModel:
+def trace_pipeline(pipe: Any, refined: Iterable[str] = ()) -> TracedModel:
     adapter = UNetAdapter(pipe.unet)
-    graph = adapter.trace()
+    graph = apply_refinements(adapter.trace(), refined)
     return TracedModel(pipe, adapter, graph, graph_fingerprint(graph))
 
 
@@ -125,6 +129,73 @@ def compile_module(
     )
 
 
+def compile_arch(
+    arch: str,
+    resolution: int,
+    gpus: int = 2,
+    schedule: Schedule = sched.DEFAULT_SCHEDULE,
+    link_gbps: float = DEFAULT_LINK_GBPS,
+    dtype: str = "float16",
+    device_model: DeviceModel | None = None,
+) -> Plan:
+    """Compile a published architecture at ``resolution`` pixels without weights.
+
+    The model is built on the meta device and costed by the roofline model: no memory is
+    allocated for weights or activations, so real-size plans compile on any machine.
+    """
+    _check_gpus(gpus)
+    if resolution % 64:
+        raise HybridiffError(f"--resolution {resolution} must be a multiple of 64 (latent multiple of 8)")
+    model = build_on_meta(arch).to(getattr(torch, dtype))
+    latent = resolution // 8
+    config = model.config
+    device_model = device_model or DeviceModel()
+
+    def inputs(batch: int) -> dict[str, torch.Tensor]:
+        def meta(*shape: int, dt: torch.dtype = model.dtype) -> torch.Tensor:
+            return torch.empty(batch, *shape, device="meta", dtype=dt)
+
+        if isinstance(model, UNet2DConditionModel):
+            named = {
+                "sample": meta(config.in_channels, latent, latent),
+                "timestep": meta(dt=torch.float32),
+                "encoder_hidden_states": meta(77, config.cross_attention_dim),
+            }
+            if config.addition_embed_type == "text_time":
+                named["text_embeds"] = meta(config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim)
+                named["time_ids"] = meta(6)
+            return named
+        return {  # SD3: 77 + 77 CLIP tokens and 256 T5 tokens, as the SD3 pipeline builds them
+            "hidden_states": meta(config.in_channels, latent, latent),
+            "encoder_hidden_states": meta(333, config.joint_attention_dim),
+            "pooled_projections": meta(config.pooled_projection_dim),
+            "timestep": meta(dt=torch.float32),
+        }
+
+    graph = trace_module(model, inputs(1))
+    serial = sum(m.cost_s for m in profile_nodes(graph, inputs(2), 1, "roofline", device_model).values())
+    return compile_graph(
+        graph,
+        latent=next(iter(inputs(1))),
+        branch_inputs=inputs(1),
+        serial_step_s=serial,
+        model=ModelRef(
+            source=f"arch:{arch}",
+            denoiser="unet" if isinstance(model, UNet2DConditionModel) else "sd3-transformer",
+            height=resolution,
+            width=resolution,
+            dtype=dtype,
+        ),
+        gpus=gpus,
+        schedule=schedule,
+        link_gbps=link_gbps,
+        repeats=1,
+        cost="roofline",
+        device=device_model.name,
+        device_model=device_model,
+    )
+
+
 def compile_graph(
     graph: fx.GraphModule,
     *,
@@ -138,17 +209,25 @@ def compile_graph(
     repeats: int,
     cost: str,
     device: str,
+    device_model: DeviceModel | None = None,
 ) -> Plan:
     """Cost and partition a traced graph given one guidance branch's inputs.
 
-    ``serial_step_s`` is the measured cost of one step on one device with both branches batched;
+    ``serial_step_s`` is the cost of one step on one device with both branches batched;
     without it (custom models) the estimate assumes twice the batch-1 forward.
     """
-    measures = profile_nodes(graph, branch_inputs, repeats, cost)
     link_bytes_per_s = link_gbps * 1e9 / 8
-    partition = split_contiguous(graph, measures, gpus, link_bytes_per_s, latent)
+
+    def costed_split(gm: fx.GraphModule) -> tuple[dict[str, NodeMeasure], Partition]:
+        measures = profile_nodes(gm, branch_inputs, repeats, cost, device_model)
+        return measures, split_contiguous(gm, measures, gpus, link_bytes_per_s, latent)
+
+    graph, refined, measures, partition = balance(graph, costed_split)
     prediction_bytes = partition.output_bytes
-    forward = forward_time(graph, branch_inputs, repeats)
+    if cost == "roofline":
+        forward = sum(m.cost_s for m in measures.values())
+    else:
+        forward = forward_time(graph, branch_inputs, repeats)
     branch_step = forward + prediction_bytes * (gpus - 1) / link_bytes_per_s
     serial_step = serial_step_s if serial_step_s is not None else 2 * forward
     hybrid = sched.hybrid_latency(schedule, branch_step, partition.window_step_s)
@@ -172,6 +251,7 @@ def compile_graph(
             fingerprint=graph_fingerprint(graph),
             num_nodes=len(graph.graph.nodes),
             latent=latent,
+            refined=refined,
             replicated=list(partition.replicated),
         ),
         mesh=Mesh(
@@ -184,15 +264,75 @@ def compile_graph(
                 node=c.node,
                 producer=c.producer,
                 consumers=list(c.consumers),
-                shape=list(measures[c.node].shape),
-                dtype=measures[c.node].dtype,
+                shape=list(measures[c.node].shape or ()),
+                dtype=measures[c.node].dtype or "constant",
                 bytes=c.bytes,
+                constant=list(c.constant) if isinstance(c.constant, tuple) else c.constant,
             )
             for c in partition.cuts
         ],
         schedule=schedule,
         estimates=estimates,
     )
+
+
+#: Refining stops once the slowest stage is within this factor of the mean stage.
+BALANCE_TARGET = 1.05
+MAX_REFINE_ROUNDS = 6
+
+
+def imbalance(partition: Partition) -> float:
+    """Slowest stage compute over mean stage compute (1.0 is perfect balance)."""
+    costs = partition.stage_costs
+    return max(costs) / (sum(costs) / len(costs))
+
+
+def balance(
+    graph: fx.GraphModule, costed_split: Callable[[fx.GraphModule], tuple[dict[str, NodeMeasure], Partition]]
+) -> tuple[fx.GraphModule, list[str], dict[str, NodeMeasure], Partition]:
+    """Partition, opening big blocks while the stages are unbalanced.
+
+    A block is opened when it costs more than a quarter of an ideal stage: then a cut can
+    always be found within an eighth of a stage of the ideal place. Each round opens all such
+    blocks (those torch.fx can trace) and re-costs the graph. The partition with the shortest
+    window step wins.
+    """
+    refined: list[str] = []
+    closed: set[str] = set()  # blocks whose forward does not trace
+    measures, partition = costed_split(graph)
+    best = (partition.window_step_s, graph, list(refined), measures, partition)
+    for _ in range(MAX_REFINE_ROUNDS):
+        if imbalance(partition) <= BALANCE_TARGET:
+            break
+        ideal = sum(partition.stage_costs) / len(partition.stage_costs)
+        heavy = {name for stage in partition.stages for name in stage}
+        openable = set(refinable(graph)) - closed
+        targets = [
+            node.target
+            for node in graph.graph.nodes
+            if node.name in heavy and node.target in openable and measures[node.name].cost_s > ideal / 4
+        ]
+        opened = []
+        for target in targets:
+            try:
+                graph = refine(graph, target)
+                opened.append(target)
+            except Exception:  # noqa: BLE001 - an untraceable block simply stays whole
+                closed.add(target)
+        if not opened:
+            break
+        refined += opened
+        measures, partition = costed_split(graph)
+        if partition.window_step_s < best[0]:
+            best = (partition.window_step_s, graph, list(refined), measures, partition)
+    return best[1:]
+
+
+def apply_refinements(graph: fx.GraphModule, refined: Iterable[str]) -> fx.GraphModule:
+    """Re-open the blocks a plan lists, reproducing the compiler's graph."""
+    for target in refined:
+        graph = refine(graph, target)
+    return graph
 
 
 def _check_gpus(gpus: int) -> None:
@@ -215,9 +355,9 @@ def _stages(gm: fx.GraphModule, partition: Partition) -> list[Stage]:
     rep = set(partition.replicated)
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     stages = []
-    for index, (nodes, cost) in enumerate(zip(partition.stages, partition.stage_costs)):
+    for index, (nodes, cost, sent) in enumerate(zip(partition.stages, partition.stage_costs, partition.stage_sent_bytes)):
         recompute = sorted(replicated_needed(g, rep, set(nodes)), key=order.__getitem__)
-        stages.append(Stage(index=index, rank=index, nodes=list(nodes), recompute=recompute, cost_s=cost))
+        stages.append(Stage(index=index, rank=index, nodes=list(nodes), recompute=recompute, cost_s=cost, send_bytes=sent))
     return stages
 
 
@@ -228,7 +368,7 @@ def check_plan(
 
     Raises if the model's graph is not the one the plan was compiled from.
     """
-    graph = trace_module(model, example_inputs, leaves)
+    graph = apply_refinements(trace_module(model, example_inputs, leaves), plan.graph.refined)
     fingerprint = graph_fingerprint(graph)
     if fingerprint != plan.graph.fingerprint:
         raise HybridiffError(
@@ -255,6 +395,7 @@ def chain_stages(gm: fx.GraphModule, plan: Plan, inputs: dict[str, Any]) -> Any:
     """
     runner = GraphRunner(gm)
     env = dict(inputs)
+    env.update({c.node: c.runtime_value for c in plan.cut_tensors if c.constant is not None})
     out = None
     for stage in plan.stages:
         sends = [c.node for c in plan.cut_tensors if c.producer == stage.index]

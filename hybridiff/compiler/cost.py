@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 import torch
 from torch import fx
-from torch.utils.flop_counter import FlopCounterMode
+import torch.utils._pytree as pytree
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from hybridiff.execution import GraphRunner
 
@@ -26,6 +27,9 @@ class NodeMeasure:
     shape: tuple[int, ...] | None
     dtype: str | None
     bytes: int
+    #: The output itself when it is a plain number or a shape: static for a plan's input
+    #: shapes, so a stage that needs it reads it from the plan instead of the wire.
+    constant: int | float | tuple[int, ...] | None = None
 
 
 def _sync(device: torch.device) -> None:
@@ -47,18 +51,57 @@ def median_time(fn: Callable[[], Any], repeats: int, device: torch.device, warmu
     return statistics.median(times)
 
 
+@dataclass(frozen=True)
+class DeviceModel:
+    """Effective throughput of a device, for costing graphs that cannot run here (meta tensors).
+
+    A node costs ``max(flops / tflops, bytes moved / memory bandwidth)``: compute-bound blocks
+    by their FLOPs, memory-bound ones (norms, elementwise, small batch) by their traffic.
+    """
+
+    name: str = "A100-class fp16 (effective)"
+    tflops: float = 150.0
+    mem_gbps: float = 1500.0
+
+
+def _flop_counter() -> FlopCounterMode:
+    """Torch's flop counter, also counting CPU flash attention (missing from its registry)."""
+    cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    mapping = {} if cpu_flash is None else {cpu_flash: lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v)}
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def _as_constant(value: Any) -> int | float | tuple[int, ...] | None:
+    if isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, (tuple, torch.Size)) and all(type(v) is int for v in value):
+        return tuple(value)
+    return None
+
+
+def _bytes(value: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor))
+
+
 def profile_nodes(
-    gm: fx.GraphModule, inputs: dict[str, Any], repeats: int, method: str = "time"
+    gm: fx.GraphModule,
+    inputs: dict[str, Any],
+    repeats: int,
+    method: str = "time",
+    device_model: DeviceModel | None = None,
 ) -> dict[str, NodeMeasure]:
     """Per-node cost and output size for one forward on ``inputs``.
 
-    ``method="time"`` measures each node (median of ``repeats``); ``method="flops"`` counts its
-    floating-point operations with torch's flop counter and converts them to seconds with one
-    measured whole forward, which makes the costs, and so the partition, reproducible across
-    runs and machines (at the price of ignoring memory-bound work such as norms).
+    - ``time``: each node measured on this device, median of ``repeats``.
+    - ``flops``: FLOPs counted with torch's flop counter and converted to seconds with one
+      measured whole forward; reproducible across runs and machines, but blind to memory-bound
+      work such as norms.
+    - ``roofline``: FLOPs and bytes moved priced by ``device_model``; needs no real data, so it
+      costs real-size models built on the meta device.
     """
-    if method not in ("time", "flops"):
+    if method not in ("time", "flops", "roofline"):
         raise ValueError(f"unknown cost method {method!r}")
+    device_model = device_model or DeviceModel()
     runner = GraphRunner(gm)
     device = device_of(inputs)
     compute = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
@@ -71,19 +114,24 @@ def profile_nodes(
         interp.env = env
         measures = {}
         for node in compute:
+            out = env[node]
             if method == "time":
                 cost = median_time(lambda: interp.run_node(node), repeats, device)
             else:
-                with FlopCounterMode(display=False) as counter:
+                with _flop_counter() as counter:
                     interp.run_node(node)
                 cost = float(counter.get_total_flops())
-            out = env[node]
+                if method == "roofline":
+                    moved = _bytes(out) + sum(_bytes(env[p]) for p in node.all_input_nodes)
+                    if node.op == "call_module":
+                        moved += _bytes(list(gm.get_submodule(node.target).parameters()))
+                    cost = max(cost / (device_model.tflops * 1e12), moved / (device_model.mem_gbps * 1e9))
             if isinstance(out, torch.Tensor):
                 measures[node.name] = NodeMeasure(
                     cost, tuple(out.shape), str(out.dtype).removeprefix("torch."), out.numel() * out.element_size()
                 )
             else:
-                measures[node.name] = NodeMeasure(cost, None, None, 0)
+                measures[node.name] = NodeMeasure(cost, None, None, 0, _as_constant(out))
     if method == "flops":
         seconds_per_flop = forward_time(gm, inputs, repeats) / max(1.0, sum(m.cost_s for m in measures.values()))
         measures = {k: replace(m, cost_s=m.cost_s * seconds_per_flop) for k, m in measures.items()}

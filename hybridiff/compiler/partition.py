@@ -28,6 +28,8 @@ class CutValue:
     producer: int
     consumers: tuple[int, ...]
     bytes: int
+    #: Set for shape arithmetic (ints): consumers take it from the plan, nothing is sent.
+    constant: int | float | tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,9 @@ class Partition:
     replicated: tuple[str, ...]
     #: Heavy nodes per stage in topological order; the last stage also runs the graph output.
     stages: tuple[tuple[str, ...], ...]
+    #: Compute seconds per stage (its nodes and the embeddings it recomputes) and bytes it sends.
     stage_costs: tuple[float, ...]
+    stage_sent_bytes: tuple[int, ...]
     cuts: tuple[CutValue, ...]
     output_bytes: int
     window_step_s: float
@@ -121,34 +125,57 @@ def split_contiguous(
     output_value = next(p for p in g.predecessors(output_name))
     output_bytes = measures[output_value].bytes
 
+    def crossable(name: str) -> bool:
+        return measures[name].shape is not None or measures[name].constant is not None
+
     def boundary_ok(i: int) -> bool:
-        """Whether every value crossing the boundary before position i is a tensor."""
-        return all(measures[heavy[j]].shape is not None for j in range(i) if last_user[heavy[j]] >= i)
+        """Whether every value crossing the boundary before position i is a tensor or constant."""
+        return all(crossable(heavy[j]) for j in range(i) if last_user[heavy[j]] >= i)
 
-    valid = [i for i in range(1, n) if boundary_ok(i)]
+    bounds = [0, *(i for i in range(1, n) if boundary_ok(i)), n]
+    rep_names = sorted(rep_set)
+    rep_bit = {r: 1 << k for k, r in enumerate(rep_names)}
+    rep_mask = [sum(rep_bit[r] for r in rep_ancestors[x]) for x in heavy]
+    rep_cost = [measures[r].cost_s for r in rep_names]
+    leaving: dict[int, list[int]] = {}
+    for x, name in enumerate(heavy):
+        leaving.setdefault(last_user[name], []).append(x)
 
-    def stage_cost(j: int, i: int) -> tuple[float, int]:
-        """Compute and send time of a stage owning heavy[j:i]; returns (seconds, bytes sent)."""
-        nodes = heavy[j:i]
-        reps = set().union(*(rep_ancestors[x] for x in nodes))
-        compute = sum(measures[x].cost_s for x in nodes) + sum(measures[r].cost_s for r in reps)
-        sent = sum(measures[x].bytes for x in nodes if i <= last_user[x] < n)
-        return compute + sent / link_bytes_per_s, sent
+    def mask_cost(mask: int) -> float:
+        return sum(c for k, c in enumerate(rep_cost) if mask >> k & 1)
 
-    bounds = [0, *valid, n]
-    # best[s][b] = (cost of the slowest of s stages covering heavy[:b], boundaries)
+    # cost[(a, b)] = (compute seconds, bytes sent) of a stage owning heavy[a:b], for valid a < b.
+    # One sweep per start keeps the sums incremental.
+    cost: dict[tuple[int, int], tuple[float, int]] = {}
+    valid = set(bounds)
+    for a in bounds[:-1]:
+        compute, mask, sent = 0.0, 0, 0
+        for b in range(a + 1, n + 1):
+            x = b - 1
+            compute += measures[heavy[x]].cost_s
+            mask |= rep_mask[x]
+            if b <= last_user[heavy[x]] < n:
+                sent += measures[heavy[x]].bytes
+            sent -= sum(measures[heavy[y]].bytes for y in leaving.get(x, ()) if a <= y < x)
+            if b in valid:
+                cost[(a, b)] = (compute + mask_cost(mask), sent)
+
+    def step(a: int, b: int) -> float:
+        compute, sent = cost[(a, b)]
+        return compute + sent / link_bytes_per_s
+
+    # best[s][b] = (slowest step of s stages covering heavy[:b], their end boundaries)
     best: list[dict[int, tuple[float, tuple[int, ...]]]] = [{0: (0.0, ())}]
     for s in range(1, num_stages + 1):
         layer: dict[int, tuple[float, tuple[int, ...]]] = {}
         for b in bounds:
             if b == 0 or (s == num_stages and b != n):
                 continue
-            for a, (prev, cuts) in best[s - 1].items():
-                if a >= b:
-                    continue
-                cost = max(prev, stage_cost(a, b)[0])
-                if b not in layer or cost < layer[b][0]:
-                    layer[b] = (cost, cuts + (b,))
+            for a, (prev, ends) in best[s - 1].items():
+                if a < b:
+                    slowest = max(prev, step(a, b))
+                    if b not in layer or slowest < layer[b][0]:
+                        layer[b] = (slowest, ends + (b,))
         best.append(layer)
     if n not in best[num_stages]:
         raise ValueError(f"no valid boundaries for {num_stages} stages")
@@ -160,12 +187,14 @@ def split_contiguous(
     for name in heavy:
         consumers = sorted({stage_of[u] for u in g.successors(name) if u in stage_of} - {stage_of[name]})
         if consumers:
-            cuts.append(CutValue(name, stage_of[name], tuple(consumers), measures[name].bytes))
+            m = measures[name]
+            cuts.append(CutValue(name, stage_of[name], tuple(consumers), m.bytes, m.constant))
     broadcast = output_bytes * (num_stages - 1)
     return Partition(
         replicated=tuple(replicated),
         stages=stages[:-1] + (stages[-1] + (output_name,),),
-        stage_costs=tuple(stage_cost(a, b)[0] for a, b in zip(starts, ends)),
+        stage_costs=tuple(cost[(a, b)][0] for a, b in zip(starts, ends)),
+        stage_sent_bytes=tuple(cost[(a, b)][1] for a, b in zip(starts, ends)),
         cuts=tuple(cuts),
         output_bytes=output_bytes,
         window_step_s=slowest + broadcast / link_bytes_per_s,

@@ -102,7 +102,11 @@ class HybridDenoiser(_UNetProxy):
         }
         #: (producer stage, consumer stage) -> cut node names, in plan order (the wire order).
         self._links: dict[tuple[int, int], list[str]] = {}
+        #: Shape arithmetic crossing cuts: static, taken from the plan instead of the wire.
+        self._constants = {c.node: c.runtime_value for c in cuts if c.constant is not None}
         for c in cuts:
+            if c.constant is not None:
+                continue
             for consumer in c.consumers:
                 self._links.setdefault((c.producer, consumer), []).append(c.node)
         self._output_stage = next(s for s in plan.stages if "output" in s.nodes)
@@ -163,7 +167,7 @@ class HybridDenoiser(_UNetProxy):
             owns_output = stage.index == self._output_stage.index
             if last and not owns_output:
                 continue  # nothing it would produce is consumed any more
-            env = dict(branches[mesh.branch_of(rank)])
+            env = {**branches[mesh.branch_of(rank)], **self._constants}
             for src, names, templates in self._incoming(rank):
                 env.update(zip(names, self.transport.take(src, rank, templates)))
             if not last:

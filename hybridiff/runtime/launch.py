@@ -38,7 +38,7 @@ def _worker_entry(opts: RunOptions, error_dir: str) -> None:
 def _quiet_elastic() -> None:
     """Elastic logs each failed worker with a traceback; the error files say it in one line."""
     for name in list(logging.root.manager.loggerDict):
-        if name.startswith("torch.distributed"):
+        if name.startswith(("torch.distributed", "torch.multiprocessing")):
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 

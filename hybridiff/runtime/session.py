@@ -81,7 +81,7 @@ def execute(opts: RunOptions) -> dict[str, Any] | None:
     device = devices.worker_device(local_rank)
 
     pipe = load_pipeline(plan.model.source, plan.model.dtype, device)
-    traced = trace_pipeline(pipe)
+    traced = trace_pipeline(pipe, plan.graph.refined)
     if traced.fingerprint != plan.graph.fingerprint:
         raise HybridiffError(
             f"plan fingerprint {plan.graph.fingerprint} does not match the model's graph "
