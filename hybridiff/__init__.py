@@ -14,3 +14,23 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+_API = {
+    "compile": ("hybridiff.compiler.compile", "compile_module"),
+    "check_plan": ("hybridiff.compiler.compile", "check_plan"),
+    "load_plan": ("hybridiff.plan", "load_plan"),
+    "Plan": ("hybridiff.plan", "Plan"),
+    "register_adapter": ("hybridiff.compiler.trace", "register_adapter"),
+    "HybridiffError": ("hybridiff.errors", "HybridiffError"),
+}
+
+
+def __getattr__(name: str):  # noqa: ANN202 - lazy, so `import hybridiff` stays light
+    """The Python API: ``hybridiff.compile``, ``check_plan``, ``load_plan``, ``register_adapter``."""
+    if name not in _API:
+        raise AttributeError(f"module 'hybridiff' has no attribute {name!r}")
+    import importlib
+
+    module, attr = _API[name]
+    return getattr(importlib.import_module(module), attr)

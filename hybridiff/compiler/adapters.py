@@ -213,6 +213,31 @@ class SD3Adapter:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
+    def inputs_from_call(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        *,
+        return_dict: bool = True,
+        **extra: Any,
+    ) -> dict[str, torch.Tensor]:
+        """The graph inputs for one ``transformer(...)`` call as the SD3 pipeline makes it."""
+        unused = sorted(k for k, v in extra.items() if v is not None)
+        if unused:
+            raise HybridiffError(f"the hybrid denoiser does not support SD3 arguments {unused}; run without them")
+        if not torch.is_tensor(timestep):
+            timestep = torch.tensor([timestep], device=hidden_states.device)
+        elif timestep.dim() == 0:
+            timestep = timestep[None]
+        return {
+            "hidden_states": hidden_states,
+            "encoder_hidden_states": encoder_hidden_states,
+            "pooled_projections": pooled_projections,
+            "timestep": timestep.expand(hidden_states.shape[0]),
+        }
+
     def trace(self) -> fx.GraphModule:
         root = _SD3Forward(self.model)
         graph = BlockTracer(default_leaves(self.model)).trace(root)

@@ -108,9 +108,9 @@ def compile_module(
     ``leaves`` lists submodules (objects, qualified names or classes) to keep opaque.
     """
     _check_gpus(gpus)
-    graph = trace_module(model, example_inputs, leaves)
-    inputs = _named_inputs(graph, example_inputs)
-    latent = latent or next(iter(inputs))
+    traced = trace_module(model, example_inputs, leaves)
+    graph, inputs = traced.graph, traced.inputs
+    latent = latent or traced.latent or next(iter(inputs))
     if latent not in inputs:
         raise HybridiffError(f"latent={latent!r} is not one of the traced inputs {sorted(inputs)}")
     dtype = next((str(p.dtype).removeprefix("torch.") for p in model.parameters()), "float32")
@@ -151,20 +151,22 @@ def compile_arch(
     config = model.config
     device_model = device_model or DeviceModel()
 
-    def inputs(batch: int) -> dict[str, torch.Tensor]:
+    def call(batch: int) -> dict[str, Any]:
+        """Keyword arguments of one denoiser call, as the model's pipeline makes it."""
+
         def meta(*shape: int, dt: torch.dtype = model.dtype) -> torch.Tensor:
             return torch.empty(batch, *shape, device="meta", dtype=dt)
 
         if isinstance(model, UNet2DConditionModel):
-            named = {
+            kwargs: dict[str, Any] = {
                 "sample": meta(config.in_channels, latent, latent),
                 "timestep": meta(dt=torch.float32),
                 "encoder_hidden_states": meta(77, config.cross_attention_dim),
             }
             if config.addition_embed_type == "text_time":
-                named["text_embeds"] = meta(config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim)
-                named["time_ids"] = meta(6)
-            return named
+                text = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+                kwargs["added_cond_kwargs"] = {"text_embeds": meta(text), "time_ids": meta(6)}
+            return kwargs
         return {  # SD3: 77 + 77 CLIP tokens and 256 T5 tokens, as the SD3 pipeline builds them
             "hidden_states": meta(config.in_channels, latent, latent),
             "encoder_hidden_states": meta(333, config.joint_attention_dim),
@@ -172,12 +174,12 @@ def compile_arch(
             "timestep": meta(dt=torch.float32),
         }
 
-    graph = trace_module(model, inputs(1))
-    serial = sum(m.cost_s for m in profile_nodes(graph, inputs(2), 1, "roofline", device_model).values())
+    traced, both = trace_module(model, call(1)), trace_module(model, call(2)).inputs
+    serial = sum(m.cost_s for m in profile_nodes(traced.graph, both, 1, "roofline", device_model).values())
     return compile_graph(
-        graph,
-        latent=next(iter(inputs(1))),
-        branch_inputs=inputs(1),
+        traced.graph,
+        latent=traced.latent,
+        branch_inputs=traced.inputs,
         serial_step_s=serial,
         model=ModelRef(
             source=f"arch:{arch}",
@@ -342,14 +344,6 @@ def _check_gpus(gpus: int) -> None:
         )
 
 
-def _named_inputs(graph: fx.GraphModule, example_inputs: tuple | dict[str, Any]) -> dict[str, Any]:
-    """Example inputs keyed by the graph's placeholder names."""
-    names = [n.name for n in graph.graph.nodes if n.op == "placeholder"]
-    if isinstance(example_inputs, dict):
-        return {n: example_inputs[n] for n in names if n in example_inputs}
-    return dict(zip(names, example_inputs))
-
-
 def _stages(gm: fx.GraphModule, partition: Partition) -> list[Stage]:
     g = dependency_graph(gm)
     rep = set(partition.replicated)
@@ -368,7 +362,8 @@ def check_plan(
 
     Raises if the model's graph is not the one the plan was compiled from.
     """
-    graph = apply_refinements(trace_module(model, example_inputs, leaves), plan.graph.refined)
+    traced = trace_module(model, example_inputs, leaves)
+    graph = apply_refinements(traced.graph, plan.graph.refined)
     fingerprint = graph_fingerprint(graph)
     if fingerprint != plan.graph.fingerprint:
         raise HybridiffError(
@@ -377,7 +372,7 @@ def check_plan(
     args, kwargs = ((), example_inputs) if isinstance(example_inputs, dict) else (tuple(example_inputs), {})
     with torch.inference_mode():
         expected = _first_tensor(model(*args, **kwargs))
-        got = _first_tensor(chain_stages(graph, plan, _named_inputs(graph, example_inputs)))
+        got = _first_tensor(chain_stages(graph, plan, traced.inputs))
     return float((got.float() - expected.float()).abs().max())
 
 

@@ -13,6 +13,7 @@ import hashlib
 import inspect
 import logging
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Union
 
@@ -40,7 +41,8 @@ class BlockTracer(fx.Tracer):
 
 Leaf = Union[nn.Module, str, type]
 #: Module classes with a hand-written tracing adapter: ``factory(module) -> adapter`` where the
-#: adapter has ``trace() -> fx.GraphModule`` and a ``latent`` attribute naming the latent input.
+#: adapter has ``trace() -> fx.GraphModule``, ``inputs_from_call(*args, **kwargs)`` mapping the
+#: model's call arguments to graph inputs, and a ``latent`` attribute naming the latent input.
 ADAPTERS: dict[type, Callable[[nn.Module], Any]] = {}
 
 
@@ -85,32 +87,44 @@ def _where(error: BaseException) -> str:
     return f"{f.filename}:{f.lineno} ({(f.line or '').strip()})"
 
 
+@dataclass(frozen=True)
+class TracedGraph:
+    """A traced denoiser with example inputs keyed by the graph's input names."""
+
+    graph: fx.GraphModule
+    inputs: dict[str, Any]
+    #: The input carrying the latent when the tracer knows it (adapters), else None.
+    latent: str | None
+
+
 def trace_module(
     model: nn.Module,
     example_inputs: tuple | dict[str, Any],
     leaves: Iterable[Leaf] | None = None,
-) -> fx.GraphModule:
-    """Trace any denoiser into an fx graph whose placeholders are its forward's arguments.
+) -> TracedGraph:
+    """Trace any denoiser into an fx graph and name its example inputs.
 
-    Order of attempts: a registered adapter for the model's class; torch.fx with the given (or
-    default: block-level) leaves; torch.export's graph, which handles shape-dependent Python
-    control flow. When none works, the error names the line that broke tracing and the fixes.
+    Order of attempts: a registered adapter for the model's class (``example_inputs`` are the
+    model's own call arguments); torch.fx with the given (or default: block-level) leaves;
+    torch.export's graph, which handles shape-dependent Python control flow. When none works,
+    the error names the line that broke tracing and the fixes.
     """
+    args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, dict) else (tuple(example_inputs), {})
     for cls in type(model).__mro__:
         if cls in ADAPTERS:
-            return ADAPTERS[cls](model).trace()
+            adapter = ADAPTERS[cls](model)
+            return TracedGraph(adapter.trace(), adapter.inputs_from_call(*args, **kwargs), adapter.latent)
     params = list(inspect.signature(model.forward).parameters.values())
-    given = set(example_inputs) if isinstance(example_inputs, dict) else {p.name for p in params[: len(example_inputs)]}
+    given = set(kwargs) | {p.name for p in params[: len(args)]}
     concrete = {p.name: p.default for p in params if p.name not in given and p.default is not inspect.Parameter.empty}
     leaf_set = default_leaves(model) if leaves is None else _resolve_leaves(model, leaves)
     try:
         graph = drop_concrete_inputs(BlockTracer(leaf_set).trace(model, concrete_args=concrete or None))
-        return fx.GraphModule(model, graph, class_name=f"Traced{type(model).__name__}")
+        gm = fx.GraphModule(model, graph, class_name=f"Traced{type(model).__name__}")
     except Exception as fx_error:  # noqa: BLE001 - any tracing failure falls back to export
-        args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, dict) else (tuple(example_inputs), {})
         logging.disable(logging.CRITICAL)  # export logs each failed guard with its whole graph
         try:
-            return torch.export.export(model, args, kwargs, strict=False).module()
+            gm = torch.export.export(model, args, kwargs, strict=False).module()
         except Exception:  # noqa: BLE001 - report the fx failure, which names the user's line
             first = str(fx_error).strip().splitlines()[0] if str(fx_error).strip() else type(fx_error).__name__
             raise HybridiffError(
@@ -120,6 +134,9 @@ def trace_module(
             ) from None
         finally:
             logging.disable(logging.NOTSET)
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = {n: kwargs[n] for n in names if n in kwargs} if kwargs else dict(zip(names, args))
+    return TracedGraph(gm, inputs, None)
 
 
 def drop_concrete_inputs(graph: fx.Graph) -> fx.Graph:

@@ -70,10 +70,11 @@ def _init_distributed(plan: Plan) -> tuple[int, int]:
 def execute(opts: RunOptions) -> dict[str, Any] | None:
     """Run the plan; returns the report on the rank that writes outputs, else None."""
     plan = load_plan(opts.plan)
-    if plan.model.denoiser != "unet" or plan.mesh.world_size != 2:
+    compile_only = plan.model.source.startswith(("arch:", "python:"))
+    if compile_only or plan.model.denoiser != "unet" or plan.mesh.world_size != 2:
         raise HybridiffError(
-            f"this runtime executes 2-device plans of diffusers UNet pipelines; {opts.plan} is a "
-            f"{plan.mesh.world_size}-device plan for {plan.model.source} (compile-only for now)"
+            f"{opts.plan} is a {plan.mesh.world_size}-device plan for {plan.model.source}, which is compile-only "
+            "here: this runtime executes 2-device plans of UNet pipelines (builtin:NAME or a pipeline folder)"
         )
     rank, local_rank = _init_distributed(plan) if opts.mode == "hybrid" else (0, 0)
     local_workers = int(os.environ.get("LOCAL_WORLD_SIZE", plan.mesh.world_size))

@@ -1,0 +1,186 @@
+"""The compiler on every denoiser family: tiny configs through the Python API, real sizes on meta."""
+
+import json
+
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+from torch import nn
+
+import hybridiff
+from hybridiff.compiler.compile import compile_arch
+from hybridiff.errors import HybridiffError
+from hybridiff.summary import imbalance
+from tests.conftest import cli
+
+torch.manual_seed(0)
+
+_UNET_BASE = dict(sample_size=16, norm_num_groups=8, layers_per_block=1)
+UNETS = {
+    # SD1.x layout: three cross-attention down blocks, conv projections, one head size
+    "sd15-like": dict(
+        block_out_channels=(16, 32, 32, 32), attention_head_dim=4, cross_attention_dim=24,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    ),
+    # SD2.x: linear projections and per-block head counts
+    "sd2-like": dict(
+        block_out_channels=(16, 32, 32), attention_head_dim=(2, 4, 4), cross_attention_dim=24,
+        use_linear_projection=True, layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    ),
+    # SDXL: text_time added conditions, deeper transformers in the inner blocks
+    "sdxl-like": dict(
+        block_out_channels=(16, 32, 32), attention_head_dim=(2, 4, 4), cross_attention_dim=24,
+        use_linear_projection=True, transformer_layers_per_block=(1, 2, 3),
+        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 24,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    ),
+    # an unseen variant: two blocks, no mid block
+    "two-block-no-mid": dict(
+        block_out_channels=(16, 32), attention_head_dim=4, cross_attention_dim=24, mid_block_type=None,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ),
+}
+
+
+def _unet_case(name):
+    config = {**_UNET_BASE, **UNETS[name]}
+    model = UNet2DConditionModel(**config).eval()
+    kwargs = dict(sample=torch.randn(1, 4, 16, 16), timestep=torch.tensor(10.0), encoder_hidden_states=torch.randn(1, 7, 24))
+    if config.get("addition_embed_type") == "text_time":
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 8), "time_ids": torch.randn(1, 6)}
+    return model, kwargs
+
+
+def _sd3_case(**extra):
+    model = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=8, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=12, out_channels=4,
+        pos_embed_max_size=16, **extra,
+    ).eval()
+    kwargs = dict(hidden_states=torch.randn(1, 4, 8, 12), encoder_hidden_states=torch.randn(1, 5, 16),
+                  pooled_projections=torch.randn(1, 12), timestep=torch.tensor([3.0]))
+    return model, kwargs
+
+
+class LongSkips(nn.Module):
+    """A custom denoiser nobody here has seen: a U of plain blocks with long skips."""
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.norm, self.conv = nn.GroupNorm(4, c), nn.Conv2d(c, c, 3, padding=1)
+
+        def forward(self, x, emb):
+            return x + self.conv(nn.functional.silu(self.norm(x))) + emb[:, :, None, None]
+
+    def __init__(self, c=16, depth=5):
+        super().__init__()
+        self.temb = nn.Sequential(nn.Linear(1, c), nn.SiLU(), nn.Linear(c, c))
+        self.inp, self.out = nn.Conv2d(4, c, 3, padding=1), nn.Conv2d(c, 4, 3, padding=1)
+        self.down = nn.ModuleList([self.Block(c) for _ in range(depth)])
+        self.up = nn.ModuleList([self.Block(c) for _ in range(depth)])
+
+    def forward(self, x, t, cond):
+        emb = self.temb(t[:, None].float()) + cond
+        h, skips = self.inp(x), []
+        for block in self.down:
+            h = block(h, emb)
+            skips.append(h)
+        for block in self.up:
+            h = block(h + skips.pop(), emb)
+        return self.out(h)
+
+
+CASES = {
+    **{name: (lambda name=name: _unet_case(name)) for name in UNETS},
+    "sd3": lambda: _sd3_case(),
+    "sd35-style": lambda: _sd3_case(dual_attention_layers=(0, 1, 2), qk_norm="rms_norm"),
+    "custom-long-skips": lambda: (LongSkips().eval(), (torch.randn(1, 4, 16, 16), torch.tensor([7.0]), torch.randn(1, 16))),
+}
+
+
+@pytest.mark.parametrize("gpus", [2, 4, 8])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_plans_for_every_family_chain_to_the_model(case, gpus, tmp_path):
+    model, inputs = CASES[case]()
+    plan = hybridiff.compile(model, example_inputs=inputs, gpus=gpus, cost="flops", repeats=1)
+    plan.save(tmp_path / "plan.json")
+    plan = hybridiff.load_plan(tmp_path / "plan.json")
+    assert len(plan.stages) == gpus
+    assert hybridiff.check_plan(plan, model, inputs) <= 1e-5
+
+
+def test_users_can_name_leaves_and_pass_keyword_inputs():
+    model = LongSkips().eval()
+    inputs = {"x": torch.randn(1, 4, 16, 16), "t": torch.tensor([3.0]), "cond": torch.randn(1, 16)}
+    plan = hybridiff.compile(model, example_inputs=inputs, gpus=2, leaves=["temb", "inp", "out", LongSkips.Block], repeats=1)
+    assert plan.graph.latent == "x"
+    assert hybridiff.check_plan(plan, model, inputs, leaves=["temb", "inp", "out", LongSkips.Block]) <= 1e-5
+
+
+def test_check_plan_refuses_another_model():
+    plan = hybridiff.compile(LongSkips(depth=5).eval(), example_inputs=CASES["custom-long-skips"]()[1], repeats=1)
+    with pytest.raises(HybridiffError, match="does not match"):
+        hybridiff.check_plan(plan, LongSkips(depth=4).eval(), CASES["custom-long-skips"]()[1])
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.mean() > 0:  # branches on tensor values: untraceable
+            return self.proj(x)
+        return x
+
+
+def test_untraceable_module_gets_a_helpful_error():
+    with pytest.raises(HybridiffError) as info:
+        hybridiff.compile(DataDependent(), example_inputs=(torch.randn(2, 4),))
+    message = str(info.value)
+    assert "test_compiler.py" in message and "if x.mean() > 0" in message
+    assert "leaves=" in message and "register_adapter" in message
+
+
+TARGETS = {2: 1.10, 4: 1.25, 8: 1.25}
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sd2", "sdxl", "sd3-medium", "sd35-large"])
+def test_real_size_plans_compile_without_weights(arch):
+    resolution = {"sd15": 512, "sd2": 768}.get(arch, 1024)
+    for gpus, target in TARGETS.items():
+        plan = compile_arch(arch, resolution, gpus)
+        assert plan.model.source == f"arch:{arch}" and len(plan.stages) == gpus
+        assert plan.estimates.speedup_bound > 1.5
+        if arch in ("sdxl", "sd3-medium"):
+            assert imbalance(plan) <= target, (arch, gpus, imbalance(plan))
+
+
+def test_cli_compiles_an_arch_and_inspects_it(tmp_path):
+    plan_path = tmp_path / "sd3.json"
+    result = cli("compile", "--arch", "sd3-medium", "--resolution", "1024", "--gpus", "4", "-o", str(plan_path))
+    assert result.returncode == 0, result.stderr
+    result = cli("inspect", str(plan_path), "--json", "--plot", str(tmp_path / "plan.png"))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["imbalance"] <= 1.25
+    assert summary["window_comm_bytes_per_step"] > 0
+    assert [s["ranks"] for s in summary["stages"]] == [[0], [1], [2], [3]]
+    assert all(s["cost"] > 0 and s["nodes"] for s in summary["stages"])
+    assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
+    text = cli("inspect", str(plan_path))
+    assert "imbalance" in text.stdout and "stage 3 on rank 3" in text.stdout
+
+
+def test_cli_refuses_unknown_arch_and_runtime_refuses_compile_only_plans(tmp_path, plan_path):
+    result = cli("compile", "--arch", "sd9", "-o", str(tmp_path / "p.json"))
+    assert result.returncode == 2 and "unknown architecture 'sd9'" in result.stderr
+    arch_plan = tmp_path / "sd15.json"
+    assert cli("compile", "--arch", "sd15", "--resolution", "512", "-o", str(arch_plan)).returncode == 0
+    result = cli("run", str(arch_plan), "--prompt", "x", "--emulate")
+    assert result.returncode == 2 and "compile-only" in result.stderr
