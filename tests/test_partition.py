@@ -4,7 +4,7 @@ import torch
 
 from hybridiff.compiler.compile import chain_stages
 from hybridiff.compiler.cost import NodeMeasure
-from hybridiff.compiler.partition import classify, dependency_graph, split_contiguous
+from hybridiff.compiler.partition import best_partition, classify, dependency_graph
 from hybridiff.compiler.trace import LATENT_INPUT
 
 
@@ -32,29 +32,38 @@ def test_every_node_has_one_home_and_cuts_are_exact(plan_traced, plan):
     assert not set(plan.graph.replicated) & nx.descendants(g, LATENT_INPUT)
 
 
-def test_split_is_the_best_contiguous_split(traced):
-    """The DP's choice equals brute force over every valid boundary, on made-up costs."""
+def test_partition_is_the_best_contiguous_or_folded_split(traced):
+    """The search's choice equals brute force over every valid 2-stage assignment."""
     replicated, heavy = classify(traced.graph)
     costs = {n.name: NodeMeasure(0.5, (1,), "float32", 4) for n in traced.graph.graph.nodes}
     for i, name in enumerate(heavy):
         tuple_output = name.startswith("unet_down_blocks")
         costs[name] = NodeMeasure(1.0 + (i * 7919 % 13), None if tuple_output else (1,), "float32", 0 if tuple_output else 1000)
     link = 1e4
-    part = split_contiguous(traced.graph, costs, 2, link)
+    part = best_partition(traced.graph, costs, 2, link)
 
     g = dependency_graph(traced.graph)
 
-    def compute(nodes: set[str]) -> float:
-        needed = set().union(*(nx.ancestors(g, n) for n in nodes)) & set(replicated)
-        return sum(costs[n].cost_s for n in nodes | needed)
-
-    candidates = []
-    for cut in range(1, len(heavy)):
-        first, second = set(heavy[:cut]), set(heavy[cut:])
-        crossing = {u for u, v in g.edges if u in first and v in second}
+    def step(stage: set[str], other: set[str]) -> float:
+        needed = set().union(*(nx.ancestors(g, n) for n in stage)) & set(replicated)
+        crossing = {u for u, v in g.edges if u in stage and v in other}
         if any(costs[u].shape is None for u in crossing):
-            continue
-        sent = sum(costs[u].bytes for u in crossing) / link
-        candidates.append(max(compute(first) + sent, compute(second)))
+            return float("inf")
+        return sum(costs[n].cost_s for n in stage | needed) + sum(costs[u].bytes for u in crossing) / link
+
+    def traffic(stage: set[str], other: set[str]) -> int:
+        return sum(costs[u].bytes for u in {u for u, v in g.edges if u in stage and v in other})
+
+    contiguous, folded = [], []
+    for a in range(1, len(heavy)):
+        first, second = set(heavy[:a]), set(heavy[a:])
+        contiguous.append((max(step(first, second), step(second, first)), traffic(first, second)))
+        for c in range(a + 1, len(heavy)):
+            outer, middle = set(heavy[:a] + heavy[c:]), set(heavy[a:c])
+            folded.append((max(step(outer, middle), step(middle, outer)), traffic(outer, middle) + traffic(middle, outer)))
+    best = min(contiguous)
+    better = [f for f in folded if f[0] < best[0] and f[1] <= best[1]]
+    expected = min(better)[0] if better else best[0]
     broadcast = costs[heavy[-1]].bytes / link
-    assert part.window_step_s == pytest.approx(min(candidates) + broadcast, rel=1e-12)
+    assert part.window_step_s == pytest.approx(expected + broadcast, rel=1e-9)
+    assert part.window_comm_bytes_per_step - costs[heavy[-1]].bytes <= best[1]

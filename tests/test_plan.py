@@ -20,8 +20,8 @@ def test_plan_round_trips_through_json(plan, plan_path):
 def test_plan_describes_the_hybrid_schedule(plan):
     assert [(r.rank, r.branch) for r in plan.mesh.ranks] == [(0, "uncond"), (1, "cond")]
     assert [s.rank for s in plan.stages] == [0, 1]
-    assert "output" in plan.stages[-1].nodes
-    assert plan.cut_tensors and all(c.producer == 0 and c.consumers == [1] for c in plan.cut_tensors)
+    assert sum("output" in s.nodes for s in plan.stages) == 1
+    assert plan.cut_tensors and all(c.consumers == [1 - c.producer] for c in plan.cut_tensors)
     assert plan.estimates.window_step_s < plan.estimates.branch_step_s
     assert plan.estimates.speedup_bound > 1
 

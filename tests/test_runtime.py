@@ -66,7 +66,7 @@ class _CountingRunner(GraphRunner):
 
 
 def test_window_uses_one_step_stale_cut_tensors(plan_traced, unet_call, plan):
-    """Drive the denoiser by hand and rebuild every window step from its definition."""
+    """Drive the denoiser by hand and rebuild every step from the method's definition."""
     schedule = Schedule(steps=6, guidance_scale=5.0, L=1, g_slope=1e-9, tau_cap=1, k=3)  # tau1=1, window 2..4
     plan = plan.model_copy(update={"schedule": schedule})
     traced = plan_traced
@@ -79,33 +79,44 @@ def test_window_uses_one_step_stale_cut_tensors(plan_traced, unet_call, plan):
     kwargs = {**kwargs, "return_dict": False}
     gen = torch.Generator().manual_seed(0)
     samples = [torch.randn(args[0].shape, generator=gen) for _ in range(schedule.steps)]
-    stage0, stage1 = plan.stages
-    ref = GraphRunner(traced.graph)
-    cut_names = [c.node for c in plan.cut_tensors]
-    p0 = ref.program(stage0.recompute + stage0.nodes, keep=cut_names)
-    p1 = ref.program(stage1.recompute + stage1.nodes)
-
     outputs = []
     with torch.inference_mode():
         for x in samples:
             outputs.append(denoiser(x, args[1], *args[2:], **kwargs)[0])
+
+    # Reference: stage s runs on its rank's branch with the cut tensors every other stage
+    # produced one step earlier (on the first window step: from tau1's full forwards).
+    ref = GraphRunner(traced.graph)
+    full = ref.program([n.name for n in traced.graph.graph.nodes if n.op != "placeholder"], keep=[c.node for c in plan.cut_tensors])
+    programs = [ref.program(s.recompute + s.nodes, keep=[c.node for c in plan.cut_tensors if c.producer == s.index]) for s in plan.stages]
+    constants = {c.node: c.runtime_value for c in plan.cut_tensors if c.constant is not None}
+    owner = next(s.index for s in plan.stages if "output" in s.nodes)
+    with torch.inference_mode():
         branches = [branch_inputs(traced.adapter.inputs_from_call(x, args[1], *args[2:], **kwargs)) for x in samples]
+        stale = None
         for step in range(schedule.steps):
-            uncond, cond = branches[step]
+            by_branch = dict(zip(("uncond", "cond"), branches[step]))
             if step in (2, 3, 4):
-                stale = ref.run(p0, branches[step - 1][0])  # stage 0: previous step, uncond branch
-                mixed = ref.run(p1, {**cond, **{n: stale[n] for n in cut_names}})["output"]
+                produced, mixed = {}, None
+                for stage in plan.stages:
+                    received = {c.node: stale[c.producer][c.node] for c in plan.cut_tensors
+                                if c.constant is None and stage.index in c.consumers}
+                    values = ref.run(programs[stage.index], {**by_branch[plan.mesh.branch_of(stage.rank)], **constants, **received})
+                    produced[stage.index] = values
+                    mixed = values["output"] if stage.index == owner else mixed
+                stale = produced
                 expected = torch.cat([mixed, mixed])
             else:
-                expected = torch.cat([traced.graph(**uncond), traced.graph(**cond)])
+                runs = {b: ref.run(full, by_branch[b]) for b in ("uncond", "cond")}
+                stale = {s.index: runs[plan.mesh.branch_of(s.rank)] for s in plan.stages}
+                expected = torch.cat([runs["uncond"]["output"], runs["cond"]["output"]])
             assert torch.equal(outputs[step], expected), f"step {step}"
     assert denoiser.controller.tau1 == 1 and denoiser.controller.tau2 == 4
 
-    # No wasted forward: 2 full forwards per full step; in the window stage 1 every step and
-    # stage 0 only while its output is still consumed (not on the last window step).
-    full = len(ref.program([n.name for n in traced.graph.graph.nodes if n.op != "placeholder"]).nodes)
-    n0, n1 = len(p0.nodes), len(p1.nodes)
-    assert counting.runs == [full] * 4 + [n0, n1] * 2 + [n1] + [full] * 2
+    # No wasted forward: two full forwards per full step; in the window every stage each step,
+    # except on the last window step, where only the stage holding the output runs.
+    n_full, sizes = len(full.nodes), [len(p.nodes) for p in programs]
+    assert counting.runs == [n_full] * 4 + sizes * 2 + [sizes[owner]] + [n_full] * 2
 
 
 def test_saved_model_folder_compiles_to_the_same_plan(tmp_path, plan):

@@ -15,7 +15,7 @@ from hybridiff import device as devices
 from hybridiff.compiler import schedule as sched
 from hybridiff.compiler.cost import DeviceModel, NodeMeasure, device_of, forward_time, profile_nodes
 from hybridiff.compiler.refine import refinable, refine
-from hybridiff.compiler.partition import Partition, dependency_graph, replicated_needed, split_contiguous
+from hybridiff.compiler.partition import Partition, best_partition, dependency_graph, replicated_needed
 from hybridiff.compiler.adapters import UNetAdapter
 from hybridiff.compiler.trace import Leaf, capture_denoiser_call, graph_fingerprint, trace_module
 from hybridiff.errors import HybridiffError
@@ -222,7 +222,7 @@ def compile_graph(
 
     def costed_split(gm: fx.GraphModule) -> tuple[dict[str, NodeMeasure], Partition]:
         measures = profile_nodes(gm, branch_inputs, repeats, cost, device_model)
-        return measures, split_contiguous(gm, measures, gpus, link_bytes_per_s, latent)
+        return measures, best_partition(gm, measures, gpus, link_bytes_per_s, latent)
 
     graph, refined, measures, partition = balance(graph, costed_split)
     prediction_bytes = partition.output_bytes
@@ -383,18 +383,34 @@ def _first_tensor(value: Any) -> torch.Tensor:
 
 
 def chain_stages(gm: fx.GraphModule, plan: Plan, inputs: dict[str, Any]) -> Any:
-    """Run the plan's stages one after another in one process with fresh (not stale) values.
+    """Run the plan's stages in one process with fresh (not stale) values.
 
-    Equal to the model's forward when the partition is correct: every value a stage needs
-    is either recomputed by it, an input, or a cut tensor an earlier stage produced.
+    Stages run segment by segment in topological order (a folded stage has two segments).
+    Each stage sees only the inputs, its own values, the plan's constants and the cut tensors
+    other stages declared: equal to the model's forward exactly when the partition is correct.
     """
     runner = GraphRunner(gm)
-    env = dict(inputs)
-    env.update({c.node: c.runtime_value for c in plan.cut_tensors if c.constant is not None})
+    constants = {c.node: c.runtime_value for c in plan.cut_tensors if c.constant is not None}
+    envs = {s.index: {**inputs, **constants} for s in plan.stages}
+    consumers = {c.node: c.consumers for c in plan.cut_tensors if c.constant is None}
+    stage_of = {n: s.index for s in plan.stages for n in s.nodes}
+    order = [n.name for n in gm.graph.nodes if n.name in stage_of]
+    segments = [(stage_of[order[0]], [order[0]])]
+    for name in order[1:]:
+        if stage_of[name] == segments[-1][0]:
+            segments[-1][1].append(name)
+        else:
+            segments.append((stage_of[name], [name]))
+    recomputed: set[int] = set()
     out = None
-    for stage in plan.stages:
-        sends = [c.node for c in plan.cut_tensors if c.producer == stage.index]
-        values = runner.run(runner.program(stage.recompute + stage.nodes, keep=sends), env)
-        env.update({k: v for k, v in values.items() if k in sends})
+    for index, names in segments:
+        stage = plan.stages[index]
+        todo = names if index in recomputed else stage.recompute + names
+        recomputed.add(index)
+        values = runner.run(runner.program(todo, keep=todo), envs[index])
+        envs[index].update(values)
+        for name, value in values.items():
+            for consumer in consumers.get(name, ()):
+                envs[consumer][name] = value
         out = values.get("output", out)
     return out
