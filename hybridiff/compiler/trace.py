@@ -9,7 +9,9 @@ the runtime can refuse a plan compiled for another model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import inspect
 import logging
 import traceback
@@ -122,9 +124,10 @@ def trace_module(
         graph = drop_concrete_inputs(BlockTracer(leaf_set).trace(model, concrete_args=concrete or None))
         gm = fx.GraphModule(model, graph, class_name=f"Traced{type(model).__name__}")
     except Exception as fx_error:  # noqa: BLE001 - any tracing failure falls back to export
-        logging.disable(logging.CRITICAL)  # export logs each failed guard with its whole graph
+        logging.disable(logging.CRITICAL)  # export logs and prints each failed guard's whole graph
         try:
-            gm = torch.export.export(model, args, kwargs, strict=False).module()
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                gm = torch.export.export(model, args, kwargs, strict=False).module()
         except Exception:  # noqa: BLE001 - report the fx failure, which names the user's line
             first = str(fx_error).strip().splitlines()[0] if str(fx_error).strip() else type(fx_error).__name__
             raise HybridiffError(
