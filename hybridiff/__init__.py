@@ -18,7 +18,7 @@ def quiet_libraries() -> None:
 
 _API = {
     "compile": ("hybridiff.compiler.compile", "compile_module"),
-    "check_plan": ("hybridiff.compiler.compile", "check_plan"),
+    "check_plan": ("hybridiff.compiler.check", "check_plan"),
     "load_plan": ("hybridiff.plan", "load_plan"),
     "Plan": ("hybridiff.plan", "Plan"),
     "register_adapter": ("hybridiff.compiler.trace", "register_adapter"),

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 from torch import nn
 
 import hybridiff
@@ -66,6 +66,18 @@ def _sd3_case(**extra):
     return model, kwargs
 
 
+def _pixart_case():
+    """A DiT family without an adapter: PixArt goes through the generic torch.fx path."""
+    model = PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=6,
+        cross_attention_dim=16, sample_size=8, patch_size=2, caption_channels=12, norm_num_groups=1,
+        use_additional_conditions=False,
+    ).eval()
+    kwargs = dict(hidden_states=torch.randn(1, 4, 8, 8), encoder_hidden_states=torch.randn(1, 5, 12),
+                  timestep=torch.tensor([3]), added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    return model, kwargs
+
+
 class LongSkips(nn.Module):
     """A custom denoiser nobody here has seen: a U of plain blocks with long skips."""
 
@@ -99,6 +111,7 @@ CASES = {
     **{name: (lambda name=name: _unet_case(name)) for name in UNETS},
     "sd3": lambda: _sd3_case(),
     "sd35-style": lambda: _sd3_case(dual_attention_layers=(0, 1, 2), qk_norm="rms_norm"),
+    "pixart-generic": _pixart_case,
     "custom-long-skips": lambda: (LongSkips().eval(), (torch.randn(1, 4, 16, 16), torch.tensor([7.0]), torch.randn(1, 16))),
 }
 
@@ -184,3 +197,51 @@ def test_cli_refuses_unknown_arch_and_runtime_refuses_compile_only_plans(tmp_pat
     assert cli("compile", "--arch", "sd15", "--resolution", "512", "-o", str(arch_plan)).returncode == 0
     result = cli("run", str(arch_plan), "--prompt", "x", "--emulate")
     assert result.returncode == 2 and "compile-only" in result.stderr
+
+
+class ShapeBranching(nn.Module):
+    """Branches on a shape: torch.fx cannot trace it, torch.export can."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.shape[-1] > 4:
+            x = self.a(x).relu()
+        return self.b(x)
+
+
+def test_shape_dependent_control_flow_falls_back_to_torch_export():
+    model, inputs = ShapeBranching().eval(), (torch.randn(2, 8),)
+    plan = hybridiff.compile(model, example_inputs=inputs, gpus=2, repeats=1)
+    assert hybridiff.check_plan(plan, model, inputs) <= 1e-6
+
+
+def test_registered_adapter_is_used_for_its_class():
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = LongSkips()
+
+        def forward(self, payload):  # a dict argument torch.fx would not trace
+            return self.inner(payload["x"], payload["t"], payload["cond"])
+
+    class WrappedAdapter:
+        latent = "x"
+
+        def __init__(self, model):
+            self.model = model
+
+        def trace(self):
+            return torch.fx.GraphModule(self.model.inner, torch.fx.Tracer().trace(self.model.inner))
+
+        def inputs_from_call(self, payload):
+            return dict(payload)
+
+    hybridiff.register_adapter(Wrapped, WrappedAdapter)
+    model = Wrapped().eval()
+    payload = {"x": torch.randn(1, 4, 16, 16), "t": torch.tensor([2.0]), "cond": torch.randn(1, 16)}
+    plan = hybridiff.compile(model, example_inputs=(payload,), gpus=2, repeats=1)
+    assert plan.graph.latent == "x"
+    assert hybridiff.check_plan(plan, model, (payload,)) <= 1e-5

@@ -2,7 +2,7 @@ import networkx as nx
 import pytest
 import torch
 
-from hybridiff.compiler.compile import chain_stages
+from hybridiff.compiler.check import chain_stages
 from hybridiff.compiler.cost import NodeMeasure
 from hybridiff.compiler.partition import best_partition, classify, dependency_graph
 from hybridiff.compiler.trace import LATENT_INPUT

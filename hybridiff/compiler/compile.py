@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
-import torch.utils._pytree as pytree
 from diffusers import UNet2DConditionModel
 from torch import fx, nn
 
@@ -14,12 +13,12 @@ import hybridiff
 from hybridiff import device as devices
 from hybridiff.compiler import schedule as sched
 from hybridiff.compiler.cost import DeviceModel, NodeMeasure, device_of, forward_time, profile_nodes
-from hybridiff.compiler.refine import refinable, refine
-from hybridiff.compiler.partition import Partition, best_partition, dependency_graph, replicated_needed
 from hybridiff.compiler.adapters import UNetAdapter
+from hybridiff.compiler.balance import balance
+from hybridiff.compiler.partition import Partition, best_partition, dependency_graph, replicated_needed
+from hybridiff.compiler.refine import apply_refinements
 from hybridiff.compiler.trace import Leaf, capture_denoiser_call, graph_fingerprint, trace_module
 from hybridiff.errors import HybridiffError
-from hybridiff.execution import GraphRunner
 from hybridiff.models import load_pipeline, resolve_source
 from hybridiff.models.arch import build_on_meta
 from hybridiff.plan import CutTensor, Estimates, GraphInfo, Mesh, ModelRef, Plan, RankRole, Schedule, Stage
@@ -278,65 +277,6 @@ def compile_graph(
     )
 
 
-#: Refining stops once the slowest stage is within this factor of the mean stage.
-BALANCE_TARGET = 1.05
-MAX_REFINE_ROUNDS = 6
-
-
-def imbalance(partition: Partition) -> float:
-    """Slowest stage compute over mean stage compute (1.0 is perfect balance)."""
-    costs = partition.stage_costs
-    return max(costs) / (sum(costs) / len(costs))
-
-
-def balance(
-    graph: fx.GraphModule, costed_split: Callable[[fx.GraphModule], tuple[dict[str, NodeMeasure], Partition]]
-) -> tuple[fx.GraphModule, list[str], dict[str, NodeMeasure], Partition]:
-    """Partition, opening big blocks while the stages are unbalanced.
-
-    A block is opened when it costs more than a quarter of an ideal stage: then a cut can
-    always be found within an eighth of a stage of the ideal place. Each round opens all such
-    blocks (those torch.fx can trace) and re-costs the graph. The partition with the shortest
-    window step wins.
-    """
-    refined: list[str] = []
-    closed: set[str] = set()  # blocks whose forward does not trace
-    measures, partition = costed_split(graph)
-    best = (partition.window_step_s, graph, list(refined), measures, partition)
-    for _ in range(MAX_REFINE_ROUNDS):
-        if imbalance(partition) <= BALANCE_TARGET:
-            break
-        ideal = sum(partition.stage_costs) / len(partition.stage_costs)
-        heavy = {name for stage in partition.stages for name in stage}
-        openable = set(refinable(graph)) - closed
-        targets = [
-            node.target
-            for node in graph.graph.nodes
-            if node.name in heavy and node.target in openable and measures[node.name].cost_s > ideal / 4
-        ]
-        opened = []
-        for target in targets:
-            try:
-                graph = refine(graph, target)
-                opened.append(target)
-            except Exception:  # noqa: BLE001 - an untraceable block simply stays whole
-                closed.add(target)
-        if not opened:
-            break
-        refined += opened
-        measures, partition = costed_split(graph)
-        if partition.window_step_s < best[0]:
-            best = (partition.window_step_s, graph, list(refined), measures, partition)
-    return best[1:]
-
-
-def apply_refinements(graph: fx.GraphModule, refined: Iterable[str]) -> fx.GraphModule:
-    """Re-open the blocks a plan lists, reproducing the compiler's graph."""
-    for target in refined:
-        graph = refine(graph, target)
-    return graph
-
-
 def _check_gpus(gpus: int) -> None:
     if gpus < 2 or gpus % 2:
         raise HybridiffError(
@@ -353,64 +293,3 @@ def _stages(gm: fx.GraphModule, partition: Partition) -> list[Stage]:
         recompute = sorted(replicated_needed(g, rep, set(nodes)), key=order.__getitem__)
         stages.append(Stage(index=index, rank=index, nodes=list(nodes), recompute=recompute, cost_s=cost, send_bytes=sent))
     return stages
-
-
-def check_plan(
-    plan: Plan, model: nn.Module, example_inputs: tuple | dict[str, Any], leaves: Iterable[Leaf] | None = None
-) -> float:
-    """Chain the plan's stages in one process and return the max abs difference to ``model``.
-
-    Raises if the model's graph is not the one the plan was compiled from.
-    """
-    traced = trace_module(model, example_inputs, leaves)
-    graph = apply_refinements(traced.graph, plan.graph.refined)
-    fingerprint = graph_fingerprint(graph)
-    if fingerprint != plan.graph.fingerprint:
-        raise HybridiffError(
-            f"plan fingerprint {plan.graph.fingerprint} does not match the model's graph ({fingerprint}); recompile"
-        )
-    args, kwargs = ((), example_inputs) if isinstance(example_inputs, dict) else (tuple(example_inputs), {})
-    with torch.inference_mode():
-        expected = _first_tensor(model(*args, **kwargs))
-        got = _first_tensor(chain_stages(graph, plan, traced.inputs))
-    return float((got.float() - expected.float()).abs().max())
-
-
-def _first_tensor(value: Any) -> torch.Tensor:
-    if hasattr(value, "to_tuple"):  # diffusers/transformers output dataclasses
-        value = value.to_tuple()
-    return next(v for v in pytree.tree_leaves(value) if isinstance(v, torch.Tensor))
-
-
-def chain_stages(gm: fx.GraphModule, plan: Plan, inputs: dict[str, Any]) -> Any:
-    """Run the plan's stages in one process with fresh (not stale) values.
-
-    Stages run segment by segment in topological order (a folded stage has two segments).
-    Each stage sees only the inputs, its own values, the plan's constants and the cut tensors
-    other stages declared: equal to the model's forward exactly when the partition is correct.
-    """
-    runner = GraphRunner(gm)
-    constants = {c.node: c.runtime_value for c in plan.cut_tensors if c.constant is not None}
-    envs = {s.index: {**inputs, **constants} for s in plan.stages}
-    consumers = {c.node: c.consumers for c in plan.cut_tensors if c.constant is None}
-    stage_of = {n: s.index for s in plan.stages for n in s.nodes}
-    order = [n.name for n in gm.graph.nodes if n.name in stage_of]
-    segments = [(stage_of[order[0]], [order[0]])]
-    for name in order[1:]:
-        if stage_of[name] == segments[-1][0]:
-            segments[-1][1].append(name)
-        else:
-            segments.append((stage_of[name], [name]))
-    recomputed: set[int] = set()
-    out = None
-    for index, names in segments:
-        stage = plan.stages[index]
-        todo = names if index in recomputed else stage.recompute + names
-        recomputed.add(index)
-        values = runner.run(runner.program(todo, keep=todo), envs[index])
-        envs[index].update(values)
-        for name, value in values.items():
-            for consumer in consumers.get(name, ()):
-                envs[consumer][name] = value
-        out = values.get("output", out)
-    return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from typing import Any
+from typing import Any, Iterable
 
 import torch.utils._pytree as pytree
 from torch import fx, nn
@@ -90,3 +90,10 @@ def _replace_uses(node: fx.Node, value: Any) -> None:
         else:
             user.args = pytree.tree_map(lambda a: value if a is node else a, user.args)
             user.kwargs = pytree.tree_map(lambda a: value if a is node else a, user.kwargs)
+
+
+def apply_refinements(graph: fx.GraphModule, refined: Iterable[str]) -> fx.GraphModule:
+    """Re-open the blocks a plan lists, reproducing the compiler's graph."""
+    for target in refined:
+        graph = refine(graph, target)
+    return graph

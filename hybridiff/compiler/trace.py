@@ -143,18 +143,41 @@ def trace_module(
 
 
 def drop_concrete_inputs(graph: fx.Graph) -> fx.Graph:
-    """Remove the guards and placeholders torch.fx leaves for ``concrete_args``.
+    """Remove the placeholders torch.fx adds for ``concrete_args`` and the guards on them.
 
-    The graph then takes only the inputs it uses, so callers feed it by name without having
-    to know which optional arguments were settled while tracing.
+    The values were settled while tracing, so the graph takes only the inputs it uses and
+    callers feed it by name without knowing which optional arguments were specialised.
     """
-    for node in list(graph.nodes):
-        if node.op == "call_function" and getattr(node.target, "__name__", "") == "_assert_is_none":
-            graph.erase_node(node)
+    concrete = {n for n in graph.nodes if n.op == "placeholder" and n.args}  # placeholders with a default
+    guards = {"_assert", "_assert_is_none", "eq"}
+    changed = True
+    while changed:  # guards form short chains: eq(flag, True) -> _assert(eq, ...)
+        changed = False
+        for node in list(graph.nodes):
+            if (
+                node.op == "call_function"
+                and getattr(node.target, "__name__", "") in guards
+                and not node.users
+                and all(p in concrete or p.op == "call_function" for p in node.all_input_nodes)
+                and any(p in concrete for p in _ancestors(node))
+            ):
+                graph.erase_node(node)
+                changed = True
     for node in list(graph.nodes):
         if node.op == "placeholder" and not node.users:
             graph.erase_node(node)
     return graph
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    todo = list(node.all_input_nodes)
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return seen
 
 
 def graph_fingerprint(gm: fx.GraphModule) -> str:
@@ -204,7 +227,7 @@ def capture_denoiser_call(pipe: Any, height: int, width: int, guidance_scale: fl
             generator=torch.Generator().manual_seed(0),
         )
     except _Captured:
-        pass
+        pass  # the denoiser call was seen; the rest of the pipeline is not needed
     finally:
         handle.remove()
     return seen["call"]
