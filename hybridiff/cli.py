@@ -23,6 +23,7 @@ def compile_command(
     resolution: int = typer.Option(1024, help="with --arch: image size in pixels"),
     device_tflops: float = typer.Option(150.0, help="with --arch: effective device TFLOP/s (default ~A100 fp16)"),
     device_mem_gbps: float = typer.Option(1500.0, help="with --arch: device memory bandwidth, GB/s"),
+    profile: bool = typer.Option(False, "--profile", help="with --arch: random weights on this device, time every node"),
     gpus: int = typer.Option(2, help="number of devices"),
     out: Path = typer.Option(Path("plan.json"), "-o", "--out", help="where to write the plan"),
     steps: int = typer.Option(50, min=1, help="denoising steps"),
@@ -55,11 +56,23 @@ def compile_command(
             err = e.errors()[0]
             raise HybridiffError(f"bad schedule option {err['loc'][0]}: {err['msg']}") from None
         if arch is not None:
-            from hybridiff.compiler.cost import DeviceModel
+            import torch
+
             from hybridiff.compiler.compile import compile_arch
+            from hybridiff.compiler.cost import DeviceModel
 
             device = DeviceModel(f"{device_tflops:g} TFLOP/s, {device_mem_gbps:g} GB/s (roofline)", device_tflops, device_mem_gbps)
-            plan = compile_arch(arch, resolution, gpus, schedule, link_gbps=link_gbps, device_model=device)
+            plan = compile_arch(
+                arch,
+                resolution,
+                gpus,
+                schedule,
+                link_gbps=link_gbps,
+                dtype="float16" if torch.cuda.is_available() or not profile else "float32",
+                device_model=device,
+                profile=profile,
+                repeats=repeats,
+            )
         else:
             plan = compile_model(
                 model, gpus, schedule, height, width, link_gbps=link_gbps, repeats=repeats, threads=threads, cost=cost

@@ -20,7 +20,7 @@ from hybridiff.compiler.refine import apply_refinements
 from hybridiff.compiler.trace import Leaf, capture_denoiser_call, graph_fingerprint, trace_module
 from hybridiff.errors import HybridiffError
 from hybridiff.models import load_pipeline, resolve_source
-from hybridiff.models.arch import build_on_meta
+from hybridiff.models.arch import build_on_device
 from hybridiff.plan import CutTensor, Estimates, GraphInfo, Mesh, ModelRef, Plan, RankRole, Schedule, Stage
 
 #: Default link bandwidth: PCIe 3.0 x16 moves ~15.75 GB/s raw, ~100 Gbit/s in practice.
@@ -136,25 +136,33 @@ def compile_arch(
     link_gbps: float = DEFAULT_LINK_GBPS,
     dtype: str = "float16",
     device_model: DeviceModel | None = None,
+    profile: bool = False,
+    repeats: int = 10,
 ) -> Plan:
-    """Compile a published architecture at ``resolution`` pixels without weights.
+    """Compile a published architecture at ``resolution`` pixels.
 
-    The model is built on the meta device and costed by the roofline model: no memory is
-    allocated for weights or activations, so real-size plans compile on any machine.
+    By default the model is built on the meta device and costed by the roofline model: no
+    memory is allocated for weights or activations, so real-size plans compile on any machine.
+    With ``profile`` the model gets random weights on this process's device and every node is
+    timed there (median of ``repeats``): the plan then reflects the real device.
     """
     _check_gpus(gpus)
     if resolution % 64:
         raise HybridiffError(f"--resolution {resolution} must be a multiple of 64 (latent multiple of 8)")
-    model = build_on_meta(arch).to(getattr(torch, dtype))
+    device = devices.worker_device(0) if profile else torch.device("meta")
+    model = build_on_device(arch, device, getattr(torch, dtype))
     latent = resolution // 8
     config = model.config
     device_model = device_model or DeviceModel()
 
     def call(batch: int) -> dict[str, Any]:
         """Keyword arguments of one denoiser call, as the model's pipeline makes it."""
+        gen = torch.Generator().manual_seed(batch)
 
         def meta(*shape: int, dt: torch.dtype = model.dtype) -> torch.Tensor:
-            return torch.empty(batch, *shape, device="meta", dtype=dt)
+            if device.type == "meta":
+                return torch.empty(batch, *shape, device=device, dtype=dt)
+            return torch.randn(batch, *shape, generator=gen).to(device, dt)
 
         if isinstance(model, UNet2DConditionModel):
             kwargs: dict[str, Any] = {
@@ -174,7 +182,10 @@ def compile_arch(
         }
 
     traced, both = trace_module(model, call(1)), trace_module(model, call(2)).inputs
-    serial = sum(m.cost_s for m in profile_nodes(traced.graph, both, 1, "roofline", device_model).values())
+    if profile:
+        serial = forward_time(traced.graph, both, repeats)
+    else:
+        serial = sum(m.cost_s for m in profile_nodes(traced.graph, both, 1, "roofline", device_model).values())
     return compile_graph(
         traced.graph,
         latent=traced.latent,
@@ -190,9 +201,9 @@ def compile_arch(
         gpus=gpus,
         schedule=schedule,
         link_gbps=link_gbps,
-        repeats=1,
-        cost="roofline",
-        device=device_model.name,
+        repeats=repeats if profile else 1,
+        cost="time" if profile else "roofline",
+        device=devices.describe(device) if profile else device_model.name,
         device_model=device_model,
     )
 

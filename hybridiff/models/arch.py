@@ -41,10 +41,13 @@ def arch_config(name: str) -> dict[str, Any]:
     return json.loads((CONFIG_DIR / ARCHS[name]).read_text(encoding="utf-8"))
 
 
-def build_on_meta(name: str) -> torch.nn.Module:
-    """Architecture ``name`` instantiated on the meta device, in eval mode, with no weights allocated."""
+def build_on_device(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Architecture ``name`` in eval mode on ``device``: no weights on the meta device,
+    seeded random weights elsewhere (for timing, not for images)."""
     config = arch_config(name)
     model_class = _CLASSES[config["_class_name"]]
-    with torch.device("meta"):
-        model = model_class.from_config(config)
-    return model.eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = model_class.from_config(config)
+    return model.to(dtype=dtype).eval()
