@@ -1,0 +1,42 @@
+"""Two 'nodes' on loopback, each started with the documented torchrun command."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from hybridiff.runtime.session import RunOptions, execute
+
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_with_torchrun_equal_the_emulation(plan_path, tmp_path):
+    port = str(_free_port())
+    out = tmp_path / "nodes"
+    env = {**os.environ, "HYBRIDIFF_TIMEOUT_S": "120"}
+    nodes = [
+        subprocess.Popen(
+            [TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank),
+             "--master-addr", "127.0.0.1", "--master-port", port,
+             "-m", "hybridiff.runtime.worker", str(plan_path), "--prompt", "a red cube", "--seed", "0",
+             "--threads", "1", "-o", str(out)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        )
+        for rank in (0, 1)
+    ]
+    logs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs
+    emulated = execute(RunOptions(plan=plan_path, prompt="a red cube", out=tmp_path / "emu", mode="emulate", seed=0, threads=1))
+    pixels = [np.asarray(Image.open(folder / "image-0.png")) for folder in (out, tmp_path / "emu")]
+    assert np.array_equal(*pixels)
+    assert "pipeline" in emulated["phases"]
