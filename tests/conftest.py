@@ -56,6 +56,13 @@ def plan_traced(traced: TracedModel, plan: Plan) -> TracedModel:
 
 
 @pytest.fixture(scope="session")
+def plans_by_devices(plan: Plan) -> dict[int, Plan]:
+    """Test plans for 2, 4 and 8 devices (4 and 8: 2 branch groups of 2 and 4 ranks)."""
+    more = {n: compile_model(MODEL, gpus=n, schedule=TEST_SCHEDULE, repeats=1, threads=1, cost="flops") for n in (4, 8)}
+    return {2: plan, **more}
+
+
+@pytest.fixture(scope="session")
 def plan_path(plan: Plan, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("plan") / "plan.json"
     plan.save(path)

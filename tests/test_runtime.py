@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from hybridiff.compiler.compile import branch_inputs, compile_model
+from hybridiff.compiler.compile import branch_inputs, compile_model, trace_pipeline
 from hybridiff.execution import GraphRunner
-from hybridiff.plan import Schedule
+from hybridiff.plan import Schedule, load_plan
 from hybridiff.runtime.denoiser import HybridDenoiser
 from hybridiff.runtime.session import RunOptions, execute
 from hybridiff.runtime.transport import LocalTransport
@@ -40,8 +40,25 @@ def test_two_workers_produce_exactly_the_emulated_image(plan_path, tmp_path):
     for key in ("tau1", "tau2", "phases", "discrepancy", "comm_bytes", "steps", "plan_fingerprint"):
         assert hybrid[key] == emulated[key], key
     assert hybrid["mode"] == "hybrid" and hybrid["world_size"] == 2
+    plan = load_plan(plan_path)
+    if hybrid["tau1"] == plan.estimates.expected_tau1:
+        assert hybrid["comm_bytes"] == plan.estimates.comm_bytes_per_image
     assert hybrid["latency_s"] > 0
     assert hybrid["phases"].count("pipeline") == 3  # k
+
+
+@pytest.mark.parametrize("devices", [4, 8])
+def test_more_workers_produce_exactly_the_emulated_image(plans_by_devices, devices, tmp_path):
+    """Correctness only: 4 and 8 workers oversubscribe this machine's cores."""
+    plans_by_devices[devices].save(tmp_path / "plan.json")
+    hybrid = _hybrid(tmp_path / "plan.json", tmp_path / "hybrid")
+    emulated = _in_process(tmp_path / "plan.json", tmp_path / "emulate", "emulate")
+    assert np.array_equal(_pixels(tmp_path / "hybrid"), _pixels(tmp_path / "emulate"))
+    assert hybrid["world_size"] == devices and "pipeline" in hybrid["phases"]
+    for key in ("tau1", "tau2", "phases", "discrepancy", "comm_bytes"):
+        assert hybrid[key] == emulated[key], key
+    if hybrid["tau1"] == plans_by_devices[devices].estimates.expected_tau1:
+        assert hybrid["comm_bytes"] == plans_by_devices[devices].estimates.comm_bytes_per_image
 
 
 def test_plan_without_window_matches_the_stock_pipeline(plan, tmp_path):
@@ -65,12 +82,13 @@ class _CountingRunner(GraphRunner):
         return super().run(program, env)
 
 
-def test_window_uses_one_step_stale_cut_tensors(plan_traced, unet_call, plan):
+@pytest.mark.parametrize("devices", [2, 4, 8])
+def test_window_uses_one_step_stale_cut_tensors(traced, unet_call, plans_by_devices, devices):
     """Drive the denoiser by hand and rebuild every step from the method's definition."""
     schedule = Schedule(steps=6, guidance_scale=5.0, L=1, g_slope=1e-9, tau_cap=1, k=3)  # tau1=1, window 2..4
-    plan = plan.model_copy(update={"schedule": schedule})
-    traced = plan_traced
-    denoiser = HybridDenoiser(traced, plan, LocalTransport(2))
+    plan = plans_by_devices[devices].model_copy(update={"schedule": schedule})
+    traced = trace_pipeline(traced.pipe, plan.graph.refined)
+    denoiser = HybridDenoiser(traced, plan, LocalTransport(devices))
     counting = _CountingRunner(traced.graph)
     denoiser.runner = counting
     denoiser.begin_image(schedule.steps)
@@ -85,7 +103,8 @@ def test_window_uses_one_step_stale_cut_tensors(plan_traced, unet_call, plan):
             outputs.append(denoiser(x, args[1], *args[2:], **kwargs)[0])
 
     # Reference: stage s runs on its rank's branch with the cut tensors every other stage
-    # produced one step earlier (on the first window step: from tau1's full forwards).
+    # produced one step earlier (on the first window step: from tau1's full forward of the
+    # producing stage's branch).
     ref = GraphRunner(traced.graph)
     full = ref.program([n.name for n in traced.graph.graph.nodes if n.op != "placeholder"], keep=[c.node for c in plan.cut_tensors])
     programs = [ref.program(s.recompute + s.nodes, keep=[c.node for c in plan.cut_tensors if c.producer == s.index]) for s in plan.stages]
@@ -113,8 +132,9 @@ def test_window_uses_one_step_stale_cut_tensors(plan_traced, unet_call, plan):
             assert torch.equal(outputs[step], expected), f"step {step}"
     assert denoiser.controller.tau1 == 1 and denoiser.controller.tau2 == 4
 
-    # No wasted forward: two full forwards per full step; in the window every stage each step,
-    # except on the last window step, where only the stage holding the output runs.
+    # No wasted forward: two full forwards per full step (one per branch, whatever the device
+    # count); in the window every stage each step, except on the last window step, where only
+    # the stage holding the output runs.
     n_full, sizes = len(full.nodes), [len(p.nodes) for p in programs]
     assert counting.runs == [n_full] * 4 + sizes * 2 + [sizes[owner]] + [n_full] * 2
 

@@ -29,9 +29,9 @@ def hybrid_latency(schedule: Schedule, branch_step_s: float, window_step_s: floa
 def comm_bytes_per_image(
     schedule: Schedule, world_size: int, prediction_bytes: int, cut_bytes: int, output_bytes: int
 ) -> int:
-    """Bytes all ranks send for one image: prediction all-gathers on full steps, then one cut
-    hand-off per window step (the first from tau1's full forward) and the window's output
-    broadcasts."""
+    """Bytes all ranks send for one image: on full steps each branch leader broadcasts its
+    prediction to every other rank; then one cut hand-off per window step (the first from
+    tau1's full forward) and the window's output broadcasts."""
     k = window_steps(schedule, expected_tau1(schedule))
-    full = (schedule.steps - k) * world_size * (world_size - 1) * prediction_bytes
+    full = (schedule.steps - k) * 2 * (world_size - 1) * prediction_bytes
     return full + k * cut_bytes + k * output_bytes * (world_size - 1)

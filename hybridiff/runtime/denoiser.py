@@ -4,10 +4,10 @@
 doing text encoding, CFG batching, guidance, the scheduler step, callbacks and decoding, and
 every call to "the UNet" runs one step of the plan's schedule instead:
 
-- cond-partition step: each rank runs the whole graph for its guidance branch at batch 1; the
-  predictions are all-gathered, so every rank returns the same ``[eps_u; eps_c]`` batch and the
-  pipeline's guidance and scheduler step stay identical everywhere. The rule for entering the
-  window is evaluated here from the two predictions.
+- cond-partition step: the leader of each branch group runs the whole graph for its branch
+  at batch 1 and broadcasts the prediction, so every rank returns the same ``[eps_u; eps_c]``
+  batch and the pipeline's guidance and scheduler step stay identical everywhere. The rule for
+  entering the window is evaluated here from the two predictions.
 - pipeline step: each rank runs only its stage, with its branch's conditioning, on the fresh
   latent and on the cut tensors its producers sent one step earlier; the last stage's output
   is broadcast and returned as both halves (guidance is off inside the window, as in the paper).
@@ -29,7 +29,7 @@ from torch import nn
 from hybridiff.compiler.compile import TracedModel, branch_inputs
 from hybridiff.errors import HybridiffError
 from hybridiff.execution import GraphRunner
-from hybridiff.plan import Plan
+from hybridiff.plan import CutTensor, Plan
 from hybridiff.runtime.phases import Phase, PhaseController, discrepancy
 from hybridiff.runtime.transport import Transport
 
@@ -93,30 +93,32 @@ class HybridDenoiser(_UNetProxy):
         self.plan = plan
         self.transport = transport
         self.runner = GraphRunner(traced.graph)
-        cuts = plan.cut_tensors
+        mesh, cuts = plan.mesh, plan.cut_tensors
         compute = [n.name for n in traced.graph.graph.nodes if n.op != "placeholder"]
         self._full = self.runner.program(compute, keep=[c.node for c in cuts])
         self._stage_programs = {
             s.index: self.runner.program(s.recompute + s.nodes, keep=[c.node for c in cuts if c.producer == s.index])
             for s in plan.stages
         }
-        #: (producer stage, consumer stage) -> cut node names, in plan order (the wire order).
-        self._links: dict[tuple[int, int], list[str]] = {}
+        #: The lowest rank of each branch group runs that branch's full forwards; the rest of
+        #: the group waits outside the window (one image: nothing to share).
+        self._leader = {b: min(r.rank for r in mesh.ranks if r.branch == b) for b in ("uncond", "cond")}
+        #: (producer stage, consumer stage) -> cut tensors, in plan order (the wire order).
+        self._links: dict[tuple[int, int], list[CutTensor]] = {}
         #: Shape arithmetic crossing cuts: static, taken from the plan instead of the wire.
         self._constants = {c.node: c.runtime_value for c in cuts if c.constant is not None}
         for c in cuts:
-            if c.constant is not None:
-                continue
-            for consumer in c.consumers:
-                self._links.setdefault((c.producer, consumer), []).append(c.node)
+            if c.constant is None:
+                for consumer in c.consumers:
+                    self._links.setdefault((c.producer, consumer), []).append(c)
         self._output_stage = next(s for s in plan.stages if "output" in s.nodes)
 
     def begin_image(self, num_steps: int) -> None:
         self.controller = PhaseController(self.plan.schedule, num_steps)
         self.loop_start = None
         self._step = 0
-        #: Per hosted rank: values kept from its last full forward (send sources on tau1,
-        #: and receive-buffer shapes for the window), and its last prediction.
+        #: Per hosted group leader: the values kept from its last full forward, which feed the
+        #: window's first step.
         self._last_full: dict[int, dict[str, torch.Tensor]] = {}
 
     @property
@@ -133,6 +135,7 @@ class HybridDenoiser(_UNetProxy):
             )
         self._start_clock(self.transport.barrier)
         branches = dict(zip(("uncond", "cond"), branch_inputs(inputs)))
+        self._like = branches["cond"]["sample"]  # the prediction's shape, device and dtype
         step = self._step
         self._step += 1
         if self.controller.phase(step) is Phase.PIPELINE:
@@ -144,23 +147,38 @@ class HybridDenoiser(_UNetProxy):
 
     def _full_step(self, step: int, branches: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         mesh = self.plan.mesh
-        mine = {}
         for rank in self.transport.hosted:
-            values = self.runner.run(self._full, branches[mesh.branch_of(rank)])
-            self._last_full[rank] = values
-            mine[rank] = values["output"]
-        gathered = self.transport.all_gather(mine)
-        eps_u, eps_c = gathered[mesh.rank_of("uncond")], gathered[mesh.rank_of("cond")]
+            if rank == self._leader[mesh.branch_of(rank)]:
+                self._last_full[rank] = self.runner.run(self._full, branches[mesh.branch_of(rank)])
+        eps_u, eps_c = (
+            self.transport.broadcast(self._leader_output(b), self._leader[b], self._like) for b in ("uncond", "cond")
+        )
         self.controller.observe(eps_u, eps_c)
         if self.controller.window_follows(step):
-            for rank in self.transport.hosted:
-                self._post_cuts(rank, self._last_full[rank])
-                self._expect_cuts(rank)
+            self._hand_off()
         return eps_u, eps_c
+
+    def _leader_output(self, branch: str) -> torch.Tensor | None:
+        values = self._last_full.get(self._leader[branch])
+        return None if values is None else values["output"]
+
+    def _hand_off(self) -> None:
+        """After tau1's full step: each leader sends, for every stage its branch group owns, the
+        cut tensors that stage will have produced, from the full forward it just ran."""
+        mesh, stages = self.plan.mesh, self.plan.stages
+        for rank in self.transport.hosted:
+            if rank in self._last_full:
+                for (producer, consumer), cuts in self._links.items():
+                    if self._leader[mesh.branch_of(stages[producer].rank)] == rank:
+                        values = self._last_full[rank]
+                        self.transport.post(rank, stages[consumer].rank, [values[c.node] for c in cuts])
+        for rank in self.transport.hosted:
+            self._expect_cuts(rank, first=True)
 
     def _window_step(self, step: int, branches: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
         plan, mesh = self.plan, self.plan.mesh
         last = self.controller.is_last_window_step(step)
+        first = self.controller.tau1 == step - 1
         prediction = None
         for rank in self.transport.hosted:
             stage = plan.stage_of_rank(rank)
@@ -168,34 +186,39 @@ class HybridDenoiser(_UNetProxy):
             if last and not owns_output:
                 continue  # nothing it would produce is consumed any more
             env = {**branches[mesh.branch_of(rank)], **self._constants}
-            for src, names, templates in self._incoming(rank):
-                env.update(zip(names, self.transport.take(src, rank, templates)))
+            for src, cuts in self._incoming(rank, first):
+                env.update(zip((c.node for c in cuts), self.transport.take(src, rank, self._templates(cuts))))
             if not last:
-                self._expect_cuts(rank)
+                self._expect_cuts(rank, first=False)
             values = self.runner.run(self._stage_programs[stage.index], env)
             if not last:
                 self._post_cuts(rank, values)
             if owns_output:
                 prediction = values["output"]
-        template = self._last_full[self.transport.hosted[0]]["output"]
-        return self.transport.broadcast(prediction, self._output_stage.rank, template)
+        return self.transport.broadcast(prediction, self._output_stage.rank, self._like)
 
-    def _incoming(self, rank: int) -> list[tuple[int, list[str], list[torch.Tensor]]]:
-        """(source rank, cut names, receive templates) for each link into ``rank``'s stage."""
-        stage = self.plan.stage_of_rank(rank)
-        return [
-            (self.plan.stages[producer].rank, names, [self._last_full[rank][n] for n in names])
-            for (producer, consumer), names in self._links.items()
-            if consumer == stage.index
-        ]
+    def _incoming(self, rank: int, first: bool) -> list[tuple[int, list[CutTensor]]]:
+        """(source rank, cut tensors) for each link into ``rank``'s stage. On the window's first
+        step the source is the leader whose full forward stood in for the producing stage."""
+        stages, mesh = self.plan.stages, self.plan.mesh
+        incoming = []
+        for (producer, consumer), cuts in self._links.items():
+            if stages[consumer].rank == rank:
+                owner = stages[producer].rank
+                incoming.append((self._leader[mesh.branch_of(owner)] if first else owner, cuts))
+        return incoming
 
-    def _expect_cuts(self, rank: int) -> None:
+    def _templates(self, cuts: list[CutTensor]) -> list[torch.Tensor]:
+        """Receive buffers shaped as the plan records (batch 1 per branch)."""
+        return [torch.empty(c.shape, dtype=getattr(torch, c.dtype), device=self._like.device) for c in cuts]
+
+    def _expect_cuts(self, rank: int, first: bool) -> None:
         """Pre-post the receives of the next window step's cut tensors."""
-        for src, _, templates in self._incoming(rank):
-            self.transport.expect(src, rank, templates)
+        for src, cuts in self._incoming(rank, first):
+            self.transport.expect(src, rank, self._templates(cuts))
 
     def _post_cuts(self, rank: int, values: dict[str, torch.Tensor]) -> None:
         stage = self.plan.stage_of_rank(rank)
-        for (producer, consumer), names in self._links.items():
+        for (producer, consumer), cuts in self._links.items():
             if producer == stage.index:
-                self.transport.post(rank, self.plan.stages[consumer].rank, [values[n] for n in names])
+                self.transport.post(rank, self.plan.stages[consumer].rank, [values[c.node] for c in cuts])

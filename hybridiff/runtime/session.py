@@ -71,10 +71,10 @@ def execute(opts: RunOptions) -> dict[str, Any] | None:
     """Run the plan; returns the report on the rank that writes outputs, else None."""
     plan = load_plan(opts.plan)
     compile_only = plan.model.source.startswith(("arch:", "python:"))
-    if compile_only or plan.model.denoiser != "unet" or plan.mesh.world_size != 2:
+    if compile_only or plan.model.denoiser != "unet":
         raise HybridiffError(
-            f"{opts.plan} is a {plan.mesh.world_size}-device plan for {plan.model.source}, which is compile-only "
-            "here: this runtime executes 2-device plans of UNet pipelines (builtin:NAME or a pipeline folder)"
+            f"{opts.plan} is a plan for {plan.model.source}, which is compile-only here: this runtime "
+            "executes plans of UNet pipelines (builtin:NAME or a pipeline folder)"
         )
     rank, local_rank = _init_distributed(plan) if opts.mode == "hybrid" else (0, 0)
     local_workers = int(os.environ.get("LOCAL_WORLD_SIZE", plan.mesh.world_size))

@@ -28,10 +28,6 @@ class Transport(ABC):
         self.bytes_sent = 0
 
     @abstractmethod
-    def all_gather(self, mine: dict[int, torch.Tensor]) -> list[torch.Tensor]:
-        """Every rank's tensor, indexed by rank, given the hosted ranks' tensors."""
-
-    @abstractmethod
     def post(self, src: int, dst: int, tensors: list[torch.Tensor]) -> None:
         """Send ``tensors`` from hosted rank ``src`` to ``dst`` (received by a later ``take``)."""
 
@@ -61,10 +57,6 @@ class LocalTransport(Transport):
         super().__init__(world_size, tuple(range(world_size)))
         self._mailbox: dict[tuple[int, int], deque[list[torch.Tensor]]] = defaultdict(deque)
 
-    def all_gather(self, mine: dict[int, torch.Tensor]) -> list[torch.Tensor]:
-        self.bytes_sent += sum(_nbytes([t]) for t in mine.values()) * (self.world_size - 1)
-        return [mine[r] for r in range(self.world_size)]
-
     def post(self, src: int, dst: int, tensors: list[torch.Tensor]) -> None:
         self.bytes_sent += _nbytes(tensors)
         self._mailbox[(src, dst)].append(tensors)
@@ -92,15 +84,13 @@ class DistTransport(Transport):
         self.rank = dist.get_rank()
         self._pending: list[tuple[dist.Work, list[torch.Tensor]]] = []
         self._expected: dict[tuple[int, int], deque[tuple[list[dist.Work], list[torch.Tensor]]]] = defaultdict(deque)
-
-    def all_gather(self, mine: dict[int, torch.Tensor]) -> list[torch.Tensor]:
-        tensor = mine[self.rank].contiguous()
-        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        dist.all_gather(out, tensor)
-        self.bytes_sent += _nbytes([tensor]) * (self.world_size - 1)
-        return out
+        #: Messages a rank sends itself (a group leader standing in for its own stage).
+        self._to_self: deque[list[torch.Tensor]] = deque()
 
     def post(self, src: int, dst: int, tensors: list[torch.Tensor]) -> None:
+        if dst == self.rank:
+            self._to_self.append(tensors)
+            return
         self._drain()
         tensors = [t.contiguous() for t in tensors]
         for t in tensors:
@@ -110,10 +100,14 @@ class DistTransport(Transport):
     def expect(self, src: int, dst: int, templates: list[torch.Tensor]) -> None:
         # gloo moves a message only once its receive is posted: posting it now lets the
         # transfer overlap the receiver's compute instead of starting the next step.
+        if src == self.rank:
+            return
         out = [torch.empty_like(t) for t in templates]
         self._expected[(src, dst)].append(([dist.irecv(t, src) for t in out], out))
 
     def take(self, src: int, dst: int, templates: list[torch.Tensor]) -> list[torch.Tensor]:
+        if src == self.rank:
+            return self._to_self.popleft()
         if self._expected[(src, dst)]:
             works, out = self._expected[(src, dst)].popleft()
             for work in works:
