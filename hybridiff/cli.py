@@ -32,6 +32,7 @@ def compile_command(
     g_slope: float = typer.Option(4e-4, help="slope threshold that starts the window"),
     tau_cap: int = typer.Option(15, min=1, help="latest step at which the window starts"),
     k: int = typer.Option(5, "-k", "--k", min=0, help="window length in steps (0: no window)"),
+    window_guidance: str = typer.Option("mixed", help="inside the window: 'mixed' (paper) or 'cached' (keeps guidance)"),
     height: Optional[int] = typer.Option(None, help="image height [default: the model's]"),
     width: Optional[int] = typer.Option(None, help="image width [default: the model's]"),
     link_gbps: float = typer.Option(100.0, help="device link bandwidth, Gbit/s (default ~PCIe 3 x16)"),
@@ -51,7 +52,15 @@ def compile_command(
 
     try:
         try:
-            schedule = Schedule(steps=steps, guidance_scale=guidance_scale, L=L, g_slope=g_slope, tau_cap=tau_cap, k=k)
+            schedule = Schedule(
+                steps=steps,
+                guidance_scale=guidance_scale,
+                L=L,
+                g_slope=g_slope,
+                tau_cap=tau_cap,
+                k=k,
+                window_guidance=window_guidance,
+            )
         except ValidationError as e:
             err = e.errors()[0]
             raise HybridiffError(f"bad schedule option {err['loc'][0]}: {err['msg']}") from None

@@ -112,6 +112,9 @@ class Schedule(_Strict):
     g_slope: float = Field(gt=0)
     tau_cap: int = Field(ge=1, description="latest step at which the window may start")
     k: int = Field(ge=0, description="window length in steps; 0 disables the window")
+    #: Inside the window: "mixed" (the paper: each stage uses its rank's branch, guidance off)
+    #: or "cached" (all stages conditional, tau1's eps_c - eps_u added back: guidance kept).
+    window_guidance: Literal["mixed", "cached"] = "mixed"
 
 
 class Estimates(_Strict):

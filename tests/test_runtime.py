@@ -61,6 +61,16 @@ def test_more_workers_produce_exactly_the_emulated_image(plans_by_devices, devic
         assert hybrid["comm_bytes"] == plans_by_devices[devices].estimates.comm_bytes_per_image
 
 
+def test_cached_window_guidance_runs_distributed_like_its_emulation(plan_path, tmp_path):
+    args = ["--prompt", PROMPT, "--seed", "3", "--threads", "1", "--window-guidance", "cached"]
+    result = cli("run", str(plan_path), *args, "-o", str(tmp_path / "hybrid"))
+    assert result.returncode == 0, result.stderr
+    assert cli("run", str(plan_path), *args, "--emulate", "-o", str(tmp_path / "emulate")).returncode == 0
+    hybrid = json.loads((tmp_path / "hybrid" / "report.json").read_text())
+    assert hybrid["window_guidance"] == "cached" and "pipeline" in hybrid["phases"]
+    assert np.array_equal(_pixels(tmp_path / "hybrid"), _pixels(tmp_path / "emulate"))
+
+
 def test_plan_without_window_matches_the_stock_pipeline(plan, tmp_path):
     no_window = plan.model_copy(update={"schedule": plan.schedule.model_copy(update={"k": 0})})
     no_window.save(tmp_path / "k0.json")
@@ -82,10 +92,11 @@ class _CountingRunner(GraphRunner):
         return super().run(program, env)
 
 
-@pytest.mark.parametrize("devices", [2, 4, 8])
-def test_window_uses_one_step_stale_cut_tensors(traced, unet_call, plans_by_devices, devices):
+@pytest.mark.parametrize("devices, guidance", [(2, "mixed"), (2, "cached"), (4, "mixed"), (4, "cached"), (8, "mixed")])
+def test_window_uses_one_step_stale_cut_tensors(traced, unet_call, plans_by_devices, devices, guidance):
     """Drive the denoiser by hand and rebuild every step from the method's definition."""
-    schedule = Schedule(steps=6, guidance_scale=5.0, L=1, g_slope=1e-9, tau_cap=1, k=3)  # tau1=1, window 2..4
+    # tau1 = 1, window on steps 2..4
+    schedule = Schedule(steps=6, guidance_scale=5.0, L=1, g_slope=1e-9, tau_cap=1, k=3, window_guidance=guidance)
     plan = plans_by_devices[devices].model_copy(update={"schedule": schedule})
     traced = trace_pipeline(traced.pipe, plan.graph.refined)
     denoiser = HybridDenoiser(traced, plan, LocalTransport(devices))
@@ -102,9 +113,9 @@ def test_window_uses_one_step_stale_cut_tensors(traced, unet_call, plans_by_devi
         for x in samples:
             outputs.append(denoiser(x, args[1], *args[2:], **kwargs)[0])
 
-    # Reference: stage s runs on its rank's branch with the cut tensors every other stage
-    # produced one step earlier (on the first window step: from tau1's full forward of the
-    # producing stage's branch).
+    # Reference: stage s runs on its window branch (its rank's branch when "mixed", the
+    # conditional one when "cached") with the cut tensors every other stage produced one step
+    # earlier (on the first window step: from tau1's full forward of that branch).
     ref = GraphRunner(traced.graph)
     full = ref.program([n.name for n in traced.graph.graph.nodes if n.op != "placeholder"], keep=[c.node for c in plan.cut_tensors])
     programs = [ref.program(s.recompute + s.nodes, keep=[c.node for c in plan.cut_tensors if c.producer == s.index]) for s in plan.stages]
@@ -112,22 +123,26 @@ def test_window_uses_one_step_stale_cut_tensors(traced, unet_call, plans_by_devi
     owner = next(s.index for s in plan.stages if "output" in s.nodes)
     with torch.inference_mode():
         branches = [branch_inputs(traced.adapter.inputs_from_call(x, args[1], *args[2:], **kwargs)) for x in samples]
-        stale = None
+        def window_branch(stage):
+            return plan.mesh.branch_of(stage.rank) if guidance == "mixed" else "cond"
+
+        stale, direction = None, None
         for step in range(schedule.steps):
             by_branch = dict(zip(("uncond", "cond"), branches[step]))
             if step in (2, 3, 4):
-                produced, mixed = {}, None
+                produced, pred = {}, None
                 for stage in plan.stages:
                     received = {c.node: stale[c.producer][c.node] for c in plan.cut_tensors
                                 if c.constant is None and stage.index in c.consumers}
-                    values = ref.run(programs[stage.index], {**by_branch[plan.mesh.branch_of(stage.rank)], **constants, **received})
+                    values = ref.run(programs[stage.index], {**by_branch[window_branch(stage)], **constants, **received})
                     produced[stage.index] = values
-                    mixed = values["output"] if stage.index == owner else mixed
+                    pred = values["output"] if stage.index == owner else pred
                 stale = produced
-                expected = torch.cat([mixed, mixed])
+                expected = torch.cat([pred, pred] if guidance == "mixed" else [pred - direction, pred])
             else:
                 runs = {b: ref.run(full, by_branch[b]) for b in ("uncond", "cond")}
-                stale = {s.index: runs[plan.mesh.branch_of(s.rank)] for s in plan.stages}
+                stale = {s.index: runs[window_branch(s)] for s in plan.stages}
+                direction = runs["cond"]["output"] - runs["uncond"]["output"]
                 expected = torch.cat([runs["uncond"]["output"], runs["cond"]["output"]])
             assert torch.equal(outputs[step], expected), f"step {step}"
     assert denoiser.controller.tau1 == 1 and denoiser.controller.tau2 == 4

@@ -10,7 +10,10 @@ every call to "the UNet" runs one step of the plan's schedule instead:
   entering the window is evaluated here from the two predictions.
 - pipeline step: each rank runs only its stage, with its branch's conditioning, on the fresh
   latent and on the cut tensors its producers sent one step earlier; the last stage's output
-  is broadcast and returned as both halves (guidance is off inside the window, as in the paper).
+  is broadcast. With ``window_guidance="mixed"`` (the paper) each stage uses its rank's branch
+  and the one mixed prediction is returned as both halves: guidance is off inside the window.
+  With ``"cached"`` every stage uses the conditional branch and the guidance direction
+  ``eps_c - eps_u`` of tau1's full step is added back, so guidance is kept at no extra compute.
 
 The first window step consumes cut tensors kept from tau1's full forward, so no forward is
 repeated to fill the pipeline. ``ObservedUNet`` wraps the real UNet unchanged and only records
@@ -140,7 +143,11 @@ class HybridDenoiser(_UNetProxy):
         self._step += 1
         if self.controller.phase(step) is Phase.PIPELINE:
             prediction = self._window_step(step, branches)
-            out = torch.cat([prediction, prediction])
+            if self.plan.schedule.window_guidance == "cached":
+                # u + w (c - u) = prediction + (w - 1) * (eps_c - eps_u) of tau1's full step
+                out = torch.cat([prediction - self._guidance, prediction])
+            else:
+                out = torch.cat([prediction, prediction])
         else:
             out = torch.cat(self._full_step(step, branches))
         return self.adapter.wrap_output(out, return_dict)
@@ -155,8 +162,14 @@ class HybridDenoiser(_UNetProxy):
         )
         self.controller.observe(eps_u, eps_c)
         if self.controller.window_follows(step):
+            self._guidance = eps_c - eps_u  # kept for --window-guidance cached
             self._hand_off()
         return eps_u, eps_c
+
+    def _window_branch(self, rank: int) -> str:
+        """The conditioning a rank's stage uses in the window: its own branch ("mixed", the
+        paper), or the conditional branch everywhere ("cached")."""
+        return self.plan.mesh.branch_of(rank) if self.plan.schedule.window_guidance == "mixed" else "cond"
 
     def _leader_output(self, branch: str) -> torch.Tensor | None:
         values = self._last_full.get(self._leader[branch])
@@ -165,18 +178,18 @@ class HybridDenoiser(_UNetProxy):
     def _hand_off(self) -> None:
         """After tau1's full step: each leader sends, for every stage its branch group owns, the
         cut tensors that stage will have produced, from the full forward it just ran."""
-        mesh, stages = self.plan.mesh, self.plan.stages
+        stages = self.plan.stages
         for rank in self.transport.hosted:
             if rank in self._last_full:
                 for (producer, consumer), cuts in self._links.items():
-                    if self._leader[mesh.branch_of(stages[producer].rank)] == rank:
+                    if self._leader[self._window_branch(stages[producer].rank)] == rank:
                         values = self._last_full[rank]
                         self.transport.post(rank, stages[consumer].rank, [values[c.node] for c in cuts])
         for rank in self.transport.hosted:
             self._expect_cuts(rank, first=True)
 
     def _window_step(self, step: int, branches: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
-        plan, mesh = self.plan, self.plan.mesh
+        plan = self.plan
         last = self.controller.is_last_window_step(step)
         first = self.controller.tau1 == step - 1
         prediction = None
@@ -185,7 +198,7 @@ class HybridDenoiser(_UNetProxy):
             owns_output = stage.index == self._output_stage.index
             if last and not owns_output:
                 continue  # nothing it would produce is consumed any more
-            env = {**branches[mesh.branch_of(rank)], **self._constants}
+            env = {**branches[self._window_branch(rank)], **self._constants}
             for src, cuts in self._incoming(rank, first):
                 env.update(zip((c.node for c in cuts), self.transport.take(src, rank, self._templates(cuts))))
             if not last:
@@ -200,12 +213,12 @@ class HybridDenoiser(_UNetProxy):
     def _incoming(self, rank: int, first: bool) -> list[tuple[int, list[CutTensor]]]:
         """(source rank, cut tensors) for each link into ``rank``'s stage. On the window's first
         step the source is the leader whose full forward stood in for the producing stage."""
-        stages, mesh = self.plan.stages, self.plan.mesh
+        stages = self.plan.stages
         incoming = []
         for (producer, consumer), cuts in self._links.items():
             if stages[consumer].rank == rank:
                 owner = stages[producer].rank
-                incoming.append((self._leader[mesh.branch_of(owner)] if first else owner, cuts))
+                incoming.append((self._leader[self._window_branch(owner)] if first else owner, cuts))
         return incoming
 
     def _templates(self, cuts: list[CutTensor]) -> list[torch.Tensor]:

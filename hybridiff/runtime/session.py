@@ -46,6 +46,7 @@ class RunOptions:
     negative_prompt: str | None = None
     threads: int | None = None
     repeats: int = 1
+    window_guidance: Literal["mixed", "cached"] | None = None
 
 
 def _init_distributed(plan: Plan) -> tuple[int, int]:
@@ -70,6 +71,9 @@ def _init_distributed(plan: Plan) -> tuple[int, int]:
 def execute(opts: RunOptions) -> dict[str, Any] | None:
     """Run the plan; returns the report on the rank that writes outputs, else None."""
     plan = load_plan(opts.plan)
+    if opts.window_guidance is not None:  # the user's explicit override of the plan's choice
+        schedule = plan.schedule.model_copy(update={"window_guidance": opts.window_guidance})
+        plan = plan.model_copy(update={"schedule": schedule})
     compile_only = plan.model.source.startswith(("arch:", "python:"))
     if compile_only or plan.model.denoiser != "unet":
         raise HybridiffError(
@@ -127,6 +131,7 @@ def execute(opts: RunOptions) -> dict[str, Any] | None:
         "tau2": controller.tau2 if controller else None,
         "discrepancy": proxy.discrepancy,
         "phases": [p.value for p in controller.phases] if controller else ["serial"] * steps,
+        "window_guidance": plan.schedule.window_guidance,
         "comm_bytes": comm_bytes,
         "image": "image-0.png",
     }

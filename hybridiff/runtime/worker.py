@@ -30,10 +30,13 @@ def run_command(
     serial: bool = typer.Option(False, "--serial", help="run the stock pipeline in one process (baseline)"),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads per worker [default: cores / workers]"),
     repeats: int = typer.Option(1, min=1, help="generate the image this many times; latency is the median"),
+    window_guidance: Optional[str] = typer.Option(None, help="override the plan: 'mixed' or 'cached'"),
 ) -> None:
     """Generate an image with a compiled plan."""
     if emulate and serial:
         report_and_exit(HybridiffError("--emulate and --serial exclude each other; pick one"))
+    if window_guidance not in (None, "mixed", "cached"):
+        report_and_exit(HybridiffError(f"--window-guidance {window_guidance!r}: use 'mixed' or 'cached'"))
     mode = "emulate" if emulate else "serial" if serial else "hybrid"
     from hybridiff.runtime.session import RunOptions, execute  # heavy: torch, diffusers
 
@@ -48,6 +51,7 @@ def run_command(
         negative_prompt=negative_prompt,
         threads=threads,
         repeats=repeats,
+        window_guidance=window_guidance,
     )
     try:
         if mode == "hybrid" and "RANK" not in os.environ:
