@@ -37,8 +37,12 @@ def test_two_workers_produce_exactly_the_emulated_image(plan_path, tmp_path):
     emulated = _in_process(plan_path, tmp_path / "emulate", "emulate")
     assert np.array_equal(_pixels(tmp_path / "hybrid"), _pixels(tmp_path / "emulate"))
     assert "pipeline" in hybrid["phases"], "the test schedule must enter the window"
-    for key in ("tau1", "tau2", "phases", "discrepancy", "comm_bytes", "steps", "plan_fingerprint"):
+    for key in ("tau1", "tau2", "phases", "discrepancy", "comm_bytes", "comm_bytes_by_phase", "steps", "plan_fingerprint"):
         assert hybrid[key] == emulated[key], key
+    # full steps: each branch leader broadcasts one 4x32x32 float32 prediction to the other rank
+    full_steps = hybrid["phases"].count("cond-partition")
+    assert hybrid["comm_bytes_by_phase"]["cond-partition"] == full_steps * 2 * 1 * 4 * 32 * 32 * 4
+    assert hybrid["comm_bytes_by_phase"]["pipeline"] > 0
     assert hybrid["mode"] == "hybrid" and hybrid["world_size"] == 2
     plan = load_plan(plan_path)
     if hybrid["tau1"] == plan.estimates.expected_tau1:
@@ -55,7 +59,7 @@ def test_more_workers_produce_exactly_the_emulated_image(plans_by_devices, devic
     emulated = _in_process(tmp_path / "plan.json", tmp_path / "emulate", "emulate")
     assert np.array_equal(_pixels(tmp_path / "hybrid"), _pixels(tmp_path / "emulate"))
     assert hybrid["world_size"] == devices and "pipeline" in hybrid["phases"]
-    for key in ("tau1", "tau2", "phases", "discrepancy", "comm_bytes"):
+    for key in ("tau1", "tau2", "phases", "discrepancy", "comm_bytes", "comm_bytes_by_phase"):
         assert hybrid[key] == emulated[key], key
     if hybrid["tau1"] == plans_by_devices[devices].estimates.expected_tau1:
         assert hybrid["comm_bytes"] == plans_by_devices[devices].estimates.comm_bytes_per_image

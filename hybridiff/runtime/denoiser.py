@@ -141,7 +141,9 @@ class HybridDenoiser(_UNetProxy):
         self._like = branches["cond"]["sample"]  # the prediction's shape, device and dtype
         step = self._step
         self._step += 1
-        if self.controller.phase(step) is Phase.PIPELINE:
+        phase = self.controller.phase(step)
+        self.transport.phase = phase.value
+        if phase is Phase.PIPELINE:
             prediction = self._window_step(step, branches)
             if self.plan.schedule.window_guidance == "cached":
                 # u + w (c - u) = prediction + (w - 1) * (eps_c - eps_u) of tau1's full step
@@ -163,6 +165,7 @@ class HybridDenoiser(_UNetProxy):
         self.controller.observe(eps_u, eps_c)
         if self.controller.window_follows(step):
             self._guidance = eps_c - eps_u  # kept for --window-guidance cached
+            self.transport.phase = Phase.PIPELINE.value  # the hand-off is the window's traffic
             self._hand_off()
         return eps_u, eps_c
 

@@ -102,13 +102,13 @@ def execute(opts: RunOptions) -> dict[str, Any] | None:
     steps = opts.steps or plan.schedule.steps
     guidance = opts.guidance_scale if opts.guidance_scale is not None else plan.schedule.guidance_scale
     writer = rank == 0
-    latencies, image, comm_bytes = [], None, 0
+    latencies, image, comm = [], None, {}
     for _ in range(opts.repeats):
         latency, image = _generate(pipe, proxy, opts, plan, steps, guidance, decode=writer, device=device)
         latencies.append(latency)
         if transport is not None:
-            total = transport.total_bytes_sent()
-            comm_bytes, transport.bytes_sent = total, 0
+            comm = transport.total_bytes_sent()  # per image: counts restart each repeat
+            transport.reset_counts()
     if not writer:
         return None
 
@@ -132,7 +132,8 @@ def execute(opts: RunOptions) -> dict[str, Any] | None:
         "discrepancy": proxy.discrepancy,
         "phases": [p.value for p in controller.phases] if controller else ["serial"] * steps,
         "window_guidance": plan.schedule.window_guidance,
-        "comm_bytes": comm_bytes,
+        "comm_bytes": sum(comm.values()),
+        "comm_bytes_by_phase": comm,
         "image": "image-0.png",
     }
     buffer = io.BytesIO()

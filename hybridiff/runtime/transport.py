@@ -21,11 +21,23 @@ def _nbytes(tensors: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+#: Traffic is counted per phase of the schedule, in this order.
+PHASES = ("cond-partition", "pipeline")
+
+
 class Transport(ABC):
     def __init__(self, world_size: int, hosted: tuple[int, ...]) -> None:
         self.world_size = world_size
         self.hosted = hosted
-        self.bytes_sent = 0
+        #: The phase the next messages belong to (set by the schedule).
+        self.phase = PHASES[0]
+        self.sent = dict.fromkeys(PHASES, 0)
+
+    def _count(self, nbytes: int) -> None:
+        self.sent[self.phase] += nbytes
+
+    def reset_counts(self) -> None:
+        self.sent = dict.fromkeys(PHASES, 0)
 
     @abstractmethod
     def post(self, src: int, dst: int, tensors: list[torch.Tensor]) -> None:
@@ -46,8 +58,8 @@ class Transport(ABC):
     def barrier(self) -> None: ...
 
     @abstractmethod
-    def total_bytes_sent(self) -> int:
-        """Bytes sent by all ranks (a collective: every rank must call it)."""
+    def total_bytes_sent(self) -> dict[str, int]:
+        """Bytes sent by all ranks, per phase (a collective: every rank must call it)."""
 
 
 class LocalTransport(Transport):
@@ -58,7 +70,7 @@ class LocalTransport(Transport):
         self._mailbox: dict[tuple[int, int], deque[list[torch.Tensor]]] = defaultdict(deque)
 
     def post(self, src: int, dst: int, tensors: list[torch.Tensor]) -> None:
-        self.bytes_sent += _nbytes(tensors)
+        self._count(_nbytes(tensors))
         self._mailbox[(src, dst)].append(tensors)
 
     def take(self, src: int, dst: int, templates: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -66,14 +78,14 @@ class LocalTransport(Transport):
 
     def broadcast(self, value: torch.Tensor | None, src: int, template: torch.Tensor) -> torch.Tensor:
         assert value is not None
-        self.bytes_sent += _nbytes([value]) * (self.world_size - 1)
+        self._count(_nbytes([value]) * (self.world_size - 1))
         return value
 
     def barrier(self) -> None:
         """All ranks are in this process: there is nobody to wait for."""
 
-    def total_bytes_sent(self) -> int:
-        return self.bytes_sent
+    def total_bytes_sent(self) -> dict[str, int]:
+        return dict(self.sent)
 
 
 class DistTransport(Transport):
@@ -95,7 +107,7 @@ class DistTransport(Transport):
         tensors = [t.contiguous() for t in tensors]
         for t in tensors:
             self._pending.append((dist.isend(t, dst), tensors))
-        self.bytes_sent += _nbytes(tensors)
+        self._count(_nbytes(tensors))
 
     def expect(self, src: int, dst: int, templates: list[torch.Tensor]) -> None:
         # gloo moves a message only once its receive is posted: posting it now lets the
@@ -122,17 +134,17 @@ class DistTransport(Transport):
         tensor = value.contiguous() if self.rank == src else torch.empty_like(template)
         dist.broadcast(tensor, src)
         if self.rank == src:
-            self.bytes_sent += _nbytes([tensor]) * (self.world_size - 1)
+            self._count(_nbytes([tensor]) * (self.world_size - 1))
         return tensor
 
     def barrier(self) -> None:
         dist.barrier()
 
-    def total_bytes_sent(self) -> int:
+    def total_bytes_sent(self) -> dict[str, int]:
         self._drain()
-        total = torch.tensor([self.bytes_sent], dtype=torch.int64)
+        total = torch.tensor([self.sent[p] for p in PHASES], dtype=torch.int64)
         dist.all_reduce(total)
-        return int(total.item())
+        return dict(zip(PHASES, (int(v) for v in total.tolist())))
 
     def _drain(self) -> None:
         for work, _ in self._pending:
