@@ -35,16 +35,8 @@ def _worker_entry(opts: RunOptions, error_dir: str) -> None:
         raise SystemExit(2) from None
 
 
-def _quiet_elastic() -> None:
-    """Elastic logs each failed worker with a traceback; the error files say it in one line."""
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith(("torch.distributed", "torch.multiprocessing")):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-
-
 def launch_local(opts: RunOptions, world_size: int) -> None:
     """Run ``opts`` on ``world_size`` local workers; raises HybridiffError if any fails."""
-    _quiet_elastic()
     with tempfile.TemporaryDirectory(prefix="hybridiff-") as error_dir:
         config = LaunchConfig(
             min_nodes=1,
@@ -57,6 +49,9 @@ def launch_local(opts: RunOptions, world_size: int) -> None:
             monitor_interval=0.1,
             start_method="spawn",
         )
+        # Elastic logs every failed or stopped worker with a traceback, from loggers created at
+        # any time; the workers' error files say what matters in one line.
+        logging.disable(logging.CRITICAL)
         try:
             elastic_launch(config, _worker_entry)(opts, error_dir)
         except ChildFailedError as e:
@@ -65,3 +60,5 @@ def launch_local(opts: RunOptions, world_size: int) -> None:
                 raise HybridiffError("; ".join(messages)) from None
             failed = ", ".join(f"rank {r} (exit code {f.exitcode})" for r, f in sorted(e.failures.items()))
             raise HybridiffError(f"worker {failed} failed; its output above says why") from None
+        finally:
+            logging.disable(logging.NOTSET)
