@@ -34,7 +34,13 @@ def test_two_nodes_with_torchrun_equal_the_emulation(plan_path, tmp_path):
         )
         for rank in (0, 1)
     ]
-    logs = [node.communicate(timeout=240)[0] for node in nodes]
+    logs = []
+    for node in reversed(nodes):  # node 1 first: its log explains a node 0 left waiting
+        try:
+            logs.append(node.communicate(timeout=240)[0])
+        except subprocess.TimeoutExpired:
+            node.kill()  # never leave a launcher behind
+            logs.append(node.communicate()[0] + "\n(killed after 240 s)")
     assert [node.returncode for node in nodes] == [0, 0], logs
     emulated = execute(RunOptions(plan=plan_path, prompt="a red cube", out=tmp_path / "emu", mode="emulate", seed=0, threads=1))
     pixels = [np.asarray(Image.open(folder / "image-0.png")) for folder in (out, tmp_path / "emu")]

@@ -109,9 +109,27 @@ def execute(opts: RunOptions) -> dict[str, Any] | None:
         if transport is not None:
             comm = transport.total_bytes_sent()  # per image: counts restart each repeat
             transport.reset_counts()
-    if not writer:
-        return None
+    report = _write_outputs(opts, plan, proxy, image, latencies, comm, steps, guidance, device) if writer else None
+    if opts.mode == "hybrid":
+        # Leave together and cleanly: a rank that exits while its peer still holds the gloo
+        # group open can abort at teardown, which leaves a torchrun peer waiting at its exit.
+        dist.barrier()
+        dist.destroy_process_group()
+    return report
 
+
+def _write_outputs(
+    opts: RunOptions,
+    plan: Plan,
+    proxy: Any,
+    image: Any,
+    latencies: list[float],
+    comm: dict[str, int],
+    steps: int,
+    guidance: float,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Write ``image-0.png`` and ``report.json`` atomically; returns the report."""
     controller = getattr(proxy, "controller", None)
     report = {
         "mode": opts.mode,
