@@ -70,9 +70,6 @@ class Mesh(_Strict):
     def branch_of(self, rank: int) -> Branch:
         return next(r.branch for r in self.ranks if r.rank == rank)
 
-    def rank_of(self, branch: Branch) -> int:
-        return next(r.rank for r in self.ranks if r.branch == branch)
-
 
 class Stage(_Strict):
     index: int = Field(ge=0)
