@@ -28,6 +28,8 @@ test: install
 bench: install
 	$(VENV)/bin/hybridiff compile builtin:tiny-sdxl --gpus 2 --threads 1 -o out/bench/plan.json
 	$(VENV)/bin/hybridiff bench out/bench/plan.json --repeats 5 --threads 1 -o out/bench
+	$(VENV)/bin/hybridiff compile builtin:tiny-sdxl --gpus 2 --batch 8 --threads 1 -o out/bench8/plan.json
+	$(VENV)/bin/hybridiff bench out/bench8/plan.json --repeats 3 --threads 1 -o out/bench8
 
 clean:
 	rm -rf out

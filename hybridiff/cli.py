@@ -25,9 +25,11 @@ def compile_command(
     device_mem_gbps: float = typer.Option(1500.0, help="with --arch: device memory bandwidth, GB/s"),
     profile: bool = typer.Option(False, "--profile", help="with --arch: random weights on this device, time every node"),
     gpus: int = typer.Option(2, help="number of devices"),
+    batch: int = typer.Option(1, min=1, help="images generated together: the mesh is chosen for this batch"),
+    mesh: Optional[str] = typer.Option(None, help="force a mesh, e.g. dp=1,cfg=2,pp=2 [default: the fastest predicted]"),
     out: Path = typer.Option(Path("plan.json"), "-o", "--out", help="where to write the plan"),
     steps: int = typer.Option(50, min=1, help="denoising steps"),
-    guidance_scale: float = typer.Option(5.0, help="classifier-free guidance scale (> 1)"),
+    guidance_scale: float = typer.Option(5.0, help="classifier-free guidance scale (<= 1: no guidance, cfg=1 meshes)"),
     L: int = typer.Option(12, "--L", min=1, help="discrepancy slope window, steps"),
     g_slope: float = typer.Option(4e-4, help="slope threshold that starts the window"),
     tau_cap: int = typer.Option(15, min=1, help="latest step at which the window starts"),
@@ -81,19 +83,37 @@ def compile_command(
                 device_model=device,
                 profile=profile,
                 repeats=repeats,
+                mesh=mesh,
+                batch=batch,
             )
         else:
             plan = compile_model(
-                model, gpus, schedule, height, width, link_gbps=link_gbps, repeats=repeats, threads=threads, cost=cost
+                model,
+                gpus,
+                schedule,
+                height,
+                width,
+                link_gbps=link_gbps,
+                repeats=repeats,
+                threads=threads,
+                cost=cost,
+                mesh=mesh,
+                batch=batch,
             )
         plan.save(out)
     except HybridiffError as e:
         report_and_exit(e)
     est = plan.estimates
+    if plan.mesh.idle_ranks:
+        typer.echo(
+            f"warning: mesh {plan.mesh.label} leaves rank(s) {plan.mesh.idle_ranks} idle; "
+            f"--guidance-scale 1 or --mesh with cfg=1 would use every device",
+            err=True,
+        )
     typer.echo(
-        f"wrote {out}: {len(plan.stages)} stages, imbalance {imbalance(plan):.3f}, "
-        f"window step {est.window_step_s * 1e3:.2f} ms vs serial step {est.serial_step_s * 1e3:.2f} ms, "
-        f"speed-up bound {est.speedup_bound:.2f}x"
+        f"wrote {out}: mesh {plan.mesh.label}, {len(plan.stages)} stages, imbalance {imbalance(plan):.3f}, "
+        f"predicted {est.latency_s:.3f} s for {plan.mesh.batch} image(s) vs {est.serial_latency_s:.3f} s serial "
+        f"({est.speedup:.2f}x)"
     )
 
 
@@ -117,6 +137,38 @@ def inspect_command(
     typer.echo(json.dumps(summary(loaded), indent=2) if as_json else render_text(loaded))
     if plot is not None:
         draw(loaded, plot)
+
+
+@app.command("simulate")
+def simulate_command(
+    plan: Path = typer.Argument(..., help="plan.json"),
+    batch: Optional[int] = typer.Option(None, min=1, help="images to generate [default: the plan's batch]"),
+    plot: Optional[Path] = typer.Option(None, help="draw the per-rank timeline to this PNG"),
+    as_json: bool = typer.Option(False, "--json", help="print the prediction as JSON"),
+) -> None:
+    """Predict latency per phase, bytes moved and per-rank busy time from the plan's costs."""
+    import json
+
+    from hybridiff.plan import load_plan
+    from hybridiff.simulate import Workload, plot_timeline, simulate
+
+    try:
+        loaded = load_plan(plan)
+    except HybridiffError as e:
+        report_and_exit(e)
+    images = batch or loaded.mesh.batch
+    sim = simulate(loaded.mesh, Workload.from_plan(loaded), loaded.schedule, images)
+    if as_json:
+        typer.echo(json.dumps(sim.as_dict(), indent=2))
+    else:
+        d = sim.as_dict()
+        typer.echo(f"{loaded.model.source}, mesh {sim.mesh} on {loaded.mesh.world_size} device(s), {images} image(s)")
+        typer.echo(f"latency    {sim.latency_s:.4f} s ({d['images_per_s']:.3f} images/s)")
+        typer.echo("phases     " + ", ".join(f"{p} {t:.4f} s" for p, t in sim.phase_s.items()))
+        typer.echo(f"traffic    {sim.comm_bytes / 1e6:.3f} MB: " + ", ".join(f"{p} {n / 1e6:.3f} MB" for p, n in sim.comm_bytes_by_phase.items()))
+        typer.echo("busy       " + ", ".join(f"rank {r} {t:.4f} s" for r, t in sorted(sim.busy_s.items())))
+    if plot is not None:
+        plot_timeline(sim, plot, loaded.model.source)
 
 
 @app.command("save-model")

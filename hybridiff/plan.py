@@ -18,9 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from hybridiff.errors import HybridiffError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
-Branch = Literal["uncond", "cond"]
+#: What a mesh position computes: one guidance branch (cfg = 2) or the whole CFG batch (cfg = 1).
+Branch = Literal["uncond", "cond", "both"]
 
 
 class _Strict(BaseModel):
@@ -50,41 +51,105 @@ class GraphInfo(_Strict):
     replicated: list[str]
 
 
-class RankRole(_Strict):
-    rank: int = Field(ge=0)
-    branch: Branch
-
-
 class Mesh(_Strict):
-    """Which rank serves which classifier-free-guidance branch (rank 0 uncond, rank 1 cond)."""
+    """How N devices are used: ``dp`` replicas x ``cfg`` branch groups x ``pp`` pipeline stages.
+
+    A replica is ``cfg * pp`` consecutive ranks (replica d, position s is rank
+    ``d * cfg * pp + s``); ranks beyond ``dp * cfg * pp`` stay idle. With ``cfg = 2`` positions
+    ``0..pp-1`` serve the unconditional branch and ``pp..2pp-1`` the conditional one; with
+    ``cfg = 1`` every position serves the whole CFG batch (or the only branch without guidance).
+
+    The rows of a denoiser call (the pipeline's CFG batch, ``[uncond; cond]``) are shared out
+    here, so the runtime executes and the simulator predicts the same assignment:
+    outside the window a group's rows are split into contiguous chunks, one per member, and
+    inside it stage ``s`` runs on ``window_rows(s)``.
+    """
 
     world_size: int = Field(ge=1)
-    ranks: list[RankRole]
+    dp: int = Field(ge=1, description="replicas, each generating different images")
+    cfg: Literal[1, 2] = Field(description="2: one group per guidance branch; 1: groups serve both")
+    pp: int = Field(ge=1, description="devices per branch group = pipeline stages per group")
+    batch: int = Field(default=1, ge=1, description="images the plan was costed for")
 
     @model_validator(mode="after")
-    def _ranks_cover_world(self) -> Mesh:
-        if sorted(r.rank for r in self.ranks) != list(range(self.world_size)):
-            raise ValueError(f"mesh.ranks must list ranks 0..{self.world_size - 1} once each")
+    def _fits(self) -> Mesh:
+        if self.dp * self.cfg * self.pp > self.world_size:
+            raise ValueError(f"mesh {self.label} needs {self.dp * self.cfg * self.pp} devices, more than world_size {self.world_size}")
         return self
 
-    def branch_of(self, rank: int) -> Branch:
-        return next(r.branch for r in self.ranks if r.rank == rank)
+    @property
+    def label(self) -> str:
+        return f"dp={self.dp},cfg={self.cfg},pp={self.pp}"
+
+    @property
+    def replica_size(self) -> int:
+        """Ranks per replica, which is also the number of pipeline stages."""
+        return self.cfg * self.pp
+
+    @property
+    def idle_ranks(self) -> list[int]:
+        return list(range(self.dp * self.replica_size, self.world_size))
+
+    @property
+    def images_per_call(self) -> int:
+        """Images a replica denoises together in one pipeline call."""
+        return -(-self.batch // self.dp)
+
+    def rank(self, replica: int, position: int) -> int:
+        return replica * self.replica_size + position
+
+    def replica_ranks(self, replica: int) -> tuple[int, ...]:
+        return tuple(self.rank(replica, s) for s in range(self.replica_size))
+
+    def locate(self, rank: int) -> tuple[int, int] | None:
+        """(replica, position) of ``rank``, or None for an idle rank."""
+        if rank >= self.dp * self.replica_size:
+            return None
+        return divmod(rank, self.replica_size)
+
+    def branch_of(self, position: int) -> Branch:
+        if self.cfg == 1:
+            return "both"
+        return "uncond" if position < self.pp else "cond"
+
+    def group_rows(self, position: int, rows: int) -> range:
+        """The rows of a call of ``rows`` that ``position``'s branch group is responsible for."""
+        branch = self.branch_of(position)
+        half = rows // 2
+        return {"both": range(rows), "uncond": range(half), "cond": range(half, rows)}[branch]
+
+    def full_rows(self, position: int, rows: int) -> range:
+        """The rows ``position`` computes whole on a fully connected step (may be empty)."""
+        group = self.group_rows(position, rows)
+        members = self.pp if self.cfg == 2 else self.replica_size
+        index = position % members
+        size, extra = divmod(len(group), members)
+        start = group.start + index * size + min(index, extra)
+        return range(start, start + size + (index < extra))
+
+    def window_rows(self, position: int, rows: int, window_guidance: str) -> range:
+        """The rows stage ``position`` runs in the window: its own branch ("mixed", the paper),
+        the conditional branch ("cached"), or the whole batch (cfg = 1)."""
+        if self.cfg == 1:
+            return range(rows)
+        return self.group_rows(position if window_guidance == "mixed" else self.replica_size - 1, rows)
 
 
 class Stage(_Strict):
-    index: int = Field(ge=0)
-    rank: int = Field(ge=0, description="the rank that owns this stage inside the pipeline window")
+    index: int = Field(ge=0, description="stage s runs on position s of every replica")
     nodes: list[str] = Field(min_length=1, description="heavy nodes, in topological order")
     recompute: list[str] = Field(description="replicated nodes this stage recomputes each step")
-    cost_s: float = Field(ge=0, description="compute of nodes and recomputed embeddings, batch 1, seconds")
-    send_bytes: int = Field(ge=0, description="cut tensor bytes this stage sends per window step")
+    cost_s: float = Field(ge=0, description="compute of nodes and recomputed embeddings, one row, seconds")
+    send_bytes: int = Field(ge=0, description="cut tensor bytes this stage sends per window step and row")
 
 
 class CutTensor(_Strict):
     """A value produced in one stage and consumed by others: sent one step stale.
 
-    Shape arithmetic crossing a cut (``constant`` set) is static for the plan's input shapes:
-    consumers read it from here and nothing is sent.
+    ``shape`` and ``bytes`` are for one row (one image of one branch); ``batch_dim`` is the
+    dimension that grows with the rows a stage runs. Shape arithmetic crossing a cut
+    (``constant`` set) is static for the plan's image size: consumers compute it from here
+    (``constant + (rows - 1) * constant_per_row``) and nothing is sent.
     """
 
     node: str
@@ -93,18 +158,30 @@ class CutTensor(_Strict):
     shape: list[int]
     dtype: str
     bytes: int = Field(ge=0)
+    batch_dim: int | None = 0
     constant: int | float | list[int] | None = None
+    constant_per_row: int | float | list[int] | None = None
 
-    @property
-    def runtime_value(self) -> int | float | tuple[int, ...] | None:
-        return tuple(self.constant) if isinstance(self.constant, list) else self.constant
+    def runtime_value(self, rows: int = 1) -> int | float | tuple[int, ...] | None:
+        value, step = self.constant, self.constant_per_row
+        if isinstance(value, list):
+            steps = step if isinstance(step, list) else [0] * len(value)
+            return tuple(v + (rows - 1) * d for v, d in zip(value, steps))
+        return value if value is None or step is None else value + (rows - 1) * step
+
+    def row_shape(self, rows: int) -> list[int]:
+        """The tensor's shape when its stage runs ``rows`` rows."""
+        shape = list(self.shape)
+        if self.batch_dim is not None:
+            shape[self.batch_dim] *= rows
+        return shape
 
 
 class Schedule(_Strict):
     """When to switch phases (paper Eq. 1 rule): see ``hybridiff.runtime.phases``."""
 
     steps: int = Field(gt=0)
-    guidance_scale: float = Field(gt=1.0, description="hybrid plans need classifier-free guidance")
+    guidance_scale: float = Field(ge=0, description="> 1 enables classifier-free guidance")
     L: int = Field(ge=1, description="slope window, steps")
     g_slope: float = Field(gt=0)
     tau_cap: int = Field(ge=1, description="latest step at which the window may start")
@@ -113,24 +190,34 @@ class Schedule(_Strict):
     #: or "cached" (all stages conditional, tau1's eps_c - eps_u added back: guidance kept).
     window_guidance: Literal["mixed", "cached"] = "mixed"
 
+    @property
+    def guided(self) -> bool:
+        """Whether the pipeline runs classifier-free guidance (diffusers: scale > 1)."""
+        return self.guidance_scale > 1
+
 
 class Estimates(_Strict):
-    """Cost-model predictions, seconds per denoising step unless named otherwise."""
+    """Cost-model predictions (see ``hybridiff.simulate``), seconds unless named otherwise."""
 
     device: str
     threads: int
     link_gbps: float
-    serial_step_s: float = Field(description="one batch-2 (both branches) forward on one device")
-    branch_step_s: float = Field(description="one batch-1 forward plus the prediction exchange")
-    window_step_s: float = Field(description="max over ranks of stage compute + transfers")
+    forward_s: float = Field(description="one forward of one row (one image, one branch)")
+    forward_batch2_s: float = Field(description="one forward of two rows: the serial CFG step")
+    prediction_bytes: int = Field(ge=0, description="the denoiser output of one row")
+    window_step_s: float = Field(description="one window step for one image per replica")
     window_comm_bytes_per_step: int
     comm_bytes_per_image: int = Field(description="expected bytes sent by all ranks for one image")
     expected_tau1: int
-    speedup_bound: float
+    latency_s: float = Field(description="predicted denoising time of the plan's batch")
+    serial_latency_s: float = Field(description="the same batch on one device, stock pipeline")
+    speedup: float
+    #: Predicted latency of every mesh the compiler considered, by label.
+    alternatives: dict[str, float] = Field(default_factory=dict)
 
 
 class Plan(_Strict):
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: Literal[2] = FORMAT_VERSION
     hybridiff_version: str
     model: ModelRef
     graph: GraphInfo
@@ -144,10 +231,10 @@ class Plan(_Strict):
     def _consistent(self) -> Plan:
         if [s.index for s in self.stages] != list(range(len(self.stages))):
             raise ValueError("stages must be numbered 0..S-1 in order")
-        if len(self.stages) != self.mesh.world_size:
-            raise ValueError(f"{len(self.stages)} stages for a mesh of {self.mesh.world_size} ranks")
-        if sorted(s.rank for s in self.stages) != list(range(self.mesh.world_size)):
-            raise ValueError("each rank must own exactly one stage")
+        if len(self.stages) != self.mesh.replica_size:
+            raise ValueError(f"{len(self.stages)} stages for a mesh {self.mesh.label} of {self.mesh.replica_size} positions")
+        if self.mesh.cfg == 2 and not self.schedule.guided:
+            raise ValueError("a cfg=2 mesh splits the guidance branches and needs guidance_scale > 1")
         seen: set[str] = set()
         for stage in self.stages:
             dup = seen.intersection(stage.nodes)
@@ -160,9 +247,6 @@ class Plan(_Strict):
             if any(c >= len(self.stages) or c == cut.producer for c in cut.consumers):
                 raise ValueError(f"cut tensor {cut.node!r} has invalid consumers {cut.consumers}")
         return self
-
-    def stage_of_rank(self, rank: int) -> Stage:
-        return next(s for s in self.stages if s.rank == rank)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the plan as JSON atomically (a crash never leaves half a plan)."""

@@ -25,13 +25,15 @@ def summary(plan: Plan) -> dict[str, Any]:
         "num_nodes": plan.graph.num_nodes,
         "refined": plan.graph.refined,
         "world_size": plan.mesh.world_size,
+        "mesh": plan.mesh.model_dump(),
+        "idle_ranks": plan.mesh.idle_ranks,
         "imbalance": imbalance(plan),
         "window_comm_bytes_per_step": plan.estimates.window_comm_bytes_per_step,
         "stages": [
             {
                 "index": s.index,
-                "ranks": [s.rank],
-                "branch": plan.mesh.branch_of(s.rank),
+                "ranks": [plan.mesh.rank(d, s.index) for d in range(plan.mesh.dp)],
+                "branch": plan.mesh.branch_of(s.index),
                 "cost": s.cost_s,
                 "send_bytes": s.send_bytes,
                 "nodes": s.nodes,
@@ -57,13 +59,15 @@ def render_text(plan: Plan) -> str:
         f"model      {m.source} ({m.denoiser}, {m.dtype}){size}",
         f"graph      {plan.graph.num_nodes} nodes, fingerprint {plan.graph.fingerprint}, "
         f"{len(plan.graph.refined)} block(s) opened, {len(plan.graph.replicated)} replicated",
-        "mesh       " + ", ".join(f"rank {r.rank}: {r.branch}" for r in plan.mesh.ranks),
+        f"mesh       {plan.mesh.label} on {plan.mesh.world_size} device(s), costed for {plan.mesh.batch} image(s)"
+        + (f"; ranks {plan.mesh.idle_ranks} idle" if plan.mesh.idle_ranks else ""),
         f"stages     imbalance {imbalance(plan):.3f} (slowest / mean compute)",
     ]
     for s in plan.stages:
         shown = ", ".join(s.nodes[:3]) + (f", ... ({len(s.nodes)} nodes)" if len(s.nodes) > 3 else "")
         lines.append(
-            f"  stage {s.index} on rank {s.rank}: {s.cost_s * 1e3:8.3f} ms compute, sends {_mb(s.send_bytes)}; {shown}"
+            f"  stage {s.index} ({plan.mesh.branch_of(s.index)}) on ranks "
+            f"{[plan.mesh.rank(d, s.index) for d in range(plan.mesh.dp)]}: {s.cost_s * 1e3:8.3f} ms compute, sends {_mb(s.send_bytes)}; {shown}"
         )
     sent = [c for c in plan.cut_tensors if c.constant is None]
     lines.append(f"cut        {len(sent)} tensor(s), {_mb(sum(c.bytes * len(c.consumers) for c in sent))} per window step")
@@ -75,10 +79,12 @@ def render_text(plan: Plan) -> str:
     lines += [
         f"schedule   {sch.steps} steps, guidance {sch.guidance_scale}, L={sch.L}, g_slope={sch.g_slope}, "
         f"tau_cap={sch.tau_cap}, k={sch.k}",
-        f"estimates  on {est.device}, link {est.link_gbps} Gbit/s: serial step {est.serial_step_s * 1e3:.2f} ms, "
-        f"branch step {est.branch_step_s * 1e3:.2f} ms, window step {est.window_step_s * 1e3:.2f} ms",
+        f"estimates  on {est.device}, link {est.link_gbps} Gbit/s: forward {est.forward_s * 1e3:.2f} ms "
+        f"(1 row), {est.forward_batch2_s * 1e3:.2f} ms (2 rows), window step {est.window_step_s * 1e3:.2f} ms",
         f"           {_mb(est.window_comm_bytes_per_step)} per window step, {_mb(est.comm_bytes_per_image)} per image, "
-        f"speed-up bound {est.speedup_bound:.2f}x (tau1={est.expected_tau1})",
+        f"batch of {plan.mesh.batch}: {est.latency_s:.3f} s vs {est.serial_latency_s:.3f} s serial, "
+        f"speed-up {est.speedup:.2f}x (tau1={est.expected_tau1})",
+        "meshes     " + ", ".join(f"{label} {t:.3f} s" for label, t in sorted(est.alternatives.items(), key=lambda x: x[1])),
     ]
     return "\n".join(lines)
 
@@ -103,7 +109,7 @@ def plot(plan: Plan, path: Path) -> None:
         width = s.cost_s / total
         starts[s.index] = (x, width)
         ax.barh(0, width, left=x, height=0.6, color=colours(s.index % 10), edgecolor="white")
-        ax.text(x + width / 2, 0, f"stage {s.index}\nrank {s.rank} ({plan.mesh.branch_of(s.rank)})\n"
+        ax.text(x + width / 2, 0, f"stage {s.index}\nposition {s.index} ({plan.mesh.branch_of(s.index)})\n"
                 f"{s.cost_s * 1e3:.2f} ms\n{len(s.nodes)} nodes", ha="center", va="center", fontsize=8)
         x += width
     links: dict[tuple[int, int], int] = {}

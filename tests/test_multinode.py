@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from hybridiff.runtime.requests import ImageRequest
 from hybridiff.runtime.session import RunOptions, execute
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
@@ -42,7 +43,8 @@ def test_two_nodes_with_torchrun_equal_the_emulation(plan_path, tmp_path):
             node.kill()  # never leave a launcher behind
             logs.append(node.communicate()[0] + "\n(killed after 240 s)")
     assert [node.returncode for node in nodes] == [0, 0], logs
-    emulated = execute(RunOptions(plan=plan_path, prompt="a red cube", out=tmp_path / "emu", mode="emulate", seed=0, threads=1))
+    request = (ImageRequest("a red cube", None, 0),)
+    emulated = execute(RunOptions(plan=plan_path, requests=request, out=tmp_path / "emu", mode="emulate", threads=1))
     pixels = [np.asarray(Image.open(folder / "image-0.png")) for folder in (out, tmp_path / "emu")]
     assert np.array_equal(*pixels)
-    assert "pipeline" in emulated["phases"]
+    assert "pipeline" in emulated["images"][0]["phases"]

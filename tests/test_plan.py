@@ -18,12 +18,18 @@ def test_plan_round_trips_through_json(plan, plan_path):
 
 
 def test_plan_describes_the_hybrid_schedule(plan):
-    assert [(r.rank, r.branch) for r in plan.mesh.ranks] == [(0, "uncond"), (1, "cond")]
-    assert [s.rank for s in plan.stages] == [0, 1]
+    mesh = plan.mesh
+    assert (mesh.dp, mesh.cfg, mesh.pp, mesh.world_size) == (1, 2, 1, 2)  # the paper's setting, chosen by cost
+    assert [mesh.branch_of(s.index) for s in plan.stages] == ["uncond", "cond"]
+    assert mesh.replica_ranks(0) == (0, 1) and mesh.idle_ranks == []
     assert sum("output" in s.nodes for s in plan.stages) == 1
     assert plan.cut_tensors and all(c.consumers == [1 - c.producer] for c in plan.cut_tensors)
-    assert plan.estimates.window_step_s < plan.estimates.branch_step_s
-    assert plan.estimates.speedup_bound > 1
+    assert all(c.batch_dim == 0 for c in plan.cut_tensors if c.constant is None)
+    est = plan.estimates
+    assert est.window_step_s < est.forward_s < est.forward_batch2_s
+    assert est.speedup > 1 and est.latency_s < est.serial_latency_s
+    assert set(est.alternatives) == {"dp=1,cfg=2,pp=1", "dp=1,cfg=1,pp=2"}
+    assert est.latency_s == min(est.alternatives.values())
 
 
 def _broken(plan_path, tmp_path, edit):
@@ -100,10 +106,22 @@ def test_runtime_refuses_a_plan_for_another_graph(plan_path, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_compile_refuses_unknown_models_and_meshes(tmp_path):
-    _assert_one_line_error(cli("compile", "builtin:nope", "-o", str(tmp_path / "p.json")), "unknown built-in model")
-    _assert_one_line_error(cli("compile", str(tmp_path), "-o", str(tmp_path / "p.json")), "model_index.json")
-    _assert_one_line_error(cli("compile", "builtin:tiny-sdxl", "--gpus", "3", "-o", str(tmp_path / "p.json")), "--gpus 3")
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["builtin:nope"], "unknown built-in model"),
+        (["{tmp}"], "model_index.json"),
+        (["builtin:tiny-sdxl", "--gpus", "0"], "--gpus 0"),
+        (["builtin:tiny-sdxl", "--gpus", "2", "--mesh", "dp=2,cfg=2,pp=1"], "needs 4 devices but --gpus is 2"),
+        (["builtin:tiny-sdxl", "--gpus", "2", "--mesh", "2x1"], "write it as dp=D,cfg=C,pp=P"),
+        (["builtin:tiny-sdxl", "--mesh", "dp=1,cfg=2,pp=1", "--guidance-scale", "1"], "cfg=2 splits the guidance branches"),
+        (["builtin:tiny-sdxl", "--gpus", "200"], "too few blocks to mesh 200 devices"),
+    ],
+)
+def test_compile_refuses_unknown_models_and_meshes(tmp_path, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = cli("compile", *args, "--cost", "flops", "--repeats", "1", "-o", str(tmp_path / "p.json"))
+    _assert_one_line_error(result, message)
     assert not (tmp_path / "p.json").exists()
 
 

@@ -8,71 +8,138 @@ import torch
 from PIL import Image
 
 from hybridiff.compiler.compile import branch_inputs, compile_model, trace_pipeline
+from hybridiff.errors import HybridiffError
 from hybridiff.execution import GraphRunner
 from hybridiff.plan import Schedule, load_plan
 from hybridiff.runtime.denoiser import HybridDenoiser
+from hybridiff.runtime.requests import ImageRequest
 from hybridiff.runtime.session import RunOptions, execute
 from hybridiff.runtime.transport import LocalTransport
-from tests.conftest import MODEL, cli
+from hybridiff.simulate import Workload, simulate
+from tests.conftest import MODEL, TEST_SCHEDULE, cli
 
 PROMPT = "a red cube on a table"
 
 
-def _pixels(folder):
-    return np.asarray(Image.open(folder / "image-0.png"), dtype=np.int16)
+def _pixels(folder, index=0):
+    return np.asarray(Image.open(folder / f"image-{index}.png"), dtype=np.int16)
 
 
-def _hybrid(plan_path, out):
-    result = cli("run", str(plan_path), "--prompt", PROMPT, "--seed", "3", "--threads", "1", "-o", str(out))
+def _hybrid(plan_path, out, *args):
+    result = cli("run", str(plan_path), "--prompt", PROMPT, "--seed", "3", "--threads", "1", "-o", str(out), *args)
     assert result.returncode == 0, result.stderr
     return json.loads((out / "report.json").read_text())
 
 
-def _in_process(plan_path, out, mode):
-    return execute(RunOptions(plan=plan_path, prompt=PROMPT, out=out, mode=mode, seed=3, threads=1))
+def _in_process(plan_path, out, mode, requests=(ImageRequest(PROMPT, None, 3),), **options):
+    return execute(RunOptions(plan=plan_path, requests=tuple(requests), out=out, mode=mode, threads=1, **options))
+
+
+def _same_images(a, b, count):
+    for i in range(count):
+        assert np.array_equal(_pixels(a, i), _pixels(b, i)), f"image {i}"
+
+
+PER_IMAGE = ("tau1", "tau2", "phases", "discrepancy", "comm_bytes", "comm_bytes_by_phase", "replica", "call", "seed")
 
 
 def test_two_workers_produce_exactly_the_emulated_image(plan_path, tmp_path):
     hybrid = _hybrid(plan_path, tmp_path / "hybrid")
     emulated = _in_process(plan_path, tmp_path / "emulate", "emulate")
-    assert np.array_equal(_pixels(tmp_path / "hybrid"), _pixels(tmp_path / "emulate"))
-    assert "pipeline" in hybrid["phases"], "the test schedule must enter the window"
-    for key in ("tau1", "tau2", "phases", "discrepancy", "comm_bytes", "comm_bytes_by_phase", "steps", "plan_fingerprint"):
-        assert hybrid[key] == emulated[key], key
-    # full steps: each branch leader broadcasts one 4x32x32 float32 prediction to the other rank
-    full_steps = hybrid["phases"].count("cond-partition")
-    assert hybrid["comm_bytes_by_phase"]["cond-partition"] == full_steps * 2 * 1 * 4 * 32 * 32 * 4
-    assert hybrid["comm_bytes_by_phase"]["pipeline"] > 0
-    assert hybrid["mode"] == "hybrid" and hybrid["world_size"] == 2
+    _same_images(tmp_path / "hybrid", tmp_path / "emulate", 1)
+    image = hybrid["images"][0]
+    assert "pipeline" in image["phases"], "the test schedule must enter the window"
+    for key in PER_IMAGE:
+        assert image[key] == emulated["images"][0][key], key
+    assert hybrid["totals"] == {**emulated["totals"], "denoise_s": hybrid["totals"]["denoise_s"],
+                                "images_per_s": hybrid["totals"]["images_per_s"]}
+    # full steps: each branch's rank broadcasts one 4x32x32 float32 prediction to the other rank
+    full_steps = image["phases"].count("cond-partition")
+    assert image["comm_bytes_by_phase"]["cond-partition"] == full_steps * 2 * 1 * 4 * 32 * 32 * 4
+    assert hybrid["mode"] == "hybrid" and hybrid["world_size"] == 2 and hybrid["mesh"] == "dp=1,cfg=2,pp=1"
     plan = load_plan(plan_path)
-    if hybrid["tau1"] == plan.estimates.expected_tau1:
-        assert hybrid["comm_bytes"] == plan.estimates.comm_bytes_per_image
-    assert hybrid["latency_s"] > 0
-    assert hybrid["phases"].count("pipeline") == 3  # k
+    assert image["tau1"] == plan.estimates.expected_tau1  # random weights: the rule falls back to tau_cap
+    assert image["comm_bytes"] == plan.estimates.comm_bytes_per_image
+    assert image["latency_s"] > 0 and image["phases"].count("pipeline") == 3  # k
 
 
-@pytest.mark.parametrize("devices", [4, 8])
-def test_more_workers_produce_exactly_the_emulated_image(plans_by_devices, devices, tmp_path):
-    """Correctness only: 4 and 8 workers oversubscribe this machine's cores."""
-    plans_by_devices[devices].save(tmp_path / "plan.json")
-    hybrid = _hybrid(tmp_path / "plan.json", tmp_path / "hybrid")
-    emulated = _in_process(tmp_path / "plan.json", tmp_path / "emulate", "emulate")
-    assert np.array_equal(_pixels(tmp_path / "hybrid"), _pixels(tmp_path / "emulate"))
-    assert hybrid["world_size"] == devices and "pipeline" in hybrid["phases"]
-    for key in ("tau1", "tau2", "phases", "discrepancy", "comm_bytes", "comm_bytes_by_phase"):
-        assert hybrid[key] == emulated[key], key
-    if hybrid["tau1"] == plans_by_devices[devices].estimates.expected_tau1:
-        assert hybrid["comm_bytes"] == plans_by_devices[devices].estimates.comm_bytes_per_image
+# Every kind of mesh for 1, 2, 3, 4 and 8 devices; ``images`` > 1 splits rows across a group's
+# devices outside the window and batches them inside it. More than 2 workers oversubscribe this
+# machine's cores: these check correctness only.
+MESHES = [
+    (1, None, 1, 5.0),  # a single device: dp=1,cfg=1,pp=1
+    (2, "dp=2,cfg=1,pp=1", 3, 5.0),  # pure data parallelism, 2 + 1 images
+    (2, "dp=1,cfg=1,pp=2", 2, 5.0),  # both branches on every stage: exact guidance in the window
+    (2, None, 2, 1.0),  # no guidance: cfg=1 pure stale-activation pipeline
+    (3, None, 1, 5.0),  # odd: one group per branch, one device idle
+    (3, "dp=1,cfg=1,pp=3", 2, 5.0),  # odd: three stages over the whole batch
+    (4, "dp=1,cfg=2,pp=2", 3, 5.0),  # two devices per branch, 3 images split 2 + 1
+    (4, "dp=2,cfg=2,pp=1", 2, 5.0),
+    (8, "dp=2,cfg=2,pp=2", 3, 5.0),
+]
+
+
+@pytest.mark.parametrize("devices, mesh, images, guidance", MESHES)
+def test_every_mesh_produces_exactly_the_emulated_images(devices, mesh, images, guidance, tmp_path):
+    schedule = TEST_SCHEDULE.model_copy(update={"guidance_scale": guidance})
+    plan = compile_model(MODEL, devices, schedule, repeats=1, threads=1, cost="flops", mesh=mesh, batch=images)
+    if mesh:
+        assert plan.mesh.label == mesh
+    plan.save(tmp_path / "plan.json")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f'{{"prompt": "{PROMPT} {i}", "seed": {i}}}\n' for i in range(images)))
+    result = cli("run", str(tmp_path / "plan.json"), "--prompts", str(prompts), "--threads", "1", "-o", str(tmp_path / "hybrid"))
+    assert result.returncode == 0, result.stderr
+    hybrid = json.loads((tmp_path / "hybrid" / "report.json").read_text())
+    requests = [ImageRequest(f"{PROMPT} {i}", None, i) for i in range(images)]
+    emulated = _in_process(tmp_path / "plan.json", tmp_path / "emulate", "emulate", requests)
+    _same_images(tmp_path / "hybrid", tmp_path / "emulate", images)
+    assert hybrid["world_size"] == devices and len(hybrid["images"]) == images
+    for mine, theirs in zip(hybrid["images"], emulated["images"]):
+        for key in PER_IMAGE:
+            assert mine[key] == theirs[key], key
+        assert "pipeline" in mine["phases"] or plan.mesh.replica_size == 1
+    # The simulator predicts the traffic exactly (the window starts at tau_cap here).
+    predicted = simulate(plan.mesh, Workload.from_plan(plan), plan.schedule, images)
+    assert hybrid["totals"]["comm_bytes_by_phase"] == predicted.comm_bytes_by_phase
+
+
+def test_a_prompts_file_gives_one_image_and_report_entry_per_request(plan, tmp_path):
+    batched = compile_model(MODEL, 2, TEST_SCHEDULE, repeats=1, threads=1, cost="flops", batch=2)
+    batched.save(tmp_path / "plan.json")
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [
+        {"prompt": "a red cube"},
+        {"prompt": "a blue ball", "seed": 11},
+        {"prompt": "a green cone", "negative_prompt": "blurry"},
+        {"prompt": "a white tree", "seed": 5, "negative_prompt": "dark"},
+    ]
+    prompts.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    args = ["--prompts", str(prompts), "--num-images-per-prompt", "2", "--seed", "100", "--threads", "1"]
+    result = cli("run", str(tmp_path / "plan.json"), *args, "-o", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [e["index"] for e in report["images"]] == list(range(8))
+    assert [(e["prompt"], e["seed"]) for e in report["images"]] == [
+        ("a red cube", 100), ("a red cube", 101), ("a blue ball", 11), ("a blue ball", 12),
+        ("a green cone", 100), ("a green cone", 101), ("a white tree", 5), ("a white tree", 6),
+    ]
+    assert [e["negative_prompt"] for e in report["images"]][4:] == ["blurry", "blurry", "dark", "dark"]
+    assert all((tmp_path / "out" / f"image-{i}.png").is_file() for i in range(8))
+    assert report["totals"]["images"] == 8 and report["totals"]["calls"] == 4  # 2 images per call
+    assert report["totals"]["comm_bytes"] == sum(e["comm_bytes"] for e in report["images"][::2])
+    # The same request alone gives the same image: batching shares steps, not randomness.
+    single = _in_process(tmp_path / "plan.json", tmp_path / "single", "emulate", [ImageRequest("a blue ball", None, 12)])
+    diff = np.abs(_pixels(tmp_path / "single") - _pixels(tmp_path / "out", 3))
+    assert single["images"][0]["seed"] == 12 and diff.max() <= 2, diff.max()
 
 
 def test_cached_window_guidance_runs_distributed_like_its_emulation(plan_path, tmp_path):
-    args = ["--prompt", PROMPT, "--seed", "3", "--threads", "1", "--window-guidance", "cached"]
-    result = cli("run", str(plan_path), *args, "-o", str(tmp_path / "hybrid"))
-    assert result.returncode == 0, result.stderr
-    assert cli("run", str(plan_path), *args, "--emulate", "-o", str(tmp_path / "emulate")).returncode == 0
-    hybrid = json.loads((tmp_path / "hybrid" / "report.json").read_text())
-    assert hybrid["window_guidance"] == "cached" and "pipeline" in hybrid["phases"]
-    assert np.array_equal(_pixels(tmp_path / "hybrid"), _pixels(tmp_path / "emulate"))
+    hybrid = _hybrid(plan_path, tmp_path / "hybrid", "--window-guidance", "cached")
+    emulated = _in_process(plan_path, tmp_path / "emulate", "emulate", window_guidance="cached")
+    assert hybrid["window_guidance"] == emulated["window_guidance"] == "cached"
+    assert "pipeline" in hybrid["images"][0]["phases"]
+    _same_images(tmp_path / "hybrid", tmp_path / "emulate", 1)
 
 
 def test_plan_without_window_matches_the_stock_pipeline(plan, tmp_path):
@@ -80,10 +147,16 @@ def test_plan_without_window_matches_the_stock_pipeline(plan, tmp_path):
     no_window.save(tmp_path / "k0.json")
     hybrid = _hybrid(tmp_path / "k0.json", tmp_path / "hybrid")
     serial = _in_process(tmp_path / "k0.json", tmp_path / "serial", "serial")
-    assert set(hybrid["phases"]) == {"cond-partition"}
+    assert set(hybrid["images"][0]["phases"]) == {"cond-partition"}
     diff = np.abs(_pixels(tmp_path / "hybrid") - _pixels(tmp_path / "serial"))
     assert diff.max() <= 1, f"max pixel difference {diff.max()}/255"
-    assert hybrid["discrepancy"] == pytest.approx(serial["discrepancy"], rel=1e-4)
+    assert hybrid["images"][0]["discrepancy"] == pytest.approx(serial["images"][0]["discrepancy"], rel=1e-4)
+
+
+def test_a_split_branch_plan_refuses_an_unguided_run(plan_path, tmp_path):
+    with pytest.raises(HybridiffError, match="splits the guidance branches"):
+        _in_process(plan_path, tmp_path / "out", "emulate", guidance_scale=1.0)
+    assert not (tmp_path / "out").exists()
 
 
 class _CountingRunner(GraphRunner):
@@ -103,10 +176,10 @@ def test_window_uses_one_step_stale_cut_tensors(traced, unet_call, plans_by_devi
     schedule = Schedule(steps=6, guidance_scale=5.0, L=1, g_slope=1e-9, tau_cap=1, k=3, window_guidance=guidance)
     plan = plans_by_devices[devices].model_copy(update={"schedule": schedule})
     traced = trace_pipeline(traced.pipe, plan.graph.refined)
-    denoiser = HybridDenoiser(traced, plan, LocalTransport(devices))
+    denoiser = HybridDenoiser(traced, plan, LocalTransport(plan.mesh.replica_ranks(0)))
     counting = _CountingRunner(traced.graph)
     denoiser.runner = counting
-    denoiser.begin_image(schedule.steps)
+    denoiser.begin_call(schedule.steps, guided=True)
 
     args, kwargs = unet_call
     kwargs = {**kwargs, "return_dict": False}
@@ -123,12 +196,12 @@ def test_window_uses_one_step_stale_cut_tensors(traced, unet_call, plans_by_devi
     ref = GraphRunner(traced.graph)
     full = ref.program([n.name for n in traced.graph.graph.nodes if n.op != "placeholder"], keep=[c.node for c in plan.cut_tensors])
     programs = [ref.program(s.recompute + s.nodes, keep=[c.node for c in plan.cut_tensors if c.producer == s.index]) for s in plan.stages]
-    constants = {c.node: c.runtime_value for c in plan.cut_tensors if c.constant is not None}
+    constants = {c.node: c.runtime_value() for c in plan.cut_tensors if c.constant is not None}
     owner = next(s.index for s in plan.stages if "output" in s.nodes)
     with torch.inference_mode():
         branches = [branch_inputs(traced.adapter.inputs_from_call(x, args[1], *args[2:], **kwargs)) for x in samples]
         def window_branch(stage):
-            return plan.mesh.branch_of(stage.rank) if guidance == "mixed" else "cond"
+            return plan.mesh.branch_of(stage.index) if guidance == "mixed" else "cond"
 
         stale, direction = None, None
         for step in range(schedule.steps):

@@ -238,6 +238,13 @@ class SD3Adapter:
             "timestep": timestep.expand(hidden_states.shape[0]),
         }
 
+    @staticmethod
+    def wrap_output(prediction: torch.Tensor, return_dict: bool) -> Any:
+        """The prediction in the form ``SD3Transformer2DModel.forward`` returns it."""
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=prediction) if return_dict else (prediction,)
+
     def trace(self) -> fx.GraphModule:
         root = _SD3Forward(self.model)
         graph = BlockTracer(default_leaves(self.model)).trace(root)

@@ -50,7 +50,7 @@ def chain_stages(gm: fx.GraphModule, plan: Plan, inputs: dict[str, Any]) -> Any:
     other stages declared: equal to the model's forward exactly when the partition is correct.
     """
     runner = GraphRunner(gm)
-    constants = {c.node: c.runtime_value for c in plan.cut_tensors if c.constant is not None}
+    constants = {c.node: c.runtime_value() for c in plan.cut_tensors if c.constant is not None}
     envs = {s.index: {**inputs, **constants} for s in plan.stages}
     consumers = {c.node: c.consumers for c in plan.cut_tensors if c.constant is None}
     stage_of = {n: s.index for s in plan.stages for n in s.nodes}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -13,15 +13,17 @@ import hybridiff
 from hybridiff import device as devices
 from hybridiff.compiler import schedule as sched
 from hybridiff.compiler.cost import DeviceModel, NodeMeasure, device_of, forward_time, profile_nodes
-from hybridiff.compiler.adapters import UNetAdapter
 from hybridiff.compiler.balance import balance
-from hybridiff.compiler.partition import Partition, best_partition, dependency_graph, replicated_needed
+from hybridiff.compiler.mesh import candidate_meshes, parse_mesh
+from hybridiff.compiler.partition import CutValue, Partition, best_partition, dependency_graph, replicated_needed
 from hybridiff.compiler.refine import apply_refinements
-from hybridiff.compiler.trace import Leaf, capture_denoiser_call, graph_fingerprint, trace_module
+from hybridiff.compiler.trace import Leaf, adapter_for, capture_denoiser_call, graph_fingerprint, trace_module
 from hybridiff.errors import HybridiffError
+from hybridiff.execution import GraphRunner
 from hybridiff.models import load_pipeline, resolve_source
 from hybridiff.models.arch import build_on_device
-from hybridiff.plan import CutTensor, Estimates, GraphInfo, Mesh, ModelRef, Plan, RankRole, Schedule, Stage
+from hybridiff.plan import CutTensor, Estimates, GraphInfo, Mesh, ModelRef, Plan, Schedule, Stage
+from hybridiff.simulate import Workload, serial_latency, simulate, step_seconds, window_step
 
 #: Default link bandwidth: PCIe 3.0 x16 moves ~15.75 GB/s raw, ~100 Gbit/s in practice.
 DEFAULT_LINK_GBPS = 100.0
@@ -32,15 +34,29 @@ class TracedModel:
     """A loaded pipeline with its traced denoiser: what both compiler and runtime start from."""
 
     pipe: Any
-    adapter: UNetAdapter
+    #: The pipeline attribute holding the denoiser: "unet" or "transformer".
+    attr: str
+    adapter: Any
     graph: fx.GraphModule
     fingerprint: str
 
+    @property
+    def denoiser(self) -> nn.Module:
+        return getattr(self.pipe, self.attr)
+
 
 def trace_pipeline(pipe: Any, refined: Iterable[str] = ()) -> TracedModel:
-    adapter = UNetAdapter(pipe.unet)
+    attr = denoiser_attr(pipe)
+    adapter = adapter_for(getattr(pipe, attr))
     graph = apply_refinements(adapter.trace(), refined)
-    return TracedModel(pipe, adapter, graph, graph_fingerprint(graph))
+    return TracedModel(pipe, attr, adapter, graph, graph_fingerprint(graph))
+
+
+def denoiser_attr(pipe: Any) -> str:
+    for attr in ("unet", "transformer"):
+        if getattr(pipe, attr, None) is not None:
+            return attr
+    raise HybridiffError(f"{type(pipe).__name__} has neither a unet nor a transformer; hybridiff drives denoising pipelines")
 
 
 def branch_inputs(inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -60,6 +76,8 @@ def compile_model(
     threads: int | None = None,
     dtype: str = "float32",
     cost: str = "time",
+    mesh: str | None = None,
+    batch: int = 1,
 ) -> Plan:
     """Compile ``model`` (``builtin:NAME`` or a diffusers folder) into a plan for ``gpus`` devices."""
     _check_gpus(gpus)
@@ -69,22 +87,31 @@ def compile_model(
     traced = trace_pipeline(load_pipeline(source, dtype, device))
     pipe = traced.pipe
     scale = pipe.vae_scale_factor
-    height = height or pipe.unet.config.sample_size * scale
-    width = width or pipe.unet.config.sample_size * scale
-    args, kwargs = capture_denoiser_call(pipe, height, width, schedule.guidance_scale)
+    height = height or traced.denoiser.config.sample_size * scale
+    width = width or traced.denoiser.config.sample_size * scale
+    # A guided call gives one row per branch and the two-row (serial CFG) batch to time.
+    args, kwargs = capture_denoiser_call(pipe, height, width, guidance_scale=5.0)
     both = traced.adapter.inputs_from_call(*args, **kwargs)
     _, cond = branch_inputs(both)
     return compile_graph(
         traced.graph,
         latent=traced.adapter.latent,
         branch_inputs=cond,
-        serial_step_s=forward_time(traced.graph, both, repeats),
-        model=ModelRef(source=source, denoiser="unet", height=height, width=width, dtype=dtype),
+        forward_batch2_s=forward_time(traced.graph, both, repeats),
+        model=ModelRef(
+            source=source,
+            denoiser="unet" if traced.attr == "unet" else "sd3-transformer",
+            height=height,
+            width=width,
+            dtype=dtype,
+        ),
         gpus=gpus,
         schedule=schedule,
         link_gbps=link_gbps,
         repeats=repeats,
         cost=cost,
+        mesh=mesh,
+        batch=batch,
         device=devices.describe(device),
     )
 
@@ -100,6 +127,8 @@ def compile_module(
     link_gbps: float = DEFAULT_LINK_GBPS,
     repeats: int = 5,
     cost: str = "time",
+    mesh: str | None = None,
+    batch: int = 1,
 ) -> Plan:
     """Compile any denoiser ``nn.Module`` from one branch's example inputs (the Python API).
 
@@ -117,13 +146,15 @@ def compile_module(
         graph,
         latent=latent,
         branch_inputs=inputs,
-        serial_step_s=None,
+        forward_batch2_s=None,
         model=ModelRef(source=f"python:{type(model).__module__}.{type(model).__qualname__}", denoiser="custom", dtype=dtype),
         gpus=gpus,
         schedule=schedule,
         link_gbps=link_gbps,
         repeats=repeats,
         cost=cost,
+        mesh=mesh,
+        batch=batch,
         device=devices.describe(device_of(inputs)),
     )
 
@@ -138,6 +169,8 @@ def compile_arch(
     device_model: DeviceModel | None = None,
     profile: bool = False,
     repeats: int = 10,
+    mesh: str | None = None,
+    batch: int = 1,
 ) -> Plan:
     """Compile a published architecture at ``resolution`` pixels.
 
@@ -190,7 +223,7 @@ def compile_arch(
         traced.graph,
         latent=traced.latent,
         branch_inputs=traced.inputs,
-        serial_step_s=serial,
+        forward_batch2_s=serial,
         model=ModelRef(
             source=f"arch:{arch}",
             denoiser="unet" if isinstance(model, UNet2DConditionModel) else "sd3-transformer",
@@ -203,6 +236,8 @@ def compile_arch(
         link_gbps=link_gbps,
         repeats=repeats if profile else 1,
         cost="time" if profile else "roofline",
+        mesh=mesh,
+        batch=batch,
         device=devices.describe(device) if profile else device_model.name,
         device_model=device_model,
     )
@@ -213,7 +248,7 @@ def compile_graph(
     *,
     latent: str,
     branch_inputs: dict[str, Any],
-    serial_step_s: float | None,
+    forward_batch2_s: float | None,
     model: ModelRef,
     gpus: int,
     schedule: Schedule,
@@ -222,39 +257,78 @@ def compile_graph(
     cost: str,
     device: str,
     device_model: DeviceModel | None = None,
+    mesh: str | None = None,
+    batch: int = 1,
 ) -> Plan:
-    """Cost and partition a traced graph given one guidance branch's inputs.
+    """Cost and partition a traced graph given one guidance branch's inputs (one row).
 
-    ``serial_step_s`` is the cost of one step on one device with both branches batched;
-    without it (custom models) the estimate assumes twice the batch-1 forward.
+    Every candidate mesh (or the one ``mesh`` names) is simulated for ``batch`` images and the
+    fastest becomes the plan. ``forward_batch2_s`` is a forward of two rows, the serial CFG
+    step; without it (custom models) the estimate assumes twice the one-row forward.
     """
+    if batch < 1:
+        raise HybridiffError(f"--batch {batch}: need at least one image")
     link_bytes_per_s = link_gbps * 1e9 / 8
-
-    def costed_split(gm: fx.GraphModule) -> tuple[dict[str, NodeMeasure], Partition]:
-        measures = profile_nodes(gm, branch_inputs, repeats, cost, device_model)
-        return measures, best_partition(gm, measures, gpus, link_bytes_per_s, latent)
-
-    graph, refined, measures, partition = balance(graph, costed_split)
-    prediction_bytes = partition.output_bytes
+    meshes = [parse_mesh(mesh, gpus, schedule.guided, batch)] if mesh else candidate_meshes(gpus, schedule.guided, batch)
     if cost == "roofline":
-        forward = sum(m.cost_s for m in measures.values())
+        forward = sum(m.cost_s for m in profile_nodes(graph, branch_inputs, 1, cost, device_model).values())
     else:
         forward = forward_time(graph, branch_inputs, repeats)
-    branch_step = forward + prediction_bytes * (gpus - 1) / link_bytes_per_s
-    serial_step = serial_step_s if serial_step_s is not None else 2 * forward
-    hybrid = sched.hybrid_latency(schedule, branch_step, partition.window_step_s)
-    cut_bytes = sum(c.bytes * len(c.consumers) for c in partition.cuts)
+    forward2 = forward_batch2_s if forward_batch2_s is not None else 2 * forward
+
+    def costed_split(num_stages: int) -> Callable[[fx.GraphModule], tuple[dict[str, NodeMeasure], Partition]]:
+        def split(gm: fx.GraphModule) -> tuple[dict[str, NodeMeasure], Partition]:
+            measures = profile_nodes(gm, branch_inputs, repeats, cost, device_model)
+            return measures, best_partition(gm, measures, num_stages, link_bytes_per_s, latent)
+
+        return split
+
+    splits: dict[int, tuple[fx.GraphModule, list[str], dict[str, NodeMeasure], Partition]] = {}
+    simulated: dict[str, tuple[float, Mesh, Workload]] = {}
+    for candidate in meshes:
+        stages = candidate.replica_size
+        if stages not in splits:
+            try:
+                splits[stages] = balance(graph, costed_split(stages))
+            except ValueError as e:
+                if mesh:
+                    raise HybridiffError(f"--mesh {mesh}: {e}; use fewer pipeline stages") from None
+                continue
+        partition = splits[stages][3]
+        work = Workload(
+            forward_s=forward,
+            forward_batch2_s=forward2,
+            stage_costs=partition.stage_costs,
+            links=tuple((c.producer, to, c.bytes) for c in partition.cuts if c.constant is None for to in c.consumers),
+            output_stage=next(i for i, nodes in enumerate(partition.stages) if "output" in nodes),
+            prediction_bytes=partition.output_bytes,
+            link_bytes_per_s=link_bytes_per_s,
+        )
+        simulated[candidate.label] = (simulate(candidate, work, schedule, batch).latency_s, candidate, work)
+    if not simulated:
+        raise HybridiffError(f"--gpus {gpus}: the graph has too few blocks to mesh {gpus} devices; use fewer devices")
+    # Fastest first; on a tie, fewer idle devices, then split guidance branches (cfg = 2).
+    latency, chosen, work = min(simulated.values(), key=lambda v: (round(v[0], 9), len(v[1].idle_ranks), -v[1].cfg, v[1].dp))
+    graph, refined, measures, partition = splits[chosen.replica_size]
+    one = simulate(chosen.model_copy(update={"batch": 1}), work, schedule, 1)
+    window = window_step(chosen, work, 2 if schedule.guided else 1, schedule.window_guidance)
+    serial = serial_latency(work, schedule, batch)
+    doubled = _two_row_values(graph, branch_inputs, [c.node for c in partition.cuts])
     estimates = Estimates(
         device=device,
         threads=torch.get_num_threads(),
         link_gbps=link_gbps,
-        serial_step_s=serial_step,
-        branch_step_s=branch_step,
-        window_step_s=partition.window_step_s,
+        forward_s=forward,
+        forward_batch2_s=forward2,
+        prediction_bytes=partition.output_bytes,
+        window_step_s=step_seconds(window),
         window_comm_bytes_per_step=partition.window_comm_bytes_per_step,
-        comm_bytes_per_image=sched.comm_bytes_per_image(schedule, gpus, prediction_bytes, cut_bytes, partition.output_bytes),
+        comm_bytes_per_image=one.comm_bytes,
         expected_tau1=sched.expected_tau1(schedule),
-        speedup_bound=schedule.steps * serial_step / hybrid,
+        latency_s=latency,
+        serial_latency_s=serial,
+        speedup=serial / latency,
+        alternatives={label: v[0] for label, v in simulated.items()},
     )
     return Plan(
         hybridiff_version=hybridiff.__version__,
@@ -266,33 +340,57 @@ def compile_graph(
             refined=refined,
             replicated=list(partition.replicated),
         ),
-        mesh=Mesh(
-            world_size=gpus,
-            ranks=[RankRole(rank=r, branch="uncond" if r < gpus // 2 else "cond") for r in range(gpus)],
-        ),
+        mesh=chosen,
         stages=_stages(graph, partition),
-        cut_tensors=[
-            CutTensor(
-                node=c.node,
-                producer=c.producer,
-                consumers=list(c.consumers),
-                shape=list(measures[c.node].shape or ()),
-                dtype=measures[c.node].dtype or "constant",
-                bytes=c.bytes,
-                constant=list(c.constant) if isinstance(c.constant, tuple) else c.constant,
-            )
-            for c in partition.cuts
-        ],
+        cut_tensors=[_cut_tensor(c, measures[c.node], doubled.get(c.node)) for c in partition.cuts],
         schedule=schedule,
         estimates=estimates,
     )
 
 
+def _two_row_values(graph: fx.GraphModule, one_row: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The values of ``names`` when the graph runs two rows: shows how each grows with rows.
+
+    Empty when the graph cannot run two rows (torch.export graphs are specialised to their
+    example shapes): the plan then records no batch dimension and runs one row per stage."""
+    two = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() else v for k, v in one_row.items()}
+    runner = GraphRunner(graph)
+    program = runner.program([n.name for n in graph.graph.nodes if n.op != "placeholder"], keep=names)
+    try:
+        with torch.inference_mode():
+            return runner.run(program, two)
+    except Exception:  # noqa: BLE001 - any failure means the same: rows cannot grow
+        return {}
+
+
+def _cut_tensor(cut: CutValue, one: NodeMeasure, two: Any) -> CutTensor:
+    """A plan entry for ``cut`` from its one-row measure and its two-row value (None: unknown)."""
+    batch_dim = per_row = None
+    if isinstance(two, torch.Tensor):
+        grown = [d for d, (a, b) in enumerate(zip(one.shape or (), two.shape)) if a != b]
+        if len(grown) == 1 and two.shape[grown[0]] == 2 * one.shape[grown[0]]:
+            batch_dim = grown[0]
+    elif cut.constant is not None and two is not None and two != cut.constant:
+        if isinstance(two, tuple) and isinstance(cut.constant, tuple) and len(two) == len(cut.constant):
+            per_row = [b - a for a, b in zip(cut.constant, two)]
+        elif isinstance(two, (int, float)):
+            per_row = two - cut.constant
+    return CutTensor(
+        node=cut.node,
+        producer=cut.producer,
+        consumers=list(cut.consumers),
+        shape=list(one.shape or ()),
+        dtype=one.dtype or "constant",
+        bytes=cut.bytes,
+        batch_dim=batch_dim,
+        constant=list(cut.constant) if isinstance(cut.constant, tuple) else cut.constant,
+        constant_per_row=per_row,
+    )
+
+
 def _check_gpus(gpus: int) -> None:
-    if gpus < 2 or gpus % 2:
-        raise HybridiffError(
-            f"--gpus {gpus}: plans need an even number of at least 2 devices (one group per guidance branch)"
-        )
+    if gpus < 1:
+        raise HybridiffError(f"--gpus {gpus}: a plan needs at least one device")
 
 
 def _stages(gm: fx.GraphModule, partition: Partition) -> list[Stage]:
@@ -302,5 +400,5 @@ def _stages(gm: fx.GraphModule, partition: Partition) -> list[Stage]:
     stages = []
     for index, (nodes, cost, sent) in enumerate(zip(partition.stages, partition.stage_costs, partition.stage_sent_bytes)):
         recompute = sorted(replicated_needed(g, rep, set(nodes)), key=order.__getitem__)
-        stages.append(Stage(index=index, rank=index, nodes=list(nodes), recompute=recompute, cost_s=cost, send_bytes=sent))
+        stages.append(Stage(index=index, nodes=list(nodes), recompute=recompute, cost_s=cost, send_bytes=sent))
     return stages

@@ -53,6 +53,17 @@ def register_adapter(cls: type, factory: Callable[[nn.Module], Any]) -> None:
     ADAPTERS[cls] = factory
 
 
+def adapter_for(model: nn.Module) -> Any:
+    """The registered adapter for ``model``'s class (or a base class), or a one-line error."""
+    for cls in type(model).__mro__:
+        if cls in ADAPTERS:
+            return ADAPTERS[cls](model)
+    raise HybridiffError(
+        f"no tracing adapter for {type(model).__name__}; pipelines run with UNet2DConditionModel or "
+        "SD3Transformer2DModel denoisers, or one registered with hybridiff.register_adapter"
+    )
+
+
 def default_leaves(model: nn.Module) -> set[nn.Module]:
     """Block granularity: the model's children, with module lists opened one level."""
     leaves: set[nn.Module] = set()
@@ -203,7 +214,7 @@ class _Captured(Exception):
 
 
 def capture_denoiser_call(pipe: Any, height: int, width: int, guidance_scale: float) -> tuple[tuple, dict]:
-    """The arguments a stock pipeline passes to its UNet on the first denoising step.
+    """The arguments a stock pipeline passes to its denoiser on the first denoising step.
 
     Running the pipeline's own preprocessing (text encoders, added time ids, latent
     preparation) gives example inputs of exactly the shapes and dtypes the runtime will see,
@@ -215,7 +226,8 @@ def capture_denoiser_call(pipe: Any, height: int, width: int, guidance_scale: fl
         seen["call"] = (args, kwargs)
         raise _Captured
 
-    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         pipe(
             prompt="an example prompt",

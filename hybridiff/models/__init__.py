@@ -13,9 +13,10 @@ import torch
 from diffusers import DiffusionPipeline
 
 from hybridiff.errors import HybridiffError
+from hybridiff.models.tiny_sd3 import build_tiny_sd3
 from hybridiff.models.tiny_sdxl import build_tiny_sdxl
 
-BUILTINS: dict[str, Callable[[], DiffusionPipeline]] = {"tiny-sdxl": build_tiny_sdxl}
+BUILTINS: dict[str, Callable[[], DiffusionPipeline]] = {"tiny-sdxl": build_tiny_sdxl, "tiny-sd3": build_tiny_sd3}
 BUILTIN_PREFIX = "builtin:"
 
 
@@ -44,7 +45,7 @@ def load_pipeline(model: str, dtype: str = "float32", device: str | torch.device
         pipe.to(device=device, dtype=None if torch_dtype == torch.float32 else torch_dtype)
     else:
         pipe = DiffusionPipeline.from_pretrained(source, dtype=torch_dtype, local_files_only=True).to(device)
-    if not hasattr(pipe, "unet"):
-        raise HybridiffError(f"model {model!r} has no UNet denoiser; hybridiff supports UNet2DConditionModel pipelines")
+    if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is None:
+        raise HybridiffError(f"model {model!r} has no unet or transformer denoiser; hybridiff drives denoising pipelines")
     pipe.set_progress_bar_config(disable=True)
     return pipe

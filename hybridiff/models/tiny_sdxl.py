@@ -132,7 +132,7 @@ def _train_bpe_merges(words: list[str]) -> list[tuple[str, str]]:
     return merges
 
 
-def _build_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
+def build_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Byte alphabet (plain and end-of-word), learned word pieces, then BOS/EOS last (as in CLIP)."""
     alphabet = _byte_alphabet()
     merges = _train_bpe_merges(sorted(set(_COMMON_WORDS)))
@@ -145,7 +145,7 @@ def _build_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges
 
 
-def _build_tokenizer(
+def build_tokenizer(
     vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str
 ) -> CLIPTokenizer:
     return CLIPTokenizer(
@@ -159,14 +159,18 @@ def _build_tokenizer(
     )
 
 
-def _text_config(
-    tokenizer: CLIPTokenizer, hidden_size: int, num_heads: int, hidden_act: str
+def text_config(
+    tokenizer: CLIPTokenizer,
+    hidden_size: int,
+    num_heads: int,
+    hidden_act: str,
+    projection_dim: int = TEXT_ENCODER_2_PROJECTION_DIM,
 ) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
-        projection_dim=TEXT_ENCODER_2_PROJECTION_DIM,
+        projection_dim=projection_dim,
         num_hidden_layers=2,  # SDXL reads hidden_states[-2], so at least two layers
         num_attention_heads=num_heads,
         max_position_embeddings=MODEL_MAX_LENGTH,
@@ -200,7 +204,8 @@ def _build_unet() -> UNet2DConditionModel:
     )
 
 
-def _build_vae() -> AutoencoderKL:
+def build_vae(latent_channels: int = LATENT_CHANNELS, scaling_factor: float = 0.13025, **extra: object) -> AutoencoderKL:
+    """A 3-block KL autoencoder (128 x 128 images); defaults are SDXL's latent space."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -208,10 +213,11 @@ def _build_vae() -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * len(VAE_BLOCK_OUT_CHANNELS),
         block_out_channels=VAE_BLOCK_OUT_CHANNELS,
         layers_per_block=1,
-        latent_channels=LATENT_CHANNELS,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         sample_size=IMAGE_SIZE,
-        scaling_factor=0.13025,  # SDXL's VAE scaling factor
+        scaling_factor=scaling_factor,
+        **extra,
     )
 
 
@@ -231,23 +237,23 @@ def _build_scheduler() -> EulerDiscreteScheduler:
 
 def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
     """Build a tiny random-weight SDXL pipeline (fp32, eval mode, 128 x 128 default images)."""
-    vocab, merges = _build_vocabulary()
-    tokenizer = _build_tokenizer(vocab, merges, pad_token=EOS_TOKEN)
-    tokenizer_2 = _build_tokenizer(vocab, merges, pad_token="!")  # as in SDXL's tokenizer_2
+    vocab, merges = build_vocabulary()
+    tokenizer = build_tokenizer(vocab, merges, pad_token=EOS_TOKEN)
+    tokenizer_2 = build_tokenizer(vocab, merges, pad_token="!")  # as in SDXL's tokenizer_2
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(
-            _text_config(tokenizer, TEXT_ENCODER_1_HIDDEN, num_heads=2, hidden_act="quick_gelu")
+            text_config(tokenizer, TEXT_ENCODER_1_HIDDEN, num_heads=2, hidden_act="quick_gelu")
         )
         torch.manual_seed(seed)
         text_encoder_2 = CLIPTextModelWithProjection(
-            _text_config(tokenizer_2, TEXT_ENCODER_2_HIDDEN, num_heads=4, hidden_act="gelu")
+            text_config(tokenizer_2, TEXT_ENCODER_2_HIDDEN, num_heads=4, hidden_act="gelu")
         )
         torch.manual_seed(seed)
         unet = _build_unet()
         torch.manual_seed(seed)
-        vae = _build_vae()
+        vae = build_vae()
 
     for model in (text_encoder, text_encoder_2, unet, vae):
         model.float().eval()  # diffusers' `.to(dtype)` logs a keep-in-fp32 warning; `.float()` does not

@@ -1,23 +1,27 @@
-"""Rank-aware stand-ins for a pipeline's UNet.
+"""Rank-aware stand-ins for a pipeline's denoiser (``pipe.unet`` or ``pipe.transformer``).
 
-``HybridDenoiser`` replaces ``pipe.unet`` inside a stock diffusers pipeline: the pipeline keeps
+``HybridDenoiser`` replaces the denoiser inside a stock diffusers pipeline: the pipeline keeps
 doing text encoding, CFG batching, guidance, the scheduler step, callbacks and decoding, and
-every call to "the UNet" runs one step of the plan's schedule instead:
+every call to "the denoiser" runs one step of the plan's schedule for one replica of the mesh.
+A call carries ``rows`` rows (the CFG batch ``[uncond; cond]`` of the replica's images, or just
+the images without guidance); ``Mesh`` says which rows each position computes:
 
-- cond-partition step: the leader of each branch group runs the whole graph for its branch
-  at batch 1 and broadcasts the prediction, so every rank returns the same ``[eps_u; eps_c]``
-  batch and the pipeline's guidance and scheduler step stay identical everywhere. The rule for
-  entering the window is evaluated here from the two predictions.
-- pipeline step: each rank runs only its stage, with its branch's conditioning, on the fresh
-  latent and on the cut tensors its producers sent one step earlier; the last stage's output
-  is broadcast. With ``window_guidance="mixed"`` (the paper) each stage uses its rank's branch
-  and the one mixed prediction is returned as both halves: guidance is off inside the window.
-  With ``"cached"`` every stage uses the conditional branch and the guidance direction
-  ``eps_c - eps_u`` of tau1's full step is added back, so guidance is kept at no extra compute.
+- fully connected step: each position runs the whole graph on its own chunk of its group's
+  rows and broadcasts its predictions to the replica, so every rank returns the same batch
+  and the pipeline's guidance and scheduler step stay identical everywhere. The rule for
+  entering the window is evaluated here from the two branches' predictions.
+- window step: each position runs only its stage, on its window rows, on the fresh latent and
+  on the cut tensors its producers sent one step earlier; the last stage's output is
+  broadcast. With ``cfg = 2`` and ``window_guidance="mixed"`` (the paper) each stage uses its
+  position's branch and the one mixed prediction is returned as both halves: guidance is off
+  inside the window. With ``"cached"`` every stage runs the conditional rows and the guidance
+  direction ``eps_c - eps_u`` of tau1's full step is added back. With ``cfg = 1`` every stage
+  runs the whole batch, so guidance stays exact (a pure stale-activation pipeline).
 
-The first window step consumes cut tensors kept from tau1's full forward, so no forward is
-repeated to fill the pipeline. ``ObservedUNet`` wraps the real UNet unchanged and only records
-the discrepancy curve, for the serial baseline.
+The window's first step consumes cut tensors kept from tau1's full forwards (each position
+hands over the rows it computed), so no forward is repeated to fill the pipeline.
+``ObservedDenoiser`` wraps the real denoiser unchanged and only records the discrepancy curve,
+for the serial baseline.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from hybridiff.compiler.compile import TracedModel, branch_inputs
+from hybridiff.compiler.compile import TracedModel
 from hybridiff.errors import HybridiffError
 from hybridiff.execution import GraphRunner
 from hybridiff.plan import CutTensor, Plan
@@ -37,12 +41,13 @@ from hybridiff.runtime.phases import Phase, PhaseController, discrepancy
 from hybridiff.runtime.transport import Transport
 
 
-class _UNetProxy(nn.Module):
-    """Looks like the wrapped UNet to the pipeline (config, dtype, add_embedding, ...)."""
+class _DenoiserProxy(nn.Module):
+    """Looks like the wrapped denoiser to the pipeline (config, dtype, add_embedding, ...)."""
 
-    def __init__(self, unet: nn.Module) -> None:
+    def __init__(self, denoiser: nn.Module, attr: str) -> None:
         super().__init__()
-        self.inner = unet
+        self.inner = denoiser
+        self.attr = attr
         self.loop_start: float | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -53,13 +58,13 @@ class _UNetProxy(nn.Module):
 
     @contextmanager
     def installed(self, pipe: Any) -> Iterator[None]:
-        """Stand in for ``pipe.unet`` for the duration of one pipeline call."""
-        original = pipe.unet
-        pipe.unet = self
+        """Stand in for the pipeline's denoiser for the duration of one pipeline call."""
+        original = getattr(pipe, self.attr)
+        setattr(pipe, self.attr, self)
         try:
             yield
         finally:
-            pipe.unet = original
+            setattr(pipe, self.attr, original)
 
     def _start_clock(self, barrier: Any = None) -> None:
         if self.loop_start is None:
@@ -68,173 +73,235 @@ class _UNetProxy(nn.Module):
             self.loop_start = time.perf_counter()
 
 
-class ObservedUNet(_UNetProxy):
-    """The stock UNet, unchanged, recording the per-step discrepancy of its CFG batch."""
+def _prediction(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out.sample
 
-    def begin_image(self, num_steps: int) -> None:
+
+class ObservedDenoiser(_DenoiserProxy):
+    """The stock denoiser, unchanged, recording the per-step discrepancy of its CFG batch."""
+
+    def begin_call(self, num_steps: int, guided: bool) -> None:
         self.loop_start = None
+        self.guided = guided
         self.discrepancy: list[float | None] = []
 
-    def forward(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._start_clock()
-        out = self.inner(sample, *args, **kwargs)
-        prediction = out[0] if isinstance(out, tuple) else out.sample
-        if prediction.shape[0] % 2 == 0:
-            uncond, cond = prediction.chunk(2)
-            self.discrepancy.append(discrepancy(uncond, cond))
+        out = self.inner(*args, **kwargs)
+        if self.guided:
+            self.discrepancy.append(discrepancy(*_prediction(out).chunk(2)))
         else:
             self.discrepancy.append(None)
         return out
 
 
-class HybridDenoiser(_UNetProxy):
-    """Executes the plan's hybrid schedule for the ranks this process hosts."""
+def _rows(inputs: dict[str, Any], rows: range, total: int) -> dict[str, Any]:
+    """The graph inputs of ``rows`` out of a call of ``total`` rows."""
+    return {
+        k: v[rows.start : rows.stop] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == total else v
+        for k, v in inputs.items()
+    }
 
-    def __init__(self, traced: TracedModel, plan: Plan, transport: Transport) -> None:
-        super().__init__(traced.pipe.unet)
+
+def _overlap(a: range, b: range) -> range:
+    return range(max(a.start, b.start), max(max(a.start, b.start), min(a.stop, b.stop)))
+
+
+class HybridDenoiser(_DenoiserProxy):
+    """Executes the plan's hybrid schedule for the positions of ``replica`` this process hosts."""
+
+    def __init__(self, traced: TracedModel, plan: Plan, transport: Transport, replica: int = 0) -> None:
+        super().__init__(traced.denoiser, traced.attr)
         self.adapter = traced.adapter
         self.plan = plan
+        self.mesh = plan.mesh
         self.transport = transport
         self.runner = GraphRunner(traced.graph)
-        mesh, cuts = plan.mesh, plan.cut_tensors
+        self.ranks = self.mesh.replica_ranks(replica)
+        self.group = self.ranks
+        self.hosted = [s for s, r in enumerate(self.ranks) if r in transport.hosted]
+        cuts = plan.cut_tensors
         compute = [n.name for n in traced.graph.graph.nodes if n.op != "placeholder"]
         self._full = self.runner.program(compute, keep=[c.node for c in cuts])
         self._stage_programs = {
             s.index: self.runner.program(s.recompute + s.nodes, keep=[c.node for c in cuts if c.producer == s.index])
             for s in plan.stages
         }
-        #: The lowest rank of each branch group runs that branch's full forwards; the rest of
-        #: the group waits outside the window (one image: nothing to share).
-        self._leader = {b: min(r.rank for r in mesh.ranks if r.branch == b) for b in ("uncond", "cond")}
         #: (producer stage, consumer stage) -> cut tensors, in plan order (the wire order).
         self._links: dict[tuple[int, int], list[CutTensor]] = {}
         #: Shape arithmetic crossing cuts: static, taken from the plan instead of the wire.
-        self._constants = {c.node: c.runtime_value for c in cuts if c.constant is not None}
+        self._constants = [c for c in cuts if c.constant is not None]
         for c in cuts:
             if c.constant is None:
                 for consumer in c.consumers:
                     self._links.setdefault((c.producer, consumer), []).append(c)
-        self._output_stage = next(s for s in plan.stages if "output" in s.nodes)
+        self._output_stage = next(s.index for s in plan.stages if "output" in s.nodes)
 
-    def begin_image(self, num_steps: int) -> None:
+    def begin_call(self, num_steps: int, guided: bool) -> None:
+        if self.mesh.cfg == 2 and not guided:
+            raise HybridiffError(
+                f"the plan's mesh {self.mesh.label} splits the guidance branches but this run has no "
+                "guidance (guidance_scale <= 1); use a guidance scale > 1 or compile a cfg=1 plan"
+            )
+        self.guided = guided
         self.controller = PhaseController(self.plan.schedule, num_steps)
         self.loop_start = None
         self._step = 0
-        #: Per hosted group leader: the values kept from its last full forward, which feed the
-        #: window's first step.
+        #: Per hosted position: the values kept from its last full forward (feed the window).
         self._last_full: dict[int, dict[str, torch.Tensor]] = {}
 
     @property
     def discrepancy(self) -> list[float | None]:
         return self.controller.discrepancy
 
-    def forward(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         return_dict = kwargs.pop("return_dict", True)
-        inputs = self.adapter.inputs_from_call(sample, timestep, encoder_hidden_states, **kwargs)
-        if sample.shape[0] % 2:
-            raise HybridiffError(
-                "the hybrid schedule needs classifier-free guidance (guidance_scale > 1); "
-                "run with --serial for unguided sampling"
-            )
-        self._start_clock(self.transport.barrier)
-        branches = dict(zip(("uncond", "cond"), branch_inputs(inputs)))
-        self._like = branches["cond"]["sample"]  # the prediction's shape, device and dtype
+        inputs = self.adapter.inputs_from_call(*args, **kwargs)
+        latent = inputs[self.adapter.latent]
+        rows = latent.shape[0]
+        if self.guided and rows % 2:
+            raise HybridiffError(f"a guided denoiser call must have an even batch, got {rows}")
+        if self._step == 0:
+            self._check_rows(rows)
+        self._start_clock(lambda: self.transport.barrier(self.group))
+        self._latent = latent
         step = self._step
         self._step += 1
         phase = self.controller.phase(step)
         self.transport.phase = phase.value
         if phase is Phase.PIPELINE:
-            prediction = self._window_step(step, branches)
-            if self.plan.schedule.window_guidance == "cached":
+            prediction = self._window_step(step, inputs, rows)
+            if self.mesh.cfg == 1:
+                out = prediction
+            elif self.plan.schedule.window_guidance == "cached":
                 # u + w (c - u) = prediction + (w - 1) * (eps_c - eps_u) of tau1's full step
                 out = torch.cat([prediction - self._guidance, prediction])
             else:
                 out = torch.cat([prediction, prediction])
         else:
-            out = torch.cat(self._full_step(step, branches))
+            out = self._full_step(step, inputs, rows)
         return self.adapter.wrap_output(out, return_dict)
 
-    def _full_step(self, step: int, branches: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        mesh = self.plan.mesh
-        for rank in self.transport.hosted:
-            if rank == self._leader[mesh.branch_of(rank)]:
-                self._last_full[rank] = self.runner.run(self._full, branches[mesh.branch_of(rank)])
-        eps_u, eps_c = (
-            self.transport.broadcast(self._leader_output(b), self._leader[b], self._like) for b in ("uncond", "cond")
-        )
-        self.controller.observe(eps_u, eps_c)
+    def _check_rows(self, rows: int) -> None:
+        """Cut tensors without a batch dimension (graphs specialised to one row) allow one row
+        per stage only."""
+        fixed = [c.node for cuts in self._links.values() for c in cuts if c.batch_dim is None]
+        if fixed and any(len(self._window_rows(s, rows)) > 1 for s in range(self.mesh.replica_size)):
+            raise HybridiffError(
+                f"cut tensor {fixed[0]} has no batch dimension, so a stage cannot run several rows; "
+                "compile a cfg=2 mesh and generate one image per call (--batch 1)"
+            )
+
+    def _like(self, rows: int) -> torch.Tensor:
+        """A receive buffer for ``rows`` rows of the prediction."""
+        return torch.empty_like(self._latent[:rows])
+
+    def _full_step(self, step: int, inputs: dict[str, Any], rows: int) -> torch.Tensor:
+        self._last_full = {}
+        for s in self.hosted:
+            mine = self.mesh.full_rows(s, rows)
+            if mine:
+                self._last_full[s] = self.runner.run(self._full, _rows(inputs, mine, rows))
+        pieces = []
+        for s, rank in enumerate(self.ranks):
+            mine = self.mesh.full_rows(s, rows)
+            if mine:
+                value = self._last_full[s]["output"] if s in self._last_full else None
+                pieces.append(self.transport.broadcast(value, rank, self._like(len(mine)), self.group))
+        out = torch.cat(pieces)
+        if self.guided:
+            eps_u, eps_c = out.chunk(2)
+            self.controller.observe(eps_u, eps_c)
+        else:
+            self.controller.observe(None, None)
         if self.controller.window_follows(step):
-            self._guidance = eps_c - eps_u  # kept for --window-guidance cached
+            if self.guided:
+                self._guidance = eps_c - eps_u  # kept for --window-guidance cached
             self.transport.phase = Phase.PIPELINE.value  # the hand-off is the window's traffic
-            self._hand_off()
-        return eps_u, eps_c
+            self._hand_off(rows)
+        return out
 
-    def _window_branch(self, rank: int) -> str:
-        """The conditioning a rank's stage uses in the window: its own branch ("mixed", the
-        paper), or the conditional branch everywhere ("cached")."""
-        return self.plan.mesh.branch_of(rank) if self.plan.schedule.window_guidance == "mixed" else "cond"
+    def _window_rows(self, position: int, rows: int) -> range:
+        return self.mesh.window_rows(position, rows, self.plan.schedule.window_guidance)
 
-    def _leader_output(self, branch: str) -> torch.Tensor | None:
-        values = self._last_full.get(self._leader[branch])
-        return None if values is None else values["output"]
+    def _hand_off(self, rows: int) -> None:
+        """After tau1's full step: each position sends, for every stage, the cut tensors of the
+        rows it just computed whole that the stage's consumers will read on the first window step."""
+        for s in self.hosted:
+            if s not in self._last_full:
+                continue
+            mine, values = self.mesh.full_rows(s, rows), self._last_full[s]
+            for (producer, consumer), cuts in self._links.items():
+                part = _overlap(mine, self._window_rows(producer, rows))
+                if part:
+                    start = part.start - mine.start
+                    tensors = [_narrow(values[c.node], c, start, len(part), len(mine)) for c in cuts]
+                    self.transport.post(self.ranks[s], self.ranks[consumer], tensors)
+        for s in self.hosted:
+            self._expect_cuts(s, rows, first=True)
 
-    def _hand_off(self) -> None:
-        """After tau1's full step: each leader sends, for every stage its branch group owns, the
-        cut tensors that stage will have produced, from the full forward it just ran."""
-        stages = self.plan.stages
-        for rank in self.transport.hosted:
-            if rank in self._last_full:
-                for (producer, consumer), cuts in self._links.items():
-                    if self._leader[self._window_branch(stages[producer].rank)] == rank:
-                        values = self._last_full[rank]
-                        self.transport.post(rank, stages[consumer].rank, [values[c.node] for c in cuts])
-        for rank in self.transport.hosted:
-            self._expect_cuts(rank, first=True)
-
-    def _window_step(self, step: int, branches: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
-        plan = self.plan
+    def _window_step(self, step: int, inputs: dict[str, Any], rows: int) -> torch.Tensor:
         last = self.controller.is_last_window_step(step)
         first = self.controller.tau1 == step - 1
         prediction = None
-        for rank in self.transport.hosted:
-            stage = plan.stage_of_rank(rank)
-            owns_output = stage.index == self._output_stage.index
+        for s in self.hosted:
+            owns_output = s == self._output_stage
             if last and not owns_output:
                 continue  # nothing it would produce is consumed any more
-            env = {**branches[self._window_branch(rank)], **self._constants}
-            for src, cuts in self._incoming(rank, first):
-                env.update(zip((c.node for c in cuts), self.transport.take(src, rank, self._templates(cuts))))
+            mine = self._window_rows(s, rows)
+            env = {**_rows(inputs, mine, rows), **{c.node: c.runtime_value(len(mine)) for c in self._constants}}
+            for cuts, sources in self._incoming(s, rows, first):
+                parts = [self.transport.take(src, self.ranks[s], self._templates(cuts, n)) for src, n in sources]
+                for i, cut in enumerate(cuts):
+                    env[cut.node] = parts[0][i] if len(parts) == 1 else torch.cat([p[i] for p in parts], cut.batch_dim)
             if not last:
-                self._expect_cuts(rank, first=False)
-            values = self.runner.run(self._stage_programs[stage.index], env)
+                self._expect_cuts(s, rows, first=False)
+            values = self.runner.run(self._stage_programs[s], env)
             if not last:
-                self._post_cuts(rank, values)
+                self._post_cuts(s, values)
             if owns_output:
                 prediction = values["output"]
-        return self.transport.broadcast(prediction, self._output_stage.rank, self._like)
+        out_rows = len(self._window_rows(self._output_stage, rows))
+        return self.transport.broadcast(prediction, self.ranks[self._output_stage], self._like(out_rows), self.group)
 
-    def _incoming(self, rank: int, first: bool) -> list[tuple[int, list[CutTensor]]]:
-        """(source rank, cut tensors) for each link into ``rank``'s stage. On the window's first
-        step the source is the leader whose full forward stood in for the producing stage."""
-        stages = self.plan.stages
+    def _incoming(self, position: int, rows: int, first: bool) -> list[tuple[list[CutTensor], list[tuple[int, int]]]]:
+        """Per link into ``position``'s stage: its cut tensors and the (source rank, rows) of
+        each message carrying them. On the window's first step the sources are the positions
+        whose full forwards computed the producing stage's rows."""
         incoming = []
         for (producer, consumer), cuts in self._links.items():
-            if stages[consumer].rank == rank:
-                owner = stages[producer].rank
-                incoming.append((self._leader[self._window_branch(owner)] if first else owner, cuts))
+            if consumer != position:
+                continue
+            needed = self._window_rows(producer, rows)
+            if first:
+                sources = [
+                    (self.ranks[m], len(part))
+                    for m in range(self.mesh.replica_size)
+                    if (part := _overlap(self.mesh.full_rows(m, rows), needed))
+                ]
+            else:
+                sources = [(self.ranks[producer], len(needed))]
+            incoming.append((cuts, sources))
         return incoming
 
-    def _templates(self, cuts: list[CutTensor]) -> list[torch.Tensor]:
-        """Receive buffers shaped as the plan records (batch 1 per branch)."""
-        return [torch.empty(c.shape, dtype=getattr(torch, c.dtype), device=self._like.device) for c in cuts]
+    def _templates(self, cuts: list[CutTensor], rows: int) -> list[torch.Tensor]:
+        """Receive buffers shaped as the plan records, for ``rows`` rows."""
+        device = self._latent.device
+        return [torch.empty(c.row_shape(rows), dtype=getattr(torch, c.dtype), device=device) for c in cuts]
 
-    def _expect_cuts(self, rank: int, first: bool) -> None:
+    def _expect_cuts(self, position: int, rows: int, first: bool) -> None:
         """Pre-post the receives of the next window step's cut tensors."""
-        for src, cuts in self._incoming(rank, first):
-            self.transport.expect(src, rank, self._templates(cuts))
+        for cuts, sources in self._incoming(position, rows, first):
+            for src, n in sources:
+                self.transport.expect(src, self.ranks[position], self._templates(cuts, n))
 
-    def _post_cuts(self, rank: int, values: dict[str, torch.Tensor]) -> None:
-        stage = self.plan.stage_of_rank(rank)
+    def _post_cuts(self, position: int, values: dict[str, torch.Tensor]) -> None:
         for (producer, consumer), cuts in self._links.items():
-            if producer == stage.index:
-                self.transport.post(rank, self.plan.stages[consumer].rank, [values[c.node] for c in cuts])
+            if producer == position:
+                self.transport.post(self.ranks[position], self.ranks[consumer], [values[c.node] for c in cuts])
+
+
+def _narrow(value: torch.Tensor, cut: CutTensor, start: int, length: int, total: int) -> torch.Tensor:
+    """``length`` rows of a cut tensor computed for ``total`` rows, from row ``start``
+    (``_check_rows`` has refused cuts without a batch dimension wherever rows must split)."""
+    return value if length == total else value.narrow(cut.batch_dim, start, length)

@@ -71,9 +71,10 @@ class PhaseController:
             self.discrepancy.append(None)
         return self.phases[-1]
 
-    def observe(self, eps_uncond: torch.Tensor, eps_cond: torch.Tensor) -> None:
-        """Record the current fully-connected step's discrepancy and apply the rule."""
-        self.discrepancy.append(discrepancy(eps_uncond, eps_cond))
+    def observe(self, eps_uncond: torch.Tensor | None, eps_cond: torch.Tensor | None) -> None:
+        """Record the current fully-connected step's discrepancy and apply the rule. Without
+        guidance there is no discrepancy (None) and the window starts at ``tau_cap``."""
+        self.discrepancy.append(None if eps_cond is None else discrepancy(eps_uncond, eps_cond))
         step = len(self.discrepancy) - 1
         s = self.schedule
         if self.tau1 is None and s.k > 0 and tau1_fires(self.discrepancy, s.L, s.g_slope, s.tau_cap):

@@ -1,9 +1,14 @@
 """One run of a plan on this process: load, validate, generate, report.
 
-The same code serves the three modes, which differ only in what stands in for the UNet:
-``serial`` keeps the stock UNet (the baseline, observed for its discrepancy curve),
-``emulate`` runs every rank's share of the hybrid schedule in this process, and ``hybrid``
-runs this process's rank under torch.distributed. Only rank 0 decodes and writes outputs.
+The same code serves the three modes, which differ only in what stands in for the denoiser:
+``serial`` keeps the stock denoiser (the baseline, observed for its discrepancy curve),
+``emulate`` runs every rank's share of the hybrid schedule in this process, one replica after
+another, and ``hybrid`` runs this process's rank under torch.distributed.
+
+Images are shared out as the simulator assumes (``simulate.replica_images``): round-robin over
+the mesh's replicas, ``images_per_call`` at a time through one stock pipeline call. The first
+rank of each replica decodes its images; at the end rank 0 gathers everything and writes
+``image-<i>.png`` per image and ``report.json``.
 """
 
 from __future__ import annotations
@@ -19,14 +24,18 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from hybridiff import device as devices
 from hybridiff.compiler.compile import trace_pipeline
 from hybridiff.errors import HybridiffError
 from hybridiff.models import load_pipeline
 from hybridiff.plan import Plan, load_plan, write_atomic
-from hybridiff.runtime.denoiser import HybridDenoiser, ObservedUNet
+from hybridiff.runtime.denoiser import HybridDenoiser, ObservedDenoiser
+from hybridiff.runtime.requests import ImageRequest
+from hybridiff.runtime.schedulers import use_scheduler
 from hybridiff.runtime.transport import DistTransport, LocalTransport, Transport
+from hybridiff.simulate import replica_images
 
 Mode = Literal["hybrid", "emulate", "serial"]
 
@@ -37,16 +46,28 @@ TIMEOUT_S = int(os.environ.get("HYBRIDIFF_TIMEOUT_S", "300"))
 @dataclass(frozen=True)
 class RunOptions:
     plan: Path
-    prompt: str
+    requests: tuple[ImageRequest, ...]
     out: Path
     mode: Mode = "hybrid"
-    seed: int = 0
     steps: int | None = None
     guidance_scale: float | None = None
-    negative_prompt: str | None = None
     threads: int | None = None
     repeats: int = 1
     window_guidance: Literal["mixed", "cached"] | None = None
+    scheduler: str | None = None
+
+
+@dataclass
+class _Call:
+    """One pipeline call of a replica: which images, what it took, what it sent."""
+
+    replica: int
+    index: int
+    images: list[int]
+    latency_runs_s: list[float]
+    record: dict[str, Any]
+    comm: dict[str, int]
+    pngs: dict[int, bytes]
 
 
 def _init_distributed(plan: Plan) -> tuple[int, int]:
@@ -68,48 +89,72 @@ def _init_distributed(plan: Plan) -> tuple[int, int]:
     return dist.get_rank(), local_rank
 
 
-def execute(opts: RunOptions) -> dict[str, Any] | None:
-    """Run the plan; returns the report on the rank that writes outputs, else None."""
+def _load(opts: RunOptions) -> Plan:
     plan = load_plan(opts.plan)
     if opts.window_guidance is not None:  # the user's explicit override of the plan's choice
         schedule = plan.schedule.model_copy(update={"window_guidance": opts.window_guidance})
         plan = plan.model_copy(update={"schedule": schedule})
-    compile_only = plan.model.source.startswith(("arch:", "python:"))
-    if compile_only or plan.model.denoiser != "unet":
+    if plan.model.source.startswith(("arch:", "python:")):
         raise HybridiffError(
-            f"{opts.plan} is a plan for {plan.model.source}, which is compile-only here: this runtime "
-            "executes plans of UNet pipelines (builtin:NAME or a pipeline folder)"
+            f"{opts.plan} is a plan for {plan.model.source}, which is compile-only: the runtime executes plans "
+            "of pipelines it can load (builtin:NAME or a diffusers pipeline folder)"
         )
+    if not opts.requests:
+        raise HybridiffError("nothing to generate: give --prompt or --prompts FILE")
+    return plan
+
+
+def execute(opts: RunOptions) -> dict[str, Any] | None:
+    """Run the plan; returns the report on the rank that writes outputs, else None."""
+    plan = _load(opts)
     rank, local_rank = _init_distributed(plan) if opts.mode == "hybrid" else (0, 0)
     local_workers = int(os.environ.get("LOCAL_WORLD_SIZE", plan.mesh.world_size))
     torch.set_num_threads(opts.threads or devices.default_threads(local_workers))
     device = devices.worker_device(local_rank)
 
     pipe = load_pipeline(plan.model.source, plan.model.dtype, device)
+    if opts.scheduler:
+        use_scheduler(pipe, opts.scheduler)
     traced = trace_pipeline(pipe, plan.graph.refined)
     if traced.fingerprint != plan.graph.fingerprint:
         raise HybridiffError(
             f"plan fingerprint {plan.graph.fingerprint} does not match the model's graph "
             f"({traced.fingerprint}): the model changed since the plan was compiled; recompile it"
         )
-    transport: Transport | None = None
-    if opts.mode == "serial":
-        proxy: ObservedUNet | HybridDenoiser = ObservedUNet(pipe.unet)
-    else:
-        transport = LocalTransport(plan.mesh.world_size) if opts.mode == "emulate" else DistTransport()
-        proxy = HybridDenoiser(traced, plan, transport)
-
     steps = opts.steps or plan.schedule.steps
     guidance = opts.guidance_scale if opts.guidance_scale is not None else plan.schedule.guidance_scale
+    images = len(opts.requests)
+
+    if opts.mode == "serial":
+        per_call = plan.mesh.batch
+        work = [(0, [list(range(i, min(i + per_call, images))) for i in range(0, images, per_call)])]
+    else:
+        shares = replica_images(plan.mesh, images)
+        work = list(enumerate(shares))
+    transport: Transport | None = None
+    if opts.mode == "hybrid":
+        transport = DistTransport([plan.mesh.replica_ranks(d) for d in range(plan.mesh.dp)])
+        located = plan.mesh.locate(rank)
+        work = [work[located[0]]] if located else []
+
     writer = rank == 0
-    latencies, image, comm = [], None, {}
-    for _ in range(opts.repeats):
-        latency, image = _generate(pipe, proxy, opts, plan, steps, guidance, decode=writer, device=device)
-        latencies.append(latency)
-        if transport is not None:
-            comm = transport.total_bytes_sent()  # per image: counts restart each repeat
-            transport.reset_counts()
-    report = _write_outputs(opts, plan, proxy, image, latencies, comm, steps, guidance, device) if writer else None
+    show = writer and images > 1
+    pipe.set_progress_bar_config(disable=None if writer else True, leave=False)
+    calls: list[_Call] = []
+    with tqdm(total=sum(len(c) for _, share in work for c in share), desc="images", unit="img", disable=None if show else True) as bar:
+        for replica, share in work:
+            if opts.mode == "serial":
+                proxy: Any = ObservedDenoiser(traced.denoiser, traced.attr)
+            else:
+                local = transport or LocalTransport(plan.mesh.replica_ranks(replica))
+                proxy = HybridDenoiser(traced, plan, local, replica)
+            decoder = opts.mode != "hybrid" or proxy.ranks[0] == rank  # a replica's first rank decodes
+            for index, chosen in enumerate(share):
+                calls.append(_run_call(pipe, proxy, opts, plan, replica, index, chosen, steps, guidance, decoder, device))
+                bar.update(len(chosen))
+
+    everything = _gather(calls, opts.mode)
+    report = _write_outputs(opts, plan, everything, steps, guidance, device) if writer else None
     if opts.mode == "hybrid":
         # Leave together and cleanly: a rank that exits while its peer still holds the gloo
         # group open can abort at teardown, which leaves a torchrun peer waiting at its exit.
@@ -118,60 +163,54 @@ def execute(opts: RunOptions) -> dict[str, Any] | None:
     return report
 
 
-def _write_outputs(
+def _run_call(
+    pipe: Any,
+    proxy: Any,
     opts: RunOptions,
     plan: Plan,
-    proxy: Any,
-    image: Any,
-    latencies: list[float],
-    comm: dict[str, int],
+    replica: int,
+    index: int,
+    chosen: list[int],
     steps: int,
     guidance: float,
+    decode: bool,
     device: torch.device,
-) -> dict[str, Any]:
-    """Write ``image-0.png`` and ``report.json`` atomically; returns the report."""
+) -> _Call:
+    """Generate the images ``chosen`` in one pipeline call, ``opts.repeats`` times."""
+    transport: Transport | None = getattr(proxy, "transport", None)
+    latencies, result, comm = [], None, {}
+    for _ in range(opts.repeats):
+        latency, result = _generate(pipe, proxy, [opts.requests[i] for i in chosen], plan, steps, guidance, decode, device)
+        latencies.append(latency)
+        if transport is not None:
+            comm = transport.take_counts()  # per call: counts restart each repeat
     controller = getattr(proxy, "controller", None)
-    report = {
-        "mode": opts.mode,
-        "world_size": 1 if opts.mode == "serial" else plan.mesh.world_size,
-        "plan_fingerprint": plan.graph.fingerprint,
-        "model": plan.model.source,
-        "prompt": opts.prompt,
-        "negative_prompt": opts.negative_prompt,
-        "seed": opts.seed,
-        "steps": steps,
-        "guidance_scale": guidance,
-        "threads": torch.get_num_threads(),
-        "device": devices.describe(device),
-        "latency_s": sorted(latencies)[len(latencies) // 2],
-        "latency_runs_s": latencies,
+    record = {
         "tau1": controller.tau1 if controller else None,
         "tau2": controller.tau2 if controller else None,
-        "discrepancy": proxy.discrepancy,
         "phases": [p.value for p in controller.phases] if controller else ["serial"] * steps,
-        "window_guidance": plan.schedule.window_guidance,
-        "comm_bytes": sum(comm.values()),
-        "comm_bytes_by_phase": comm,
-        "image": "image-0.png",
+        "discrepancy": proxy.discrepancy,
     }
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    write_atomic(opts.out / "image-0.png", buffer.getvalue())
-    write_atomic(opts.out / "report.json", json.dumps(report, indent=2) + "\n")
-    return report
+    pngs = {}
+    if decode:
+        for i, image in zip(chosen, result):
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            pngs[i] = buffer.getvalue()
+    return _Call(replica, index, chosen, latencies, record, comm, pngs)
 
 
 def _generate(
     pipe: Any,
     proxy: Any,
-    opts: RunOptions,
+    requests: list[ImageRequest],
     plan: Plan,
     steps: int,
     guidance: float,
     decode: bool,
     device: torch.device,
 ) -> tuple[float, Any]:
-    """One image through the stock pipeline; returns (denoising-loop seconds, image or None)."""
+    """One call of the stock pipeline; returns (denoising-loop seconds, images or None)."""
     ends: list[float] = []
 
     def clock(_pipe: Any, _step: int, _t: Any, kwargs: dict) -> dict:
@@ -180,17 +219,100 @@ def _generate(
         ends.append(time.perf_counter())
         return kwargs
 
-    proxy.begin_image(steps)
+    negatives = [r.negative_prompt for r in requests]
+    proxy.begin_call(steps, guided=guidance > 1)
     with proxy.installed(pipe), torch.inference_mode():
         result = pipe(
-            prompt=opts.prompt,
-            negative_prompt=opts.negative_prompt,
+            prompt=[r.prompt for r in requests],
+            # diffusers takes one negative prompt per image or none at all
+            negative_prompt=None if all(n is None for n in negatives) else [n or "" for n in negatives],
             num_inference_steps=steps,
             guidance_scale=guidance,
             height=plan.model.height,
             width=plan.model.width,
-            generator=torch.Generator("cpu").manual_seed(opts.seed),
+            generator=[torch.Generator("cpu").manual_seed(r.seed) for r in requests],
             output_type="pil" if decode else "latent",
             callback_on_step_end=clock,
         )
-    return ends[-1] - proxy.loop_start, result.images[0] if decode else None
+    return ends[-1] - proxy.loop_start, result.images if decode else None
+
+
+def _gather(calls: list[_Call], mode: Mode) -> list[list[_Call]]:
+    """Every process's calls on rank 0 (one list per process)."""
+    if mode != "hybrid":
+        return [calls]
+    gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(calls, gathered, dst=0)
+    return gathered or []
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def _write_outputs(
+    opts: RunOptions, plan: Plan, everything: list[list[_Call]], steps: int, guidance: float, device: torch.device
+) -> dict[str, Any]:
+    """Write every image and ``report.json`` atomically; returns the report."""
+    merged: dict[tuple[int, int], _Call] = {}
+    comm: dict[tuple[int, int], dict[str, int]] = {}
+    for calls in everything:
+        for call in calls:
+            key = (call.replica, call.index)
+            counted = comm.setdefault(key, {})
+            for phase, n in call.comm.items():
+                counted[phase] = counted.get(phase, 0) + n
+            if call.pngs or key not in merged:
+                merged[key] = call
+    entries: dict[int, dict[str, Any]] = {}
+    busy: dict[int, float] = {}
+    for key, call in sorted(merged.items()):
+        latency = _median(call.latency_runs_s)
+        busy[call.replica] = busy.get(call.replica, 0.0) + latency
+        for i in call.images:
+            request = opts.requests[i]
+            write_atomic(opts.out / f"image-{i}.png", call.pngs[i])
+            entries[i] = {
+                "index": i,
+                "image": f"image-{i}.png",
+                "prompt": request.prompt,
+                "negative_prompt": request.negative_prompt,
+                "seed": request.seed,
+                "replica": call.replica,
+                "call": call.index,
+                "images_in_call": len(call.images),
+                "latency_s": latency,
+                "latency_runs_s": call.latency_runs_s,
+                **call.record,
+                "comm_bytes": sum(comm[key].values()),
+                "comm_bytes_by_phase": comm[key],
+            }
+    by_phase: dict[str, int] = {}
+    for counted in comm.values():
+        for phase, n in counted.items():
+            by_phase[phase] = by_phase.get(phase, 0) + n
+    denoise_s = max(busy.values())
+    report = {
+        "mode": opts.mode,
+        "world_size": 1 if opts.mode == "serial" else plan.mesh.world_size,
+        "mesh": "serial" if opts.mode == "serial" else plan.mesh.label,
+        "plan_fingerprint": plan.graph.fingerprint,
+        "model": plan.model.source,
+        "steps": steps,
+        "guidance_scale": guidance,
+        "scheduler": opts.scheduler or "default",
+        "window_guidance": plan.schedule.window_guidance,
+        "threads": torch.get_num_threads(),
+        "device": devices.describe(device),
+        "images": [entries[i] for i in sorted(entries)],
+        "totals": {
+            "images": len(entries),
+            "calls": len(merged),
+            "denoise_s": denoise_s,
+            "images_per_s": len(entries) / denoise_s if denoise_s else None,
+            "comm_bytes": sum(by_phase.values()),
+            "comm_bytes_by_phase": by_phase,
+        },
+    }
+    write_atomic(opts.out / "report.json", json.dumps(report, indent=2) + "\n")
+    return report

@@ -4,8 +4,9 @@ The schedule code is written once against ``Transport`` and loops over the ranks
 hosts: one rank per worker process with ``DistTransport``, every rank in one process with
 ``LocalTransport``. Point-to-point messages are first-in first-out per (src, dst) pair, which
 is what makes one-step-stale cut tensors line up: a value posted at step i is taken at i+1.
-Both count the bytes each rank sends, with the same accounting, so the emulation predicts
-the distributed run's traffic exactly.
+Both count the bytes each rank sends to other ranks, with the same accounting, so the
+emulation predicts the distributed run's traffic exactly. Broadcasts run within a group (one
+replica of the mesh); a broadcast counts its bytes once per receiver.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ def _nbytes(tensors: list[torch.Tensor]) -> int:
 PHASES = ("cond-partition", "pipeline")
 
 
+Group = tuple[int, ...]
+
+
 class Transport(ABC):
-    def __init__(self, world_size: int, hosted: tuple[int, ...]) -> None:
-        self.world_size = world_size
+    def __init__(self, hosted: tuple[int, ...]) -> None:
         self.hosted = hosted
         #: The phase the next messages belong to (set by the schedule).
         self.phase = PHASES[0]
@@ -36,8 +39,10 @@ class Transport(ABC):
     def _count(self, nbytes: int) -> None:
         self.sent[self.phase] += nbytes
 
-    def reset_counts(self) -> None:
-        self.sent = dict.fromkeys(PHASES, 0)
+    def take_counts(self) -> dict[str, int]:
+        """Bytes the hosted ranks sent since the last call, per phase; restarts the count."""
+        counts, self.sent = self.sent, dict.fromkeys(PHASES, 0)
+        return counts
 
     @abstractmethod
     def post(self, src: int, dst: int, tensors: list[torch.Tensor]) -> None:
@@ -51,49 +56,48 @@ class Transport(ABC):
         """Announce a message that a later ``take`` will receive, so it can arrive early."""
 
     @abstractmethod
-    def broadcast(self, value: torch.Tensor | None, src: int, template: torch.Tensor) -> torch.Tensor:
-        """``src``'s tensor on every hosted rank (``value`` is given where ``src`` is hosted)."""
+    def broadcast(self, value: torch.Tensor | None, src: int, template: torch.Tensor, group: Group) -> torch.Tensor:
+        """``src``'s tensor on every hosted rank of ``group`` (``value`` is given where ``src``
+        is hosted; ``template`` gives the shape elsewhere)."""
 
     @abstractmethod
-    def barrier(self) -> None: ...
-
-    @abstractmethod
-    def total_bytes_sent(self) -> dict[str, int]:
-        """Bytes sent by all ranks, per phase (a collective: every rank must call it)."""
+    def barrier(self, group: Group) -> None: ...
 
 
 class LocalTransport(Transport):
     """All ranks in one process: messages are handed over in memory."""
 
-    def __init__(self, world_size: int) -> None:
-        super().__init__(world_size, tuple(range(world_size)))
+    def __init__(self, hosted: tuple[int, ...]) -> None:
+        super().__init__(hosted)
         self._mailbox: dict[tuple[int, int], deque[list[torch.Tensor]]] = defaultdict(deque)
 
     def post(self, src: int, dst: int, tensors: list[torch.Tensor]) -> None:
-        self._count(_nbytes(tensors))
+        if src != dst:
+            self._count(_nbytes(tensors))
         self._mailbox[(src, dst)].append(tensors)
 
     def take(self, src: int, dst: int, templates: list[torch.Tensor]) -> list[torch.Tensor]:
         return self._mailbox[(src, dst)].popleft()
 
-    def broadcast(self, value: torch.Tensor | None, src: int, template: torch.Tensor) -> torch.Tensor:
+    def broadcast(self, value: torch.Tensor | None, src: int, template: torch.Tensor, group: Group) -> torch.Tensor:
         assert value is not None
-        self._count(_nbytes([value]) * (self.world_size - 1))
+        self._count(_nbytes([value]) * (len(group) - 1))
         return value
 
-    def barrier(self) -> None:
+    def barrier(self, group: Group) -> None:
         """All ranks are in this process: there is nobody to wait for."""
-
-    def total_bytes_sent(self) -> dict[str, int]:
-        return dict(self.sent)
 
 
 class DistTransport(Transport):
     """One rank per process over an initialised ``torch.distributed`` process group."""
 
-    def __init__(self) -> None:
-        super().__init__(dist.get_world_size(), (dist.get_rank(),))
+    def __init__(self, groups: list[Group]) -> None:
+        """``groups``: every broadcast group of the mesh, the same list on every rank (creating
+        a process group is a collective over the whole world)."""
+        super().__init__((dist.get_rank(),))
         self.rank = dist.get_rank()
+        world = tuple(range(dist.get_world_size()))
+        self._groups = {g: None if g == world else dist.new_group(list(g)) for g in groups if len(g) > 1}
         self._pending: list[tuple[dist.Work, list[torch.Tensor]]] = []
         self._expected: dict[tuple[int, int], deque[tuple[list[dist.Work], list[torch.Tensor]]]] = defaultdict(deque)
         #: Messages a rank sends itself (a group leader standing in for its own stage).
@@ -130,21 +134,23 @@ class DistTransport(Transport):
             dist.recv(t, src)
         return out
 
-    def broadcast(self, value: torch.Tensor | None, src: int, template: torch.Tensor) -> torch.Tensor:
+    def broadcast(self, value: torch.Tensor | None, src: int, template: torch.Tensor, group: Group) -> torch.Tensor:
+        if len(group) == 1:
+            assert value is not None
+            return value
         tensor = value.contiguous() if self.rank == src else torch.empty_like(template)
-        dist.broadcast(tensor, src)
+        dist.broadcast(tensor, src, group=self._groups[group])
         if self.rank == src:
-            self._count(_nbytes([tensor]) * (self.world_size - 1))
+            self._count(_nbytes([tensor]) * (len(group) - 1))
         return tensor
 
-    def barrier(self) -> None:
-        dist.barrier()
+    def barrier(self, group: Group) -> None:
+        if len(group) > 1:
+            dist.barrier(group=self._groups[group])
 
-    def total_bytes_sent(self) -> dict[str, int]:
+    def take_counts(self) -> dict[str, int]:
         self._drain()
-        total = torch.tensor([self.sent[p] for p in PHASES], dtype=torch.int64)
-        dist.all_reduce(total)
-        return dict(zip(PHASES, (int(v) for v in total.tolist())))
+        return super().take_counts()
 
     def _drain(self) -> None:
         for work, _ in self._pending:

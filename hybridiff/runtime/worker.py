@@ -20,40 +20,48 @@ from hybridiff.plan import load_plan
 
 def run_command(
     plan: Path = typer.Argument(..., help="plan.json written by `hybridiff compile`"),
-    prompt: str = typer.Option(..., help="text prompt"),
+    prompt: Optional[str] = typer.Option(None, help="text prompt (or --prompts FILE)"),
+    prompts: Optional[Path] = typer.Option(
+        None, help="file of prompts: one per line, or JSONL with prompt, negative_prompt, seed"
+    ),
+    num_images_per_prompt: int = typer.Option(1, min=1, help="images per prompt (seeds seed, seed+1, ...)"),
     negative_prompt: Optional[str] = typer.Option(None, help="negative prompt (the uncond branch)"),
     seed: int = typer.Option(0, help="seed of the initial latent"),
     steps: Optional[int] = typer.Option(None, min=1, help="denoising steps [default: the plan's]"),
     guidance_scale: Optional[float] = typer.Option(None, help="CFG scale [default: the plan's]"),
-    out: Path = typer.Option(Path("out"), "-o", "--out", help="folder for image-0.png and report.json"),
+    scheduler: Optional[str] = typer.Option(None, help="ddim, euler, euler-a, dpm++ or flow-euler [default: the model's]"),
+    out: Path = typer.Option(Path("out"), "-o", "--out", help="folder for image-<i>.png and report.json"),
     emulate: bool = typer.Option(False, "--emulate", help="run the hybrid schedule of all ranks in one process"),
     serial: bool = typer.Option(False, "--serial", help="run the stock pipeline in one process (baseline)"),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads per worker [default: cores / workers]"),
-    repeats: int = typer.Option(1, min=1, help="generate the image this many times; latency is the median"),
+    repeats: int = typer.Option(1, min=1, help="generate every image this many times; latency is the median"),
     window_guidance: Optional[str] = typer.Option(None, help="override the plan: 'mixed' or 'cached'"),
 ) -> None:
-    """Generate an image with a compiled plan."""
+    """Generate images with a compiled plan."""
     if emulate and serial:
         report_and_exit(HybridiffError("--emulate and --serial exclude each other; pick one"))
     if window_guidance not in (None, "mixed", "cached"):
         report_and_exit(HybridiffError(f"--window-guidance {window_guidance!r}: use 'mixed' or 'cached'"))
+    if (prompt is None) == (prompts is None):
+        report_and_exit(HybridiffError("give either --prompt TEXT or --prompts FILE"))
     mode = "emulate" if emulate else "serial" if serial else "hybrid"
+    from hybridiff.runtime.requests import ImageRequest, expand, read_prompts
     from hybridiff.runtime.session import RunOptions, execute  # heavy: torch, diffusers
 
-    opts = RunOptions(
-        plan=plan,
-        prompt=prompt,
-        out=out,
-        mode=mode,
-        seed=seed,
-        steps=steps,
-        guidance_scale=guidance_scale,
-        negative_prompt=negative_prompt,
-        threads=threads,
-        repeats=repeats,
-        window_guidance=window_guidance,
-    )
     try:
+        given = read_prompts(prompts, seed, negative_prompt) if prompts else [ImageRequest(prompt, negative_prompt, seed)]
+        opts = RunOptions(
+            plan=plan,
+            requests=tuple(expand(given, num_images_per_prompt)),
+            out=out,
+            mode=mode,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            threads=threads,
+            repeats=repeats,
+            window_guidance=window_guidance,
+            scheduler=scheduler,
+        )
         if mode == "hybrid" and "RANK" not in os.environ:
             from hybridiff.runtime.launch import launch_local
 
@@ -63,7 +71,8 @@ def run_command(
     except HybridiffError as e:
         report_and_exit(e)
     if mode != "hybrid" or os.environ.get("RANK", "0") == "0":
-        typer.echo(f"wrote {out / 'image-0.png'} and {out / 'report.json'}")
+        count = len(opts.requests)
+        typer.echo(f"wrote {count} image{'s' if count > 1 else ''} (image-0.png ...) and report.json to {out}")
 
 
 def main() -> None:

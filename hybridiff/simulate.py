@@ -1,0 +1,252 @@
+"""Predict a plan's run from its costs: latency per phase, bytes moved, per-rank timelines.
+
+The compiler uses this to choose a mesh (the candidate with the least predicted latency for
+the batch wins) and ``hybridiff simulate`` uses it to explain a plan. Both follow the rules the
+runtime executes, read from the same ``Mesh`` methods: which rows each rank computes on a
+fully connected step, which rows each stage runs in the window, which cut tensors move at the
+hand-off after tau1. The window is assumed to start at the expected tau1 (``tau_cap``).
+
+Costs come from the plan: a forward of one row (``forward_s``) and of two rows
+(``forward_batch2_s``) fix how compute grows with rows, ``c(r) = c(1) * (1 + (r - 1) * e)``
+with ``e = forward_batch2_s / forward_s - 1``; stage costs scale the same way. A transfer of
+``n`` bytes takes ``n / link``; a broadcast costs one transfer whatever the group size (ring
+and tree collectives pipeline it) but counts ``n`` bytes per receiver, as the runtime does.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hybridiff.compiler.schedule import expected_tau1, window_steps
+from hybridiff.plan import Mesh, Plan, Schedule, write_atomic
+
+#: Phases of one image as the paper names them, and the traffic classes the runtime counts.
+PHASES = ("warm-up", "window", "fully-connecting")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the simulator needs to know about the model, per row (one image, one branch)."""
+
+    forward_s: float
+    forward_batch2_s: float
+    stage_costs: tuple[float, ...]
+    #: (producing stage, consuming stage, bytes per row) of every tensor that crosses a cut.
+    links: tuple[tuple[int, int, int], ...]
+    output_stage: int
+    prediction_bytes: int
+    link_bytes_per_s: float
+
+    @classmethod
+    def from_plan(cls, plan: Plan) -> Workload:
+        est = plan.estimates
+        return cls(
+            forward_s=est.forward_s,
+            forward_batch2_s=est.forward_batch2_s,
+            stage_costs=tuple(s.cost_s for s in plan.stages),
+            links=tuple(
+                (c.producer, consumer, c.bytes) for c in plan.cut_tensors if c.constant is None for consumer in c.consumers
+            ),
+            output_stage=next(s.index for s in plan.stages if "output" in s.nodes),
+            prediction_bytes=est.prediction_bytes,
+            link_bytes_per_s=est.link_gbps * 1e9 / 8,
+        )
+
+    def compute(self, one_row_s: float, rows: int) -> float:
+        if rows == 0:
+            return 0.0
+        extra = min(1.0, max(0.0, self.forward_batch2_s / self.forward_s - 1)) if self.forward_s > 0 else 1.0
+        return one_row_s * (1 + (rows - 1) * extra)
+
+    def transfer(self, nbytes: int) -> float:
+        return nbytes / self.link_bytes_per_s
+
+
+@dataclass(frozen=True)
+class Segment:
+    rank: int
+    start: float
+    duration: float
+    kind: str  # "full", "window" or "send"
+    phase: str
+
+
+@dataclass
+class Simulation:
+    mesh: str
+    images: int
+    latency_s: float = 0.0
+    #: Seconds per phase on the slowest replica (its calls summed).
+    phase_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    comm_bytes_by_phase: dict[str, int] = field(default_factory=lambda: {"cond-partition": 0, "pipeline": 0})
+    busy_s: dict[int, float] = field(default_factory=dict)
+    segments: list[Segment] = field(default_factory=list)
+
+    @property
+    def comm_bytes(self) -> int:
+        return sum(self.comm_bytes_by_phase.values())
+
+    def as_dict(self) -> dict:
+        return {
+            "mesh": self.mesh,
+            "images": self.images,
+            "latency_s": self.latency_s,
+            "images_per_s": self.images / self.latency_s if self.latency_s else None,
+            "phase_s": self.phase_s,
+            "comm_bytes": self.comm_bytes,
+            "comm_bytes_by_phase": self.comm_bytes_by_phase,
+            "busy_s": {str(r): b for r, b in sorted(self.busy_s.items())},
+        }
+
+
+def replica_images(mesh: Mesh, images: int) -> list[list[int]]:
+    """Image indices per replica, split into the pipeline calls each replica makes.
+
+    Images go round-robin over replicas; a replica denoises ``images_per_call`` of them
+    together. The runtime uses the same split."""
+    per_call = mesh.images_per_call
+    mine = [list(range(d, images, mesh.dp)) for d in range(mesh.dp)]
+    return [[m[i : i + per_call] for i in range(0, len(m), per_call)] for m in mine]
+
+
+def simulate(mesh: Mesh, work: Workload, schedule: Schedule, images: int = 1) -> Simulation:
+    """Predict generating ``images`` images with ``mesh``."""
+    sim = Simulation(mesh=mesh.label, images=images)
+    sim.busy_s = dict.fromkeys(range(mesh.world_size), 0.0)
+    for replica, calls in enumerate(replica_images(mesh, images)):
+        clock, phases = 0.0, dict.fromkeys(PHASES, 0.0)
+        for call in calls:
+            clock = _call(sim, phases, mesh, work, schedule, replica, len(call), clock)
+        if clock > sim.latency_s:  # the slowest replica sets the latency and its phases
+            sim.latency_s, sim.phase_s = clock, phases
+    return sim
+
+
+def serial_latency(work: Workload, schedule: Schedule, images: int) -> float:
+    """The stock pipeline on one device denoising all ``images`` in one call."""
+    return schedule.steps * work.compute(work.forward_s, images * (2 if schedule.guided else 1))
+
+
+#: Per position: (compute seconds, send seconds); the step's trailing gather seconds; bytes.
+_Step = tuple[dict[int, tuple[float, float]], float, int]
+
+
+def window_step(mesh: Mesh, work: Workload, rows: int, window_guidance: str, last: bool = False) -> _Step:
+    """One window step of a call of ``rows`` rows: every stage at once, then the output's
+    broadcast. On the last window step only the output's stage runs and nothing is sent on."""
+    busy, sent_total = {}, 0
+    for s in range(mesh.replica_size):
+        mine = len(mesh.window_rows(s, rows, window_guidance))
+        runs = not last or s == work.output_stage
+        compute = work.compute(work.stage_costs[s], mine) if runs else 0.0
+        sent = 0 if last else sum(b * mine for p, _, b in work.links if p == s)
+        busy[s] = (compute, work.transfer(sent))
+        sent_total += sent
+    out = len(mesh.window_rows(work.output_stage, rows, window_guidance)) * work.prediction_bytes
+    return busy, work.transfer(out), sent_total + out * (mesh.replica_size - 1)
+
+
+def full_step(mesh: Mesh, work: Workload, rows: int) -> _Step:
+    """One fully connected step: each position runs the rows it owns whole and broadcasts
+    its predictions to the replica."""
+    busy, gather, sent = {}, 0.0, 0
+    for s in range(mesh.replica_size):
+        mine = len(mesh.full_rows(s, rows))
+        busy[s] = (work.compute(work.forward_s, mine), 0.0)
+        gather += work.transfer(mine * work.prediction_bytes)
+        sent += mine * work.prediction_bytes * (mesh.replica_size - 1)
+    return busy, gather, sent
+
+
+def hand_off_bytes(mesh: Mesh, work: Workload, rows: int, window_guidance: str, position: int) -> int:
+    """Bytes ``position`` sends after tau1: the cut values of the window's first step that its
+    full forward computed, to every other position whose stage consumes them."""
+    sent = 0
+    mine = set(mesh.full_rows(position, rows))
+    for producer, consumer, b in work.links:
+        if consumer != position:
+            sent += b * len(mine & set(mesh.window_rows(producer, rows, window_guidance)))
+    return sent
+
+
+def step_seconds(step: _Step) -> float:
+    busy, gather, _ = step
+    return max(c + t for c, t in busy.values()) + gather
+
+
+def _call(
+    sim: Simulation,
+    phases: dict[str, float],
+    mesh: Mesh,
+    work: Workload,
+    schedule: Schedule,
+    replica: int,
+    images: int,
+    clock: float,
+) -> float:
+    """Add one pipeline call of ``images`` images on ``replica`` (its phase times to ``phases``);
+    returns its end time."""
+    rows = images * (2 if schedule.guided else 1)
+    tau1 = expected_tau1(schedule)
+    k = window_steps(schedule, tau1)
+    wg = schedule.window_guidance
+    for step in range(schedule.steps):
+        phase = "warm-up" if step <= tau1 else "window" if step <= tau1 + k else "fully-connecting"
+        if phase == "window":
+            busy, gather, sent = window_step(mesh, work, rows, wg, last=step == tau1 + k)
+            sim.comm_bytes_by_phase["pipeline"] += sent
+        else:
+            busy, gather, sent = full_step(mesh, work, rows)
+            sim.comm_bytes_by_phase["cond-partition"] += sent
+            if k and step == tau1:
+                for s, (compute, _) in busy.items():
+                    handed = hand_off_bytes(mesh, work, rows, wg, s)
+                    sim.comm_bytes_by_phase["pipeline"] += handed
+                    busy[s] = (compute, work.transfer(handed))
+        for s, (compute, send) in busy.items():
+            rank = mesh.rank(replica, s)
+            if compute:
+                sim.segments.append(Segment(rank, clock, compute, "window" if phase == "window" else "full", phase))
+            if send:
+                sim.segments.append(Segment(rank, clock + compute, send, "send", phase))
+            sim.busy_s[rank] += compute + send
+        duration = step_seconds((busy, gather, sent))
+        phases[phase] += duration
+        clock += duration
+    return clock
+
+
+def plot_timeline(sim: Simulation, path: Path, title: str) -> None:
+    """Draw each rank's busy time over the run (compute per phase, sends) to a PNG."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    colours = {"full": "#4c72b0", "window": "#dd8452", "send": "#55a868"}
+    ranks = sorted(sim.busy_s)
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.45 * len(ranks)))
+    by_rank: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    kinds: dict[int, list[str]] = defaultdict(list)
+    for seg in sim.segments:
+        by_rank[seg.rank].append((seg.start, seg.duration))
+        kinds[seg.rank].append(colours[seg.kind])
+    for r in ranks:
+        ax.broken_barh(by_rank[r], (r - 0.4, 0.8), facecolors=kinds[r] or None)
+    ax.set_yticks(ranks, [f"rank {r}" for r in ranks])
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds")
+    ax.set_title(f"{title}: {sim.mesh}, {sim.images} image(s), predicted {sim.latency_s:.3f} s", fontsize=9)
+    labels = {"full": "full forward (its rows)", "window": "window stage", "send": "send cut tensors"}
+    handles = [Patch(color=c, label=labels[k]) for k, c in colours.items()]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    write_atomic(path, buffer.getvalue())
