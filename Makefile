@@ -18,8 +18,9 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/hybridiff compile builtin:tiny-sdxl --gpus 2 -o $(DEMO)/plan.json
-	$(VENV)/bin/hybridiff run $(DEMO)/plan.json --prompt "a red cube on a table" --seed 3 -o $(DEMO)
+	$(VENV)/bin/hybridiff compile builtin:digits-sdxl --gpus 2 -o $(DEMO)/plan.json
+	$(VENV)/bin/hybridiff run $(DEMO)/plan.json --prompt "a handwritten digit seven" --seed 3 -o $(DEMO)
+	$(VENV)/bin/hybridiff eval accuracy $(DEMO) --digits
 	@echo "image: $(DEMO)/image-0.png  report: $(DEMO)/report.json"
 
 test: install

@@ -28,13 +28,14 @@ def compile_command(
     batch: int = typer.Option(1, min=1, help="images generated together: the mesh is chosen for this batch"),
     mesh: Optional[str] = typer.Option(None, help="force a mesh, e.g. dp=1,cfg=2,pp=2 [default: the fastest predicted]"),
     out: Path = typer.Option(Path("plan.json"), "-o", "--out", help="where to write the plan"),
-    steps: int = typer.Option(50, min=1, help="denoising steps"),
-    guidance_scale: float = typer.Option(5.0, help="classifier-free guidance scale (<= 1: no guidance, cfg=1 meshes)"),
-    L: int = typer.Option(12, "--L", min=1, help="discrepancy slope window, steps"),
-    g_slope: float = typer.Option(4e-4, help="slope threshold that starts the window"),
-    tau_cap: int = typer.Option(15, min=1, help="latest step at which the window starts"),
-    k: int = typer.Option(5, "-k", "--k", min=0, help="window length in steps (0: no window)"),
+    steps: Optional[int] = typer.Option(None, min=1, help="denoising steps [50]"),
+    guidance_scale: Optional[float] = typer.Option(None, help="CFG scale; <= 1: no guidance, cfg=1 meshes [5.0]"),
+    L: Optional[int] = typer.Option(None, "--L", min=1, help="discrepancy slope window, steps [12]"),
+    g_slope: Optional[float] = typer.Option(None, help="slope threshold that starts the window [4e-4]"),
+    tau_cap: Optional[int] = typer.Option(None, min=1, help="latest step at which the window starts [15]"),
+    k: Optional[int] = typer.Option(None, "-k", "--k", min=0, help="window length in steps; 0: no window [5]"),
     window_guidance: str = typer.Option("mixed", help="inside the window: 'mixed' (paper) or 'cached' (keeps guidance)"),
+    dtype: str = typer.Option("float32", help="MODEL weights: float32, float16 or bfloat16 (half precision needs a GPU)"),
     height: Optional[int] = typer.Option(None, help="image height [default: the model's]"),
     width: Optional[int] = typer.Option(None, help="image width [default: the model's]"),
     link_gbps: float = typer.Option(100.0, help="device link bandwidth, Gbit/s (default ~PCIe 3 x16)"),
@@ -43,6 +44,8 @@ def compile_command(
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads while profiling [default: cores / gpus]"),
 ) -> None:
     """Trace, profile and partition MODEL (or a published --arch) into an execution plan."""
+    if dtype not in ("float32", "float16", "bfloat16"):
+        report_and_exit(HybridiffError(f"--dtype {dtype!r}: use float32, float16 or bfloat16"))
     if cost not in ("time", "flops"):
         report_and_exit(HybridiffError(f"--cost {cost!r} is not a cost method; use 'time' or 'flops'"))
     if (model is None) == (arch is None):
@@ -50,19 +53,17 @@ def compile_command(
     from pydantic import ValidationError
 
     from hybridiff.compiler.compile import compile_model
+    from hybridiff.compiler.schedule import DEFAULT_SCHEDULE
+    from hybridiff.models import model_card
     from hybridiff.plan import Schedule
 
+    given = {"steps": steps, "guidance_scale": guidance_scale, "L": L, "g_slope": g_slope, "tau_cap": tau_cap, "k": k}
     try:
+        # the paper's defaults, then the model's own (its card), then what the user gave
+        card = model_card(model).get("schedule", {}) if model else {}
+        fields = {**DEFAULT_SCHEDULE.model_dump(), **card, **{n: v for n, v in given.items() if v is not None}}
         try:
-            schedule = Schedule(
-                steps=steps,
-                guidance_scale=guidance_scale,
-                L=L,
-                g_slope=g_slope,
-                tau_cap=tau_cap,
-                k=k,
-                window_guidance=window_guidance,
-            )
+            schedule = Schedule(**{**fields, "window_guidance": window_guidance})
         except ValidationError as e:
             err = e.errors()[0]
             raise HybridiffError(f"bad schedule option {err['loc'][0]}: {err['msg']}") from None
@@ -96,6 +97,7 @@ def compile_command(
                 link_gbps=link_gbps,
                 repeats=repeats,
                 threads=threads,
+                dtype=dtype,
                 cost=cost,
                 mesh=mesh,
                 batch=batch,
@@ -171,16 +173,49 @@ def simulate_command(
         plot_timeline(sim, plot, loaded.model.source)
 
 
+eval_app = typer.Typer(help="Score the images a run generated.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("accuracy")
+def accuracy_command(
+    folder: Path = typer.Argument(..., help="the -o folder of a `hybridiff run` (report.json and images)"),
+    digits: bool = typer.Option(False, "--digits", help="score digit prompts with the shipped digit classifier"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Fraction of generated images recognised as what their prompt asked for."""
+    import json
+
+    if not digits:
+        report_and_exit(HybridiffError("only --digits accuracy exists: pass --digits (images of the digit models)"))
+    from hybridiff.zoo.evaluate import digit_accuracy
+
+    try:
+        result = digit_accuracy(folder)
+    except HybridiffError as e:
+        report_and_exit(e)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        typer.echo(f"accuracy {result['accuracy']:.3f} over {result['images']} image(s)")
+        typer.echo("per digit  " + ", ".join(f"{k} {v:.2f}" for k, v in result["per_digit"].items()))
+
+
 @app.command("save-model")
 def save_model_command(
     model: str = typer.Argument(..., help="builtin:NAME"),
     folder: Path = typer.Argument(..., help="folder to write (diffusers save_pretrained layout)"),
 ) -> None:
     """Write a model as a local diffusers pipeline folder, loadable by compile and run."""
-    from hybridiff.models import load_pipeline
+    import json
+
+    from hybridiff.models import CARD, load_pipeline, model_card
 
     try:
         load_pipeline(model).save_pretrained(folder)
+        card = model_card(model)
+        if card:  # schedule defaults and call arguments travel with the weights
+            (folder / CARD).write_text(json.dumps(card, indent=2) + "\n")
     except HybridiffError as e:
         report_and_exit(e)
     typer.echo(f"wrote {folder}")

@@ -37,6 +37,9 @@ class ModelRef(_Strict):
     height: int | None = Field(default=None, gt=0, description="image height in pixels the plan was costed for")
     width: int | None = Field(default=None, gt=0)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    #: Extra arguments of every pipeline call, from the model's card (e.g. SD3's
+    #: ``max_sequence_length``): they fix input shapes the plan was costed for.
+    pipeline_kwargs: dict[str, int | float | str | bool] = Field(default_factory=dict)
 
 
 class GraphInfo(_Strict):

@@ -20,7 +20,7 @@ from hybridiff.compiler.refine import apply_refinements
 from hybridiff.compiler.trace import Leaf, adapter_for, capture_denoiser_call, graph_fingerprint, trace_module
 from hybridiff.errors import HybridiffError
 from hybridiff.execution import GraphRunner
-from hybridiff.models import load_pipeline, resolve_source
+from hybridiff.models import load_pipeline, model_card, resolve_source
 from hybridiff.models.arch import build_on_device
 from hybridiff.plan import CutTensor, Estimates, GraphInfo, Mesh, ModelRef, Plan, Schedule, Stage
 from hybridiff.simulate import Workload, serial_latency, simulate, step_seconds, window_step
@@ -90,7 +90,8 @@ def compile_model(
     height = height or traced.denoiser.config.sample_size * scale
     width = width or traced.denoiser.config.sample_size * scale
     # A guided call gives one row per branch and the two-row (serial CFG) batch to time.
-    args, kwargs = capture_denoiser_call(pipe, height, width, guidance_scale=5.0)
+    pipeline_kwargs = model_card(source).get("pipeline_kwargs", {})
+    args, kwargs = capture_denoiser_call(pipe, height, width, guidance_scale=5.0, **pipeline_kwargs)
     both = traced.adapter.inputs_from_call(*args, **kwargs)
     _, cond = branch_inputs(both)
     return compile_graph(
@@ -104,6 +105,7 @@ def compile_model(
             height=height,
             width=width,
             dtype=dtype,
+            pipeline_kwargs=pipeline_kwargs,
         ),
         gpus=gpus,
         schedule=schedule,

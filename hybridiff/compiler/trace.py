@@ -213,7 +213,7 @@ class _Captured(Exception):
     """Raised from a forward pre-hook to stop the pipeline once the denoiser's inputs are seen."""
 
 
-def capture_denoiser_call(pipe: Any, height: int, width: int, guidance_scale: float) -> tuple[tuple, dict]:
+def capture_denoiser_call(pipe: Any, height: int, width: int, guidance_scale: float, **pipeline_kwargs: Any) -> tuple[tuple, dict]:
     """The arguments a stock pipeline passes to its denoiser on the first denoising step.
 
     Running the pipeline's own preprocessing (text encoders, added time ids, latent
@@ -237,6 +237,7 @@ def capture_denoiser_call(pipe: Any, height: int, width: int, guidance_scale: fl
             width=width,
             output_type="latent",
             generator=torch.Generator().manual_seed(0),
+            **pipeline_kwargs,
         )
     except _Captured:
         pass  # the denoiser call was seen; the rest of the pipeline is not needed

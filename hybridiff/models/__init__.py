@@ -1,13 +1,17 @@
 """Where pipelines come from: built-in models by name, or local diffusers folders.
 
-Nothing here touches the network: built-ins are assembled from configs with seeded weights,
-and folders load with ``local_files_only``.
+Nothing here touches the network: the tiny built-ins are assembled from configs with seeded
+weights, the trained ones (``digits-sdxl``, ``digits-sd3``) are diffusers folders shipped in
+the package, and every folder loads with ``local_files_only``. A folder may carry a
+``hybridiff.json`` card: schedule defaults for ``hybridiff compile`` and keyword arguments
+every pipeline call needs (``model_card``).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from diffusers import DiffusionPipeline
@@ -17,15 +21,21 @@ from hybridiff.models.tiny_sd3 import build_tiny_sd3
 from hybridiff.models.tiny_sdxl import build_tiny_sdxl
 
 BUILTINS: dict[str, Callable[[], DiffusionPipeline]] = {"tiny-sdxl": build_tiny_sdxl, "tiny-sd3": build_tiny_sd3}
+#: Trained built-ins: name -> the package folder holding their weights.
+TRAINED = {name: Path(__file__).parents[1] / "zoo" / "weights" / name for name in ("digits-sdxl", "digits-sd3")}
 BUILTIN_PREFIX = "builtin:"
+CARD = "hybridiff.json"
 
 
 def resolve_source(model: str) -> str:
     """The canonical model reference stored in a plan (absolute path for folders)."""
     if model.startswith(BUILTIN_PREFIX):
         name = model[len(BUILTIN_PREFIX):]
-        if name not in BUILTINS:
-            raise HybridiffError(f"unknown built-in model {model!r}; available: {', '.join(BUILTIN_PREFIX + n for n in BUILTINS)}")
+        if name not in BUILTINS and name not in TRAINED:
+            known = ", ".join(BUILTIN_PREFIX + n for n in [*BUILTINS, *TRAINED])
+            raise HybridiffError(f"unknown built-in model {model!r}; available: {known}")
+        if name in TRAINED and not (TRAINED[name] / "model_index.json").is_file():
+            raise HybridiffError(f"{model} has no weights in this install; train them: python -m hybridiff.zoo.train {name}")
         return model
     path = Path(model)
     if not (path / "model_index.json").is_file():
@@ -40,12 +50,26 @@ def load_pipeline(model: str, dtype: str = "float32", device: str | torch.device
     """Load the pipeline a plan refers to, on ``device`` in ``dtype``."""
     source = resolve_source(model)
     torch_dtype = getattr(torch, dtype)
-    if source.startswith(BUILTIN_PREFIX):
-        pipe = BUILTINS[source[len(BUILTIN_PREFIX):]]()
+    name = source[len(BUILTIN_PREFIX):] if source.startswith(BUILTIN_PREFIX) else None
+    if name in BUILTINS:
+        pipe = BUILTINS[name]()
         pipe.to(device=device, dtype=None if torch_dtype == torch.float32 else torch_dtype)
     else:
-        pipe = DiffusionPipeline.from_pretrained(source, dtype=torch_dtype, local_files_only=True).to(device)
+        folder = Path(TRAINED[name] if name else source)
+        # components saved as [null, null] (SD3 without its T5 encoder) must be passed as None
+        index = json.loads((folder / "model_index.json").read_text())
+        absent = {k: None for k, v in index.items() if not k.startswith("_") and v == [None, None]}
+        pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch_dtype, local_files_only=True, **absent).to(device)
     if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is None:
         raise HybridiffError(f"model {model!r} has no unet or transformer denoiser; hybridiff drives denoising pipelines")
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def model_card(model: str) -> dict[str, Any]:
+    """The model's ``hybridiff.json`` (schedule defaults, pipeline call arguments), or {}."""
+    source = resolve_source(model)
+    name = source[len(BUILTIN_PREFIX):] if source.startswith(BUILTIN_PREFIX) else None
+    folder = TRAINED.get(name) if name else Path(source)
+    card = folder / CARD if folder else None
+    return json.loads(card.read_text()) if card and card.is_file() else {}

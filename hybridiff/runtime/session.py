@@ -233,6 +233,7 @@ def _generate(
             generator=[torch.Generator("cpu").manual_seed(r.seed) for r in requests],
             output_type="pil" if decode else "latent",
             callback_on_step_end=clock,
+            **plan.model.pipeline_kwargs,
         )
     return ends[-1] - proxy.loop_start, result.images if decode else None
 
