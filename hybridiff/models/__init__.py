@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
 
 from hybridiff.errors import HybridiffError
 from hybridiff.models.tiny_sd3 import build_tiny_sd3
@@ -59,6 +61,8 @@ def load_pipeline(model: str, dtype: str = "float32", device: str | torch.device
         # components saved as [null, null] (SD3 without its T5 encoder) must be passed as None
         index = json.loads((folder / "model_index.json").read_text())
         absent = {k: None for k, v in index.items() if not k.startswith("_") and v == [None, None]}
+        diffusers_logging.disable_progress_bar()  # per-component loading bars, from every worker
+        transformers_logging.disable_progress_bar()
         pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch_dtype, local_files_only=True, **absent).to(device)
     if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is None:
         raise HybridiffError(f"model {model!r} has no unet or transformer denoiser; hybridiff drives denoising pipelines")
