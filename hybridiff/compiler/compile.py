@@ -17,7 +17,7 @@ from hybridiff.compiler.balance import balance
 from hybridiff.compiler.mesh import candidate_meshes, parse_mesh
 from hybridiff.compiler.partition import CutValue, Partition, best_partition, dependency_graph, replicated_needed
 from hybridiff.compiler.refine import apply_refinements
-from hybridiff.compiler.trace import Leaf, adapter_for, capture_denoiser_call, graph_fingerprint, trace_module
+from hybridiff.compiler.trace import Leaf, adapter_for, capture_denoiser_call, denoiser_attr, graph_fingerprint, trace_module
 from hybridiff.errors import HybridiffError
 from hybridiff.execution import GraphRunner
 from hybridiff.models import load_pipeline, model_card, resolve_source
@@ -52,11 +52,6 @@ def trace_pipeline(pipe: Any, refined: Iterable[str] = ()) -> TracedModel:
     return TracedModel(pipe, attr, adapter, graph, graph_fingerprint(graph))
 
 
-def denoiser_attr(pipe: Any) -> str:
-    for attr in ("unet", "transformer"):
-        if getattr(pipe, attr, None) is not None:
-            return attr
-    raise HybridiffError(f"{type(pipe).__name__} has neither a unet nor a transformer; hybridiff drives denoising pipelines")
 
 
 def branch_inputs(inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

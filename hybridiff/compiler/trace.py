@@ -53,11 +53,16 @@ def register_adapter(cls: type, factory: Callable[[nn.Module], Any]) -> None:
     ADAPTERS[cls] = factory
 
 
+def _registered_adapter(model: nn.Module) -> Any | None:
+    """The adapter registered for ``model``'s class or nearest base class, or None."""
+    return next((ADAPTERS[cls](model) for cls in type(model).__mro__ if cls in ADAPTERS), None)
+
+
 def adapter_for(model: nn.Module) -> Any:
     """The registered adapter for ``model``'s class (or a base class), or a one-line error."""
-    for cls in type(model).__mro__:
-        if cls in ADAPTERS:
-            return ADAPTERS[cls](model)
+    adapter = _registered_adapter(model)
+    if adapter is not None:
+        return adapter
     raise HybridiffError(
         f"no tracing adapter for {type(model).__name__}; pipelines run with UNet2DConditionModel or "
         "SD3Transformer2DModel denoisers, or one registered with hybridiff.register_adapter"
@@ -123,10 +128,9 @@ def trace_module(
     the error names the line that broke tracing and the fixes.
     """
     args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, dict) else (tuple(example_inputs), {})
-    for cls in type(model).__mro__:
-        if cls in ADAPTERS:
-            adapter = ADAPTERS[cls](model)
-            return TracedGraph(adapter.trace(), adapter.inputs_from_call(*args, **kwargs), adapter.latent)
+    adapter = _registered_adapter(model)
+    if adapter is not None:
+        return TracedGraph(adapter.trace(), adapter.inputs_from_call(*args, **kwargs), adapter.latent)
     params = list(inspect.signature(model.forward).parameters.values())
     given = set(kwargs) | {p.name for p in params[: len(args)]}
     concrete = {p.name: p.default for p in params if p.name not in given and p.default is not inspect.Parameter.empty}
@@ -213,6 +217,13 @@ class _Captured(Exception):
     """Raised from a forward pre-hook to stop the pipeline once the denoiser's inputs are seen."""
 
 
+def denoiser_attr(pipe: Any) -> str:
+    for attr in ("unet", "transformer"):
+        if getattr(pipe, attr, None) is not None:
+            return attr
+    raise HybridiffError(f"{type(pipe).__name__} has neither a unet nor a transformer; hybridiff drives denoising pipelines")
+
+
 def capture_denoiser_call(pipe: Any, height: int, width: int, guidance_scale: float, **pipeline_kwargs: Any) -> tuple[tuple, dict]:
     """The arguments a stock pipeline passes to its denoiser on the first denoising step.
 
@@ -226,8 +237,7 @@ def capture_denoiser_call(pipe: Any, height: int, width: int, guidance_scale: fl
         seen["call"] = (args, kwargs)
         raise _Captured
 
-    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
-    handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = getattr(pipe, denoiser_attr(pipe)).register_forward_pre_hook(hook, with_kwargs=True)
     try:
         pipe(
             prompt="an example prompt",

@@ -221,7 +221,8 @@ def build_vae(latent_channels: int = LATENT_CHANNELS, scaling_factor: float = 0.
     )
 
 
-def _build_scheduler() -> EulerDiscreteScheduler:
+def sdxl_scheduler() -> EulerDiscreteScheduler:
+    """Euler with SDXL's noise schedule and timestep spacing."""
     return EulerDiscreteScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -265,6 +266,6 @@ def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=unet,
-        scheduler=_build_scheduler(),
+        scheduler=sdxl_scheduler(),
         add_watermarker=False,
     )

@@ -136,6 +136,7 @@ class HybridDenoiser(_DenoiserProxy):
                 for consumer in c.consumers:
                     self._links.setdefault((c.producer, consumer), []).append(c)
         self._output_stage = next(s.index for s in plan.stages if "output" in s.nodes)
+        self._incoming_cache: dict[tuple[int, int, bool], list[tuple[list[CutTensor], list[tuple[int, int]]]]] = {}
 
     def begin_call(self, num_steps: int, guided: bool) -> None:
         if self.mesh.cfg == 2 and not guided:
@@ -267,7 +268,14 @@ class HybridDenoiser(_DenoiserProxy):
     def _incoming(self, position: int, rows: int, first: bool) -> list[tuple[list[CutTensor], list[tuple[int, int]]]]:
         """Per link into ``position``'s stage: its cut tensors and the (source rank, rows) of
         each message carrying them. On the window's first step the sources are the positions
-        whose full forwards computed the producing stage's rows."""
+        whose full forwards computed the producing stage's rows. Asked twice per window step
+        (receive now, pre-post the next), so it is worked out once per case."""
+        key = (position, rows, first)
+        if key not in self._incoming_cache:
+            self._incoming_cache[key] = self._work_out_incoming(position, rows, first)
+        return self._incoming_cache[key]
+
+    def _work_out_incoming(self, position: int, rows: int, first: bool) -> list[tuple[list[CutTensor], list[tuple[int, int]]]]:
         incoming = []
         for (producer, consumer), cuts in self._links.items():
             if consumer != position:

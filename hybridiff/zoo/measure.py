@@ -27,6 +27,7 @@ from PIL import Image
 
 from hybridiff import quiet_libraries
 from hybridiff.compiler.schedule import DEFAULT_SCHEDULE
+from hybridiff.compiler.trace import denoiser_attr
 from hybridiff.models import CARD, TRAINED, load_pipeline, model_card
 from hybridiff.plan import write_atomic
 from hybridiff.runtime.phases import detect_tau1, discrepancy
@@ -41,7 +42,7 @@ def _sample(name: str, seeds: int) -> tuple[list[Any], list[int], np.ndarray]:
     card = model_card(f"builtin:{name}")
     schedule = {**DEFAULT_SCHEDULE.model_dump(), **card.get("schedule", {})}
     pipe = load_pipeline(f"builtin:{name}")
-    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    denoiser = getattr(pipe, denoiser_attr(pipe))
     rows: list[list[float]] = []
 
     def record(_module: Any, _args: Any, _kwargs: Any, out: Any) -> None:

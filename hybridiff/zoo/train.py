@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
-    EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
@@ -42,7 +41,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from hybridiff import quiet_libraries
-from hybridiff.models.tiny_sdxl import EOS_TOKEN, build_tokenizer, build_vocabulary, text_config
+from hybridiff.models.tiny_sdxl import EOS_TOKEN, build_tokenizer, build_vocabulary, sdxl_scheduler, text_config
 from hybridiff.zoo import digits
 from hybridiff.zoo.classifier import WEIGHTS as CLASSIFIER_WEIGHTS
 from hybridiff.zoo.classifier import DigitClassifier
@@ -245,15 +244,7 @@ def train_digits_sdxl(steps: int) -> dict[str, Any]:
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=32 + 6 * 8,
     )
-    scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        timestep_spacing="leading",
-        steps_offset=1,
-    )
+    scheduler = sdxl_scheduler()
     pipe = StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
         tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False,
