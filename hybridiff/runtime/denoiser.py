@@ -38,16 +38,18 @@ from hybridiff.errors import HybridiffError
 from hybridiff.execution import GraphRunner
 from hybridiff.plan import CutTensor, Plan
 from hybridiff.runtime.phases import Phase, PhaseController, discrepancy
+from hybridiff.runtime.spans import Spans
 from hybridiff.runtime.transport import Transport
 
 
 class _DenoiserProxy(nn.Module):
     """Looks like the wrapped denoiser to the pipeline (config, dtype, add_embedding, ...)."""
 
-    def __init__(self, denoiser: nn.Module, attr: str) -> None:
+    def __init__(self, denoiser: nn.Module, attr: str, spans: Spans) -> None:
         super().__init__()
         self.inner = denoiser
         self.attr = attr
+        self.spans = spans
         self.loop_start: float | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -71,6 +73,7 @@ class _DenoiserProxy(nn.Module):
             if barrier is not None:
                 barrier()
             self.loop_start = time.perf_counter()
+            self.spans.begin_loop(self.loop_start)
 
 
 def _prediction(out: Any) -> torch.Tensor:
@@ -78,20 +81,30 @@ def _prediction(out: Any) -> torch.Tensor:
 
 
 class ObservedDenoiser(_DenoiserProxy):
-    """The stock denoiser, unchanged, recording the per-step discrepancy of its CFG batch."""
+    """The stock denoiser, unchanged, recording the per-step discrepancy of its CFG batch.
+
+    The predictions are kept and the curve is worked out after the call, so the baseline's
+    timed loop does nothing the stock pipeline would not do."""
 
     def begin_call(self, num_steps: int, guided: bool) -> None:
         self.loop_start = None
         self.guided = guided
-        self.discrepancy: list[float | None] = []
+        self._predictions: list[torch.Tensor] = []
+
+    @property
+    def discrepancy(self) -> list[float | None]:
+        if not self.guided:
+            return [None] * len(self._predictions)
+        return [discrepancy(*p.chunk(2)) for p in self._predictions]
+
+    def phase_name(self, step: int) -> str:
+        return "serial"
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._start_clock()
-        out = self.inner(*args, **kwargs)
-        if self.guided:
-            self.discrepancy.append(discrepancy(*_prediction(out).chunk(2)))
-        else:
-            self.discrepancy.append(None)
+        with self.spans.call(), self.spans.span("compute", "forward"):
+            out = self.inner(*args, **kwargs)
+        self._predictions.append(_prediction(out))
         return out
 
 
@@ -111,7 +124,7 @@ class HybridDenoiser(_DenoiserProxy):
     """Executes the plan's hybrid schedule for the positions of ``replica`` this process hosts."""
 
     def __init__(self, traced: TracedModel, plan: Plan, transport: Transport, replica: int = 0) -> None:
-        super().__init__(traced.denoiser, traced.attr)
+        super().__init__(traced.denoiser, traced.attr, transport.spans)
         self.adapter = traced.adapter
         self.plan = plan
         self.mesh = plan.mesh
@@ -155,7 +168,15 @@ class HybridDenoiser(_DenoiserProxy):
     def discrepancy(self) -> list[float | None]:
         return self.controller.discrepancy
 
+    def phase_name(self, step: int) -> str:
+        return self.controller.phases[step].value
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._start_clock(lambda: self.transport.barrier(self.group))
+        with self.spans.call():
+            return self._step_call(*args, **kwargs)
+
+    def _step_call(self, *args: Any, **kwargs: Any) -> Any:
         return_dict = kwargs.pop("return_dict", True)
         inputs = self.adapter.inputs_from_call(*args, **kwargs)
         latent = inputs[self.adapter.latent]
@@ -164,7 +185,6 @@ class HybridDenoiser(_DenoiserProxy):
             raise HybridiffError(f"a guided denoiser call must have an even batch, got {rows}")
         if self._step == 0:
             self._check_rows(rows)
-        self._start_clock(lambda: self.transport.barrier(self.group))
         self._latent = latent
         step = self._step
         self._step += 1
@@ -202,14 +222,11 @@ class HybridDenoiser(_DenoiserProxy):
         for s in self.hosted:
             mine = self.mesh.full_rows(s, rows)
             if mine:
-                self._last_full[s] = self.runner.run(self._full, _rows(inputs, mine, rows))
-        pieces = []
-        for s, rank in enumerate(self.ranks):
-            mine = self.mesh.full_rows(s, rows)
-            if mine:
-                value = self._last_full[s]["output"] if s in self._last_full else None
-                pieces.append(self.transport.broadcast(value, rank, self._like(len(mine)), self.group))
-        out = torch.cat(pieces)
+                with self.spans.span("compute", f"forward {len(mine)} row(s)"):
+                    self._last_full[s] = self.runner.run(self._full, _rows(inputs, mine, rows))
+        sizes = [len(self.mesh.full_rows(s, rows)) for s in range(len(self.ranks))]
+        chunks = {self.ranks[s]: values["output"] for s, values in self._last_full.items()}
+        out = self.transport.gather_rows(chunks, sizes, self.group, self._like(1))
         if self.guided:
             eps_u, eps_c = out.chunk(2)
             self.controller.observe(eps_u, eps_c)
@@ -227,7 +244,11 @@ class HybridDenoiser(_DenoiserProxy):
 
     def _hand_off(self, rows: int) -> None:
         """After tau1's full step: each position sends, for every stage, the cut tensors of the
-        rows it just computed whole that the stage's consumers will read on the first window step."""
+        rows it just computed whole that the stage's consumers will read on the first window step.
+        Receives are posted first: gloo moves a message once both ends have posted it, so a
+        send posted before its receive would wait for the sender's busy core to notice."""
+        for s in self.hosted:
+            self._expect_cuts(s, rows, first=True)
         for s in self.hosted:
             if s not in self._last_full:
                 continue
@@ -238,8 +259,6 @@ class HybridDenoiser(_DenoiserProxy):
                     start = part.start - mine.start
                     tensors = [_narrow(values[c.node], c, start, len(part), len(mine)) for c in cuts]
                     self.transport.post(self.ranks[s], self.ranks[consumer], tensors)
-        for s in self.hosted:
-            self._expect_cuts(s, rows, first=True)
 
     def _window_step(self, step: int, inputs: dict[str, Any], rows: int) -> torch.Tensor:
         last = self.controller.is_last_window_step(step)
@@ -257,13 +276,16 @@ class HybridDenoiser(_DenoiserProxy):
                     env[cut.node] = parts[0][i] if len(parts) == 1 else torch.cat([p[i] for p in parts], cut.batch_dim)
             if not last:
                 self._expect_cuts(s, rows, first=False)
-            values = self.runner.run(self._stage_programs[s], env)
+            with self.spans.span("compute", f"stage {s}"):
+                values = self.runner.run(self._stage_programs[s], env)
             if not last:
                 self._post_cuts(s, values)
             if owns_output:
                 prediction = values["output"]
         out_rows = len(self._window_rows(self._output_stage, rows))
-        return self.transport.broadcast(prediction, self.ranks[self._output_stage], self._like(out_rows), self.group)
+        out = self.transport.broadcast(prediction, self.ranks[self._output_stage], self._like(out_rows), self.group)
+        self.transport.flush()  # the cut tensors leave now, not while the next stage computes
+        return out
 
     def _incoming(self, position: int, rows: int, first: bool) -> list[tuple[list[CutTensor], list[tuple[int, int]]]]:
         """Per link into ``position``'s stage: its cut tensors and the (source rank, rows) of

@@ -33,7 +33,9 @@ from hybridiff.models import load_pipeline
 from hybridiff.plan import Plan, load_plan, write_atomic
 from hybridiff.runtime.denoiser import HybridDenoiser, ObservedDenoiser
 from hybridiff.runtime.requests import ImageRequest
+from hybridiff.runtime import shared
 from hybridiff.runtime.schedulers import use_scheduler
+from hybridiff.runtime.spans import Spans
 from hybridiff.runtime.transport import DistTransport, LocalTransport, Transport
 from hybridiff.simulate import replica_images
 
@@ -55,6 +57,8 @@ class RunOptions:
     repeats: int = 1
     window_guidance: Literal["mixed", "cached"] | None = None
     scheduler: str | None = None
+    #: Folder for per-rank step traces (``rank-<r>.json``) and the report's ``profile_ms``.
+    trace: Path | None = None
 
 
 @dataclass
@@ -70,12 +74,8 @@ class _Call:
     pngs: dict[int, bytes]
 
 
-def _init_distributed(plan: Plan) -> tuple[int, int]:
-    """Join the process group torchrun/elastic set up; returns (rank, local_rank)."""
-    if "RANK" not in os.environ:
-        raise HybridiffError("hybrid mode needs launched workers; use `hybridiff run` or torchrun")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = devices.worker_device(local_rank)
+def _init_distributed(plan: Plan, device: torch.device) -> int:
+    """Join the process group torchrun/elastic set up; returns this process's rank."""
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
@@ -86,7 +86,17 @@ def _init_distributed(plan: Plan) -> tuple[int, int]:
             f"the plan is for {plan.mesh.world_size} devices but {dist.get_world_size()} workers were "
             f"launched; launch {plan.mesh.world_size} or recompile with --gpus {dist.get_world_size()}"
         )
-    return dist.get_rank(), local_rank
+    return dist.get_rank()
+
+
+def _placement(opts: RunOptions, plan: Plan) -> devices.Placement:
+    """This process's device, threads and cores. Serial and emulated runs get the compute of
+    one of the plan's devices, as the plan's costs and the hybrid workers do."""
+    if opts.mode == "hybrid" and "RANK" not in os.environ:
+        raise HybridiffError("hybrid mode needs launched workers; use `hybridiff run` or torchrun")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if opts.mode == "hybrid" else 0
+    local_workers = int(os.environ.get("LOCAL_WORLD_SIZE", plan.mesh.world_size))
+    return devices.placement(local_rank, local_workers, opts.threads)
 
 
 def _load(opts: RunOptions) -> Plan:
@@ -107,11 +117,14 @@ def _load(opts: RunOptions) -> Plan:
 def execute(opts: RunOptions) -> dict[str, Any] | None:
     """Run the plan; returns the report on the rank that writes outputs, else None."""
     plan = _load(opts)
-    rank, local_rank = _init_distributed(plan) if opts.mode == "hybrid" else (0, 0)
-    local_workers = int(os.environ.get("LOCAL_WORLD_SIZE", plan.mesh.world_size))
-    torch.set_num_threads(opts.threads or devices.default_threads(local_workers))
-    device = devices.worker_device(local_rank)
+    where = _placement(opts, plan)
+    with devices.placed(where):
+        return _execute(opts, plan, where)
 
+
+def _execute(opts: RunOptions, plan: Plan, where: devices.Placement) -> dict[str, Any] | None:
+    device = where.device
+    rank = _init_distributed(plan, device) if opts.mode == "hybrid" else 0
     pipe = load_pipeline(plan.model.source, plan.model.dtype, device)
     if opts.scheduler:
         use_scheduler(pipe, opts.scheduler)
@@ -125,18 +138,9 @@ def execute(opts: RunOptions) -> dict[str, Any] | None:
     guidance = opts.guidance_scale if opts.guidance_scale is not None else plan.schedule.guidance_scale
     images = len(opts.requests)
 
-    if opts.mode == "serial":
-        per_call = plan.mesh.batch
-        work = [(0, [list(range(i, min(i + per_call, images))) for i in range(0, images, per_call)])]
-    else:
-        shares = replica_images(plan.mesh, images)
-        work = list(enumerate(shares))
-    transport: Transport | None = None
-    if opts.mode == "hybrid":
-        transport = DistTransport([plan.mesh.replica_ranks(d) for d in range(plan.mesh.dp)])
-        located = plan.mesh.locate(rank)
-        work = [work[located[0]]] if located else []
-
+    spans = Spans(enabled=opts.trace is not None)
+    transport = _dist_transport(plan, where, spans) if opts.mode == "hybrid" else None
+    work = _work(opts, plan, rank)
     writer = rank == 0
     show = writer and images > 1
     pipe.set_progress_bar_config(disable=None if writer else True, leave=False)
@@ -144,23 +148,55 @@ def execute(opts: RunOptions) -> dict[str, Any] | None:
     with tqdm(total=sum(len(c) for _, share in work for c in share), desc="images", unit="img", disable=None if show else True) as bar:
         for replica, share in work:
             if opts.mode == "serial":
-                proxy: Any = ObservedDenoiser(traced.denoiser, traced.attr)
+                proxy: Any = ObservedDenoiser(traced.denoiser, traced.attr, spans)
             else:
-                local = transport or LocalTransport(plan.mesh.replica_ranks(replica))
+                local = transport or LocalTransport(plan.mesh.replica_ranks(replica), spans)
                 proxy = HybridDenoiser(traced, plan, local, replica)
             decoder = opts.mode != "hybrid" or proxy.ranks[0] == rank  # a replica's first rank decodes
             for index, chosen in enumerate(share):
                 calls.append(_run_call(pipe, proxy, opts, plan, replica, index, chosen, steps, guidance, decoder, device))
                 bar.update(len(chosen))
 
-    everything = _gather(calls, opts.mode)
+    if opts.trace is not None:
+        spans.write(opts.trace / f"rank-{rank}.json", f"rank {rank} ({opts.mode})")
+    everything = _gather((calls, spans.breakdown()), opts.mode)
     report = _write_outputs(opts, plan, everything, steps, guidance, device) if writer else None
+    if transport is not None:
+        transport.close()
     if opts.mode == "hybrid":
         # Leave together and cleanly: a rank that exits while its peer still holds the gloo
         # group open can abort at teardown, which leaves a torchrun peer waiting at its exit.
         dist.barrier()
         dist.destroy_process_group()
     return report
+
+
+def _work(opts: RunOptions, plan: Plan, rank: int) -> list[tuple[int, list[list[int]]]]:
+    """(replica, its calls' image indices) for what this process generates: the serial
+    baseline takes the plan's batch per call; the mesh shares images out as the simulator
+    assumes (``simulate.replica_images``), and a hybrid rank takes its replica's share."""
+    images = len(opts.requests)
+    if opts.mode == "serial":
+        per_call = plan.mesh.batch
+        return [(0, [list(range(i, min(i + per_call, images))) for i in range(0, images, per_call)])]
+    work = list(enumerate(replica_images(plan.mesh, images)))
+    if opts.mode == "emulate":
+        return work
+    located = plan.mesh.locate(rank)
+    return [work[located[0]]] if located else []
+
+
+def _dist_transport(plan: Plan, where: devices.Placement, spans: Spans) -> DistTransport:
+    """Bound CPU workers poll instead of sleeping, and share memory when all run on one machine."""
+    own_cores = where.cores is not None
+    one_machine = os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE")
+    return DistTransport(
+        [plan.mesh.replica_ranks(d) for d in range(plan.mesh.dp)],
+        spans,
+        spin=own_cores,
+        shared=own_cores and one_machine and shared.supported(),
+        timeout_s=TIMEOUT_S,
+    )
 
 
 def _run_call(
@@ -213,10 +249,11 @@ def _generate(
     """One call of the stock pipeline; returns (denoising-loop seconds, images or None)."""
     ends: list[float] = []
 
-    def clock(_pipe: Any, _step: int, _t: Any, kwargs: dict) -> dict:
+    def clock(_pipe: Any, step: int, _t: Any, kwargs: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         ends.append(time.perf_counter())
+        proxy.spans.end_step(ends[-1], proxy.phase_name(step))
         return kwargs
 
     negatives = [r.negative_prompt for r in requests]
@@ -238,12 +275,16 @@ def _generate(
     return ends[-1] - proxy.loop_start, result.images if decode else None
 
 
-def _gather(calls: list[_Call], mode: Mode) -> list[list[_Call]]:
-    """Every process's calls on rank 0 (one list per process)."""
+#: What each process hands rank 0: its calls and its step breakdown (empty unless traced).
+_Share = tuple[list[_Call], dict[str, dict[str, Any]]]
+
+
+def _gather(share: _Share, mode: Mode) -> list[_Share]:
+    """Every process's share on rank 0, in rank order."""
     if mode != "hybrid":
-        return [calls]
+        return [share]
     gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(calls, gathered, dst=0)
+    dist.gather_object(share, gathered, dst=0)
     return gathered or []
 
 
@@ -251,13 +292,32 @@ def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
+def _entry(request: ImageRequest, index: int, call: _Call, comm: dict[str, int]) -> dict[str, Any]:
+    """The report's entry for image ``index``, generated by ``call``."""
+    return {
+        "index": index,
+        "image": f"image-{index}.png",
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt,
+        "seed": request.seed,
+        "replica": call.replica,
+        "call": call.index,
+        "images_in_call": len(call.images),
+        "latency_s": _median(call.latency_runs_s),
+        "latency_runs_s": call.latency_runs_s,
+        **call.record,
+        "comm_bytes": sum(comm.values()),
+        "comm_bytes_by_phase": comm,
+    }
+
+
 def _write_outputs(
-    opts: RunOptions, plan: Plan, everything: list[list[_Call]], steps: int, guidance: float, device: torch.device
+    opts: RunOptions, plan: Plan, everything: list[_Share], steps: int, guidance: float, device: torch.device
 ) -> dict[str, Any]:
     """Write every image and ``report.json`` atomically; returns the report."""
     merged: dict[tuple[int, int], _Call] = {}
     comm: dict[tuple[int, int], dict[str, int]] = {}
-    for calls in everything:
+    for calls, _ in everything:
         for call in calls:
             key = (call.replica, call.index)
             counted = comm.setdefault(key, {})
@@ -268,26 +328,10 @@ def _write_outputs(
     entries: dict[int, dict[str, Any]] = {}
     busy: dict[int, float] = {}
     for key, call in sorted(merged.items()):
-        latency = _median(call.latency_runs_s)
-        busy[call.replica] = busy.get(call.replica, 0.0) + latency
+        busy[call.replica] = busy.get(call.replica, 0.0) + _median(call.latency_runs_s)
         for i in call.images:
-            request = opts.requests[i]
             write_atomic(opts.out / f"image-{i}.png", call.pngs[i])
-            entries[i] = {
-                "index": i,
-                "image": f"image-{i}.png",
-                "prompt": request.prompt,
-                "negative_prompt": request.negative_prompt,
-                "seed": request.seed,
-                "replica": call.replica,
-                "call": call.index,
-                "images_in_call": len(call.images),
-                "latency_s": latency,
-                "latency_runs_s": call.latency_runs_s,
-                **call.record,
-                "comm_bytes": sum(comm[key].values()),
-                "comm_bytes_by_phase": comm[key],
-            }
+            entries[i] = _entry(opts.requests[i], i, call, comm[key])
     by_phase: dict[str, int] = {}
     for counted in comm.values():
         for phase, n in counted.items():
@@ -315,5 +359,7 @@ def _write_outputs(
             "comm_bytes_by_phase": by_phase,
         },
     }
+    if opts.trace is not None:
+        report["profile_ms"] = {str(rank): profile for rank, (_, profile) in enumerate(everything)}
     write_atomic(opts.out / "report.json", json.dumps(report, indent=2) + "\n")
     return report

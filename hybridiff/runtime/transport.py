@@ -5,17 +5,21 @@ hosts: one rank per worker process with ``DistTransport``, every rank in one pro
 ``LocalTransport``. Point-to-point messages are first-in first-out per (src, dst) pair, which
 is what makes one-step-stale cut tensors line up: a value posted at step i is taken at i+1.
 Both count the bytes each rank sends to other ranks, with the same accounting, so the
-emulation predicts the distributed run's traffic exactly. Broadcasts run within a group (one
-replica of the mesh); a broadcast counts its bytes once per receiver.
+emulation predicts the distributed run's traffic exactly. Collectives run within a group (one
+replica of the mesh) and count each sender's bytes once per receiver.
 """
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections import defaultdict, deque
 
 import torch
 import torch.distributed as dist
+
+from hybridiff.runtime.shared import SharedExchange
+from hybridiff.runtime.spans import Spans
 
 
 def _nbytes(tensors: list[torch.Tensor]) -> int:
@@ -30,8 +34,9 @@ Group = tuple[int, ...]
 
 
 class Transport(ABC):
-    def __init__(self, hosted: tuple[int, ...]) -> None:
+    def __init__(self, hosted: tuple[int, ...], spans: Spans | None = None) -> None:
         self.hosted = hosted
+        self.spans = spans or Spans()
         #: The phase the next messages belong to (set by the schedule).
         self.phase = PHASES[0]
         self.sent = dict.fromkeys(PHASES, 0)
@@ -55,20 +60,37 @@ class Transport(ABC):
     def expect(self, src: int, dst: int, templates: list[torch.Tensor]) -> None:
         """Announce a message that a later ``take`` will receive, so it can arrive early."""
 
+    def flush(self) -> None:
+        """Wait until the messages posted so far have left."""
+
+    def close(self) -> None:
+        """Release what the transport holds besides the process group."""
+
     @abstractmethod
     def broadcast(self, value: torch.Tensor | None, src: int, template: torch.Tensor, group: Group) -> torch.Tensor:
         """``src``'s tensor on every hosted rank of ``group`` (``value`` is given where ``src``
         is hosted; ``template`` gives the shape elsewhere)."""
 
     @abstractmethod
+    def gather_rows(self, chunks: dict[int, torch.Tensor], sizes: list[int], group: Group, template: torch.Tensor) -> torch.Tensor:
+        """Every member's rows, concatenated in member order, on every hosted rank of ``group``.
+
+        Member ``group[i]`` contributes ``sizes[i]`` rows (possibly none); ``chunks`` holds the
+        hosted members' rows by rank; ``template`` is one row, for the shape."""
+
+    @abstractmethod
     def barrier(self, group: Group) -> None: ...
+
+    def _count_gather(self, chunks: dict[int, torch.Tensor], group: Group) -> None:
+        for chunk in chunks.values():
+            self._count(_nbytes([chunk]) * (len(group) - 1))
 
 
 class LocalTransport(Transport):
     """All ranks in one process: messages are handed over in memory."""
 
-    def __init__(self, hosted: tuple[int, ...]) -> None:
-        super().__init__(hosted)
+    def __init__(self, hosted: tuple[int, ...], spans: Spans | None = None) -> None:
+        super().__init__(hosted, spans)
         self._mailbox: dict[tuple[int, int], deque[list[torch.Tensor]]] = defaultdict(deque)
 
     def post(self, src: int, dst: int, tensors: list[torch.Tensor]) -> None:
@@ -84,20 +106,41 @@ class LocalTransport(Transport):
         self._count(_nbytes([value]) * (len(group) - 1))
         return value
 
+    def gather_rows(self, chunks: dict[int, torch.Tensor], sizes: list[int], group: Group, template: torch.Tensor) -> torch.Tensor:
+        chunks = {r: c for r, c in chunks.items() if len(c)}
+        self._count_gather(chunks, group)
+        return torch.cat([chunks[r] for r, n in zip(group, sizes) if n])
+
     def barrier(self, group: Group) -> None:
         """All ranks are in this process: there is nobody to wait for."""
 
 
 class DistTransport(Transport):
-    """One rank per process over an initialised ``torch.distributed`` process group."""
+    """One rank per process over an initialised ``torch.distributed`` process group.
 
-    def __init__(self, groups: list[Group]) -> None:
+    ``spin``: wait for collectives by polling instead of sleeping. On a CPU machine where each
+    worker owns its cores, a sleeping worker lets its core halt, and waking it again costs
+    milliseconds on virtual machines: more than a short step's whole exchange. Polling (with a
+    yield, so this worker's own communication threads run) keeps the core awake. It burns
+    only the worker's own core, so it is only for workers with cores of their own.
+
+    ``shared``: exchange predictions through shared memory (``runtime.shared``) within groups
+    whose ranks all run on this machine; cut tensors still travel point to point.
+    """
+
+    def __init__(
+        self, groups: list[Group], spans: Spans | None = None, spin: bool = False, shared: bool = False, timeout_s: float = 300
+    ) -> None:
         """``groups``: every broadcast group of the mesh, the same list on every rank (creating
         a process group is a collective over the whole world)."""
-        super().__init__((dist.get_rank(),))
+        super().__init__((dist.get_rank(),), spans)
         self.rank = dist.get_rank()
+        self.spin = spin
         world = tuple(range(dist.get_world_size()))
         self._groups = {g: None if g == world else dist.new_group(list(g)) for g in groups if len(g) > 1}
+        self._shared = {
+            g: SharedExchange(g, self.rank, pg, timeout_s) for g, pg in self._groups.items() if shared and self.rank in g
+        }
         self._pending: list[tuple[dist.Work, list[torch.Tensor]]] = []
         self._expected: dict[tuple[int, int], deque[tuple[list[dist.Work], list[torch.Tensor]]]] = defaultdict(deque)
         #: Messages a rank sends itself (a group leader standing in for its own stage).
@@ -108,9 +151,10 @@ class DistTransport(Transport):
             self._to_self.append(tensors)
             return
         self._drain()
-        tensors = [t.contiguous() for t in tensors]
-        for t in tensors:
-            self._pending.append((dist.isend(t, dst), tensors))
+        with self.spans.span("send-recv", "isend"):
+            tensors = [t.contiguous() for t in tensors]
+            for t in tensors:
+                self._pending.append((dist.isend(t, dst), tensors))
         self._count(_nbytes(tensors))
 
     def expect(self, src: int, dst: int, templates: list[torch.Tensor]) -> None:
@@ -118,41 +162,103 @@ class DistTransport(Transport):
         # transfer overlap the receiver's compute instead of starting the next step.
         if src == self.rank:
             return
-        out = [torch.empty_like(t) for t in templates]
-        self._expected[(src, dst)].append(([dist.irecv(t, src) for t in out], out))
+        with self.spans.span("send-recv", "irecv"):
+            out = [torch.empty_like(t) for t in templates]
+            self._expected[(src, dst)].append(([dist.irecv(t, src) for t in out], out))
 
     def take(self, src: int, dst: int, templates: list[torch.Tensor]) -> list[torch.Tensor]:
         if src == self.rank:
             return self._to_self.popleft()
         if self._expected[(src, dst)]:
             works, out = self._expected[(src, dst)].popleft()
+        else:
+            with self.spans.span("send-recv", "irecv"):
+                out = [torch.empty_like(t) for t in templates]
+                works = [dist.irecv(t, src) for t in out]
+        with self.spans.span("wait", "cut tensors"):
             for work in works:
-                work.wait()
-            return out
-        out = [torch.empty_like(t) for t in templates]
-        for t in out:
-            dist.recv(t, src)
+                work.wait()  # point-to-point work cannot be polled on gloo
         return out
 
     def broadcast(self, value: torch.Tensor | None, src: int, template: torch.Tensor, group: Group) -> torch.Tensor:
         if len(group) == 1:
             assert value is not None
             return value
-        tensor = value.contiguous() if self.rank == src else torch.empty_like(template)
-        dist.broadcast(tensor, src, group=self._groups[group])
+        if group in self._shared:
+            sizes = [len(template) if r == src else 0 for r in group]
+            (tensor,) = self._exchange(self._shared[group], value, sizes, template, "prediction")
+        else:
+            with self.spans.span("send-recv", "broadcast"):
+                tensor = value.contiguous() if self.rank == src else torch.empty_like(template)
+                work = dist.broadcast(tensor, src, group=self._groups[group], async_op=True)
+            self._wait(work, "prediction")
         if self.rank == src:
             self._count(_nbytes([tensor]) * (len(group) - 1))
         return tensor
+
+    def gather_rows(self, chunks: dict[int, torch.Tensor], sizes: list[int], group: Group, template: torch.Tensor) -> torch.Tensor:
+        if len(group) == 1:
+            return chunks[self.rank]
+        mine = chunks.get(self.rank)
+        if group in self._shared:
+            parts = self._exchange(self._shared[group], mine, sizes, template, "predictions")
+        else:
+            parts = self._all_gather(mine, sizes, group, template)
+        self._count_gather({self.rank: mine} if mine is not None and len(mine) else {}, group)
+        return torch.cat(parts)
+
+    def _exchange(
+        self, shared: SharedExchange, mine: torch.Tensor | None, sizes: list[int], template: torch.Tensor, what: str
+    ) -> list[torch.Tensor]:
+        with self.spans.span("send-recv", "shared write"):
+            shared.publish(mine, sizes, template)
+        with self.spans.span("wait", what):
+            shared.wait()
+        with self.spans.span("send-recv", "shared read"):
+            return shared.read(sizes, template)
+
+    def _all_gather(self, mine: torch.Tensor | None, sizes: list[int], group: Group, template: torch.Tensor) -> list[torch.Tensor]:
+        most = max(sizes)
+        with self.spans.span("send-recv", "all-gather"):
+            # all-gather moves equal sizes: members with fewer rows pad (nothing is counted for it)
+            if mine is not None and len(mine) == most:
+                padded = mine.contiguous()
+            else:
+                padded = template.new_zeros((most, *template.shape[1:]))
+                if mine is not None:
+                    padded[: len(mine)] = mine
+            received = [torch.empty_like(padded) for _ in group]
+            work = dist.all_gather(received, padded, group=self._groups[group], async_op=True)
+        self._wait(work, "predictions")
+        return [part[:n] for part, n in zip(received, sizes) if n]
+
+    def close(self) -> None:
+        for shared in self._shared.values():
+            shared.close()
 
     def barrier(self, group: Group) -> None:
         if len(group) > 1:
             dist.barrier(group=self._groups[group])
 
     def take_counts(self) -> dict[str, int]:
-        self._drain()
+        self.flush()
         return super().take_counts()
 
-    def _drain(self) -> None:
-        for work, _ in self._pending:
+    def flush(self) -> None:
+        # A send on gloo moves on this process's communication thread; finishing it while
+        # this worker waits anyway keeps it from competing with the next step's compute.
+        self._drain()
+
+    def _wait(self, work: dist.Work, what: str) -> None:
+        with self.spans.span("wait", what):
+            if self.spin:
+                while not work.is_completed():
+                    os.sched_yield()
             work.wait()
-        self._pending.clear()
+
+    def _drain(self) -> None:
+        if self._pending:
+            with self.spans.span("wait", "earlier sends"):
+                for work, _ in self._pending:
+                    work.wait()
+            self._pending.clear()

@@ -36,6 +36,9 @@ def run_command(
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads per worker [default: cores / workers]"),
     repeats: int = typer.Option(1, min=1, help="generate every image this many times; latency is the median"),
     window_guidance: Optional[str] = typer.Option(None, help="override the plan: 'mixed' or 'cached'"),
+    trace: Optional[Path] = typer.Option(
+        None, help="write a per-step trace per rank to this folder (rank-<r>.json: open in Perfetto or chrome://tracing)"
+    ),
 ) -> None:
     """Generate images with a compiled plan."""
     if emulate and serial:
@@ -61,6 +64,7 @@ def run_command(
             repeats=repeats,
             window_guidance=window_guidance,
             scheduler=scheduler,
+            trace=trace,
         )
         if mode == "hybrid" and "RANK" not in os.environ:
             from hybridiff.runtime.launch import launch_local
