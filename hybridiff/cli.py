@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from hybridiff import quiet_libraries
 from hybridiff.errors import HybridiffError, report_and_exit
+from hybridiff.plan import load_plan
 from hybridiff.summary import imbalance
 from hybridiff.runtime.worker import run_command
+
+if TYPE_CHECKING:
+    from hybridiff.plan import Plan
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.command("run")(run_command)
@@ -42,6 +46,9 @@ def compile_command(
     cost: str = typer.Option("time", help="node costs: 'time' (measured) or 'flops' (counted, reproducible)"),
     repeats: int = typer.Option(10, min=1, help="timing repeats per node (median)"),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads while profiling [default: cores / gpus]"),
+    calibrate: bool = typer.Option(
+        True, help="with measured costs: run the model briefly on 2 workers to measure what a step costs besides compute"
+    ),
 ) -> None:
     """Trace, profile and partition MODEL (or a published --arch) into an execution plan."""
     if dtype not in ("float32", "float16", "bfloat16"):
@@ -88,6 +95,10 @@ def compile_command(
                 batch=batch,
             )
         else:
+            from functools import partial
+
+            from hybridiff.calibrate import measure_step_costs
+
             plan = compile_model(
                 model,
                 gpus,
@@ -101,11 +112,33 @@ def compile_command(
                 cost=cost,
                 mesh=mesh,
                 batch=batch,
+                calibrate=partial(measure_step_costs, threads=threads) if calibrate and cost == "time" else None,
             )
         plan.save(out)
     except HybridiffError as e:
         report_and_exit(e)
+    _report_plan(plan, out, gpus)
+
+
+def _report_plan(plan: "Plan", out: Path, gpus: int) -> None:
+    """What ``compile`` says about the plan it wrote: warnings first, then one summary line."""
     est = plan.estimates
+    costs = est.step_costs
+    if costs.measured_on != "not measured":
+        typer.echo(
+            f"measured per step ({costs.measured_on}): pipeline {costs.pipeline_s * 1e3:.2f} ms, "
+            f"full-step sync {costs.full_sync_s * 1e3:.2f} ms, window sync {costs.window_sync_s * 1e3:.2f} ms, "
+            f"compute x{costs.concurrency:.3f} next to busy peers",
+            err=True,
+        )
+    if gpus > 1 and plan.mesh.world_size == 1:
+        best = min((t, label) for label, t in est.alternatives.items() if label != plan.mesh.label)
+        typer.echo(
+            f"note: no multi-device plan pays for {plan.mesh.batch} image(s): the best, {best[1]}, is predicted "
+            f"{best[0]:.3f} s against {est.latency_s:.3f} s on one device; wrote the 1-device plan "
+            "(--mesh forces a mesh; a larger --batch gives devices more to share)",
+            err=True,
+        )
     if plan.mesh.idle_ranks:
         typer.echo(
             f"warning: mesh {plan.mesh.label} leaves rank(s) {plan.mesh.idle_ranks} idle; "
@@ -128,7 +161,6 @@ def inspect_command(
     """Summarise a plan: mesh, stages, cut tensors, schedule, estimates."""
     import json
 
-    from hybridiff.plan import load_plan
     from hybridiff.summary import plot as draw
     from hybridiff.summary import render_text, summary
 
@@ -151,7 +183,6 @@ def simulate_command(
     """Predict latency per phase, bytes moved and per-rank busy time from the plan's costs."""
     import json
 
-    from hybridiff.plan import load_plan
     from hybridiff.simulate import Workload, plot_timeline, simulate
 
     try:
@@ -224,19 +255,33 @@ def save_model_command(
 @app.command("bench")
 def bench_command(
     plan: Path = typer.Argument(..., help="plan.json"),
-    prompt: str = typer.Option("a red cube on a table", help="text prompt"),
+    prompt: str = typer.Option("a red cube on a table", help="text prompt, seeds 0..B-1 for the plan's batch B"),
+    prompts: Optional[Path] = typer.Option(None, help="instead of --prompt: a prompts file, as `run` reads it"),
     steps: Optional[int] = typer.Option(None, min=1, help="denoising steps [default: the plan's]"),
-    repeats: int = typer.Option(3, min=1, help="images per mode; the median latency counts"),
+    repeats: int = typer.Option(3, min=1, help="calls per mode and round; the median of all runs counts"),
+    rounds: int = typer.Option(2, min=1, help="rounds alternating serial and hybrid, so machine noise hits both"),
     threads: int = typer.Option(1, min=1, help="CPU threads per worker (and for the serial baseline)"),
-    out: Path = typer.Option(Path("out-bench"), "-o", "--out", help="folder for per-mode outputs"),
+    grid: Optional[Path] = typer.Option(None, help="also draw the hybrid run's images side by side to this PNG"),
+    out: Path = typer.Option(Path("out-bench"), "-o", "--out", help="hybrid images, report and bench.json; serial/ inside"),
 ) -> None:
-    """Serial vs hybrid latency, measured side by side, against the plan's bound."""
+    """Serial vs hybrid latency, measured side by side, against the plan's prediction."""
     from hybridiff.bench import run_bench
+    from hybridiff.runtime.requests import ImageRequest, read_prompts
 
     try:
-        typer.echo(run_bench(plan, prompt, steps, repeats, threads, out))
+        if prompts is not None:
+            requests = tuple(read_prompts(prompts, 0, None))
+        else:
+            requests = tuple(ImageRequest(prompt, None, seed) for seed in range(load_plan(plan).mesh.batch))
+        text, _ = run_bench(plan, requests, steps, repeats, rounds, threads, out)
+        if grid is not None:
+            from hybridiff.images import save_grid
+
+            save_grid([out / f"image-{i}.png" for i in range(len(requests))], grid)
+            text += f"\nimages: {out}/image-<i>.png, side by side in {grid}"
     except HybridiffError as e:
         report_and_exit(e)
+    typer.echo(text)
 
 
 def main() -> None:

@@ -199,6 +199,22 @@ class Schedule(_Strict):
         return self.guidance_scale > 1
 
 
+class StepCosts(_Strict):
+    """What a denoising step costs besides the denoiser's compute, measured on the machine
+    that compiled the plan (``hybridiff.calibrate``); zero where nothing was measured.
+
+    The cost model needs them: on short forwards they are a large part of a step, and a plan
+    that leaves them out predicts a speed-up it does not deliver."""
+
+    measured_on: str = Field(default="not measured", description="what ran to measure them")
+    pipeline_s: float = Field(default=0.0, ge=0, description="the stock pipeline's own work per step: scheduler, guidance, callbacks")
+    full_sync_s: float = Field(
+        default=0.0, ge=0, description="per full step of a 2-device replica: exchanging predictions, waiting for the peer, glue"
+    )
+    window_sync_s: float = Field(default=0.0, ge=0, description="per window step of a 2-device replica: the same")
+    concurrency: float = Field(default=1.0, gt=0, description="a forward's slowdown while every local device computes")
+
+
 class Estimates(_Strict):
     """Cost-model predictions (see ``hybridiff.simulate``), seconds unless named otherwise."""
 
@@ -207,6 +223,9 @@ class Estimates(_Strict):
     link_gbps: float
     forward_s: float = Field(description="one forward of one row (one image, one branch)")
     forward_batch2_s: float = Field(description="one forward of two rows: the serial CFG step")
+    #: Forwards measured at the row counts of the plan's batch (``B`` and ``2B`` rows): how
+    #: compute grows with rows beyond two, which a straight line from one and two misses.
+    forward_rows_s: dict[int, float] = Field(default_factory=dict)
     prediction_bytes: int = Field(ge=0, description="the denoiser output of one row")
     window_step_s: float = Field(description="one window step for one image per replica")
     window_comm_bytes_per_step: int
@@ -217,6 +236,7 @@ class Estimates(_Strict):
     speedup: float
     #: Predicted latency of every mesh the compiler considered, by label.
     alternatives: dict[str, float] = Field(default_factory=dict)
+    step_costs: StepCosts = Field(default_factory=StepCosts)
 
 
 class Plan(_Strict):

@@ -6,11 +6,18 @@ runtime executes, read from the same ``Mesh`` methods: which rows each rank comp
 fully connected step, which rows each stage runs in the window, which cut tensors move at the
 hand-off after tau1. The window is assumed to start at the expected tau1 (``tau_cap``).
 
-Costs come from the plan: a forward of one row (``forward_s``) and of two rows
-(``forward_batch2_s``) fix how compute grows with rows, ``c(r) = c(1) * (1 + (r - 1) * e)``
-with ``e = forward_batch2_s / forward_s - 1``; stage costs scale the same way. A transfer of
+Costs come from the plan: forwards measured at one row (``forward_s``), two rows
+(``forward_batch2_s``) and, for batches, more (``forward_rows_s``) fix how compute grows with
+rows: ``c(r) = c(1) * F(r) / F(1)`` with ``F`` interpolated linearly between the measured row
+counts (and extended with the last slope); stage costs scale the same way. A transfer of
 ``n`` bytes takes ``n / link``; a broadcast costs one transfer whatever the group size (ring
 and tree collectives pipeline it) but counts ``n`` bytes per receiver, as the runtime does.
+
+Every step also pays the plan's measured ``step_costs``: the stock pipeline's own work (serial
+runs too), and on replicas of several devices the synchronisation of the step (issuing the
+exchange, waiting for the slowest peer, hybridiff's glue), measured on 2 devices and taken as
+growing with the group's size like a ring, ``(g - 1)`` times. Compute is slowed by the measured
+``concurrency`` factor whenever several local devices compute at once.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hybridiff.compiler.schedule import expected_tau1, window_steps
-from hybridiff.plan import Mesh, Plan, Schedule, write_atomic
+from hybridiff.plan import Mesh, Plan, Schedule, StepCosts, write_atomic
 
 #: Phases of one image as the paper names them, and the traffic classes the runtime counts.
 PHASES = ("warm-up", "window", "fully-connecting")
@@ -31,20 +38,22 @@ class Workload:
     """What the simulator needs to know about the model, per row (one image, one branch)."""
 
     forward_s: float
-    forward_batch2_s: float
+    #: (rows, seconds) of whole forwards, sorted by rows, starting with one row.
+    forward_by_rows: tuple[tuple[int, float], ...]
     stage_costs: tuple[float, ...]
     #: (producing stage, consuming stage, bytes per row) of every tensor that crosses a cut.
     links: tuple[tuple[int, int, int], ...]
     output_stage: int
     prediction_bytes: int
     link_bytes_per_s: float
+    step_costs: StepCosts = StepCosts()
 
     @classmethod
     def from_plan(cls, plan: Plan) -> Workload:
         est = plan.estimates
         return cls(
             forward_s=est.forward_s,
-            forward_batch2_s=est.forward_batch2_s,
+            forward_by_rows=forward_by_rows(est.forward_s, est.forward_batch2_s, est.forward_rows_s),
             stage_costs=tuple(s.cost_s for s in plan.stages),
             links=tuple(
                 (c.producer, consumer, c.bytes) for c in plan.cut_tensors if c.constant is None for consumer in c.consumers
@@ -52,16 +61,30 @@ class Workload:
             output_stage=next(s.index for s in plan.stages if "output" in s.nodes),
             prediction_bytes=est.prediction_bytes,
             link_bytes_per_s=est.link_gbps * 1e9 / 8,
+            step_costs=est.step_costs,
         )
 
     def compute(self, one_row_s: float, rows: int) -> float:
+        """A computation that takes ``one_row_s`` on one row, on ``rows`` rows."""
         if rows == 0:
             return 0.0
-        extra = min(1.0, max(0.0, self.forward_batch2_s / self.forward_s - 1)) if self.forward_s > 0 else 1.0
-        return one_row_s * (1 + (rows - 1) * extra)
+        points = self.forward_by_rows
+        (r0, f0), (r1, f1) = next(((a, b) for a, b in zip(points, points[1:]) if rows <= b[0]), points[-2:])
+        grown = f0 + (rows - r0) * max(0.0, f1 - f0) / (r1 - r0)
+        return one_row_s * grown / points[0][1] if points[0][1] > 0 else one_row_s * rows
 
     def transfer(self, nbytes: int) -> float:
         return nbytes / self.link_bytes_per_s
+
+    def concurrent(self, mesh: Mesh, compute_s: float) -> float:
+        """``compute_s`` while every device of ``mesh`` computes at once."""
+        busy_devices = mesh.dp * mesh.replica_size
+        return compute_s * (self.step_costs.concurrency if busy_devices > 1 else 1.0)
+
+    def sync(self, mesh: Mesh, window: bool) -> float:
+        """The fixed cost of synchronising one step within a replica of ``mesh``."""
+        costs = self.step_costs
+        return (costs.window_sync_s if window else costs.full_sync_s) * (mesh.replica_size - 1)
 
 
 @dataclass(frozen=True)
@@ -101,6 +124,11 @@ class Simulation:
         }
 
 
+def forward_by_rows(forward_s: float, forward_batch2_s: float, more: dict[int, float] | None = None) -> tuple[tuple[int, float], ...]:
+    """The measured forward times as sorted (rows, seconds) points, one and two rows first."""
+    return tuple(sorted({**(more or {}), 1: forward_s, 2: forward_batch2_s}.items()))
+
+
 def replica_images(mesh: Mesh, images: int) -> list[list[int]]:
     """Image indices per replica, split into the pipeline calls each replica makes.
 
@@ -126,10 +154,12 @@ def simulate(mesh: Mesh, work: Workload, schedule: Schedule, images: int = 1) ->
 
 def serial_latency(work: Workload, schedule: Schedule, images: int) -> float:
     """The stock pipeline on one device denoising all ``images`` in one call."""
-    return schedule.steps * work.compute(work.forward_s, images * (2 if schedule.guided else 1))
+    step = work.compute(work.forward_s, images * (2 if schedule.guided else 1)) + work.step_costs.pipeline_s
+    return schedule.steps * step
 
 
-#: Per position: (compute seconds, send seconds); the step's trailing gather seconds; bytes.
+#: Per position: (compute seconds, send seconds); the seconds every position spends after the
+#: slowest one (exchange, synchronisation, the pipeline's own work); bytes sent.
 _Step = tuple[dict[int, tuple[float, float]], float, int]
 
 
@@ -140,24 +170,25 @@ def window_step(mesh: Mesh, work: Workload, rows: int, window_guidance: str, las
     for s in range(mesh.replica_size):
         mine = len(mesh.window_rows(s, rows, window_guidance))
         runs = not last or s == work.output_stage
-        compute = work.compute(work.stage_costs[s], mine) if runs else 0.0
+        compute = work.concurrent(mesh, work.compute(work.stage_costs[s], mine)) if runs else 0.0
         sent = 0 if last else sum(b * mine for p, _, b in work.links if p == s)
         busy[s] = (compute, work.transfer(sent))
         sent_total += sent
     out = len(mesh.window_rows(work.output_stage, rows, window_guidance)) * work.prediction_bytes
-    return busy, work.transfer(out), sent_total + out * (mesh.replica_size - 1)
+    tail = work.transfer(out) + work.sync(mesh, window=True) + work.step_costs.pipeline_s
+    return busy, tail, sent_total + out * (mesh.replica_size - 1)
 
 
 def full_step(mesh: Mesh, work: Workload, rows: int) -> _Step:
     """One fully connected step: each position runs the rows it owns whole and broadcasts
     its predictions to the replica."""
-    busy, gather, sent = {}, 0.0, 0
+    busy, tail, sent = {}, work.sync(mesh, window=False) + work.step_costs.pipeline_s, 0
     for s in range(mesh.replica_size):
         mine = len(mesh.full_rows(s, rows))
-        busy[s] = (work.compute(work.forward_s, mine), 0.0)
-        gather += work.transfer(mine * work.prediction_bytes)
+        busy[s] = (work.concurrent(mesh, work.compute(work.forward_s, mine)), 0.0)
+        tail += work.transfer(mine * work.prediction_bytes)
         sent += mine * work.prediction_bytes * (mesh.replica_size - 1)
-    return busy, gather, sent
+    return busy, tail, sent
 
 
 def hand_off_bytes(mesh: Mesh, work: Workload, rows: int, window_guidance: str, position: int) -> int:
@@ -172,8 +203,8 @@ def hand_off_bytes(mesh: Mesh, work: Workload, rows: int, window_guidance: str, 
 
 
 def step_seconds(step: _Step) -> float:
-    busy, gather, _ = step
-    return max(c + t for c, t in busy.values()) + gather
+    busy, tail, _ = step
+    return max(c + t for c, t in busy.values()) + tail
 
 
 def _call(
@@ -194,11 +225,11 @@ def _call(
     wg = schedule.window_guidance
     for step in range(schedule.steps):
         phase = "warm-up" if step <= tau1 else "window" if step <= tau1 + k else "fully-connecting"
-        if phase == "window":
-            busy, gather, sent = window_step(mesh, work, rows, wg, last=step == tau1 + k)
+        if phase == "window" and mesh.replica_size > 1:  # one stage: a window step is a full one
+            busy, tail, sent = window_step(mesh, work, rows, wg, last=step == tau1 + k)
             sim.comm_bytes_by_phase["pipeline"] += sent
         else:
-            busy, gather, sent = full_step(mesh, work, rows)
+            busy, tail, sent = full_step(mesh, work, rows)
             sim.comm_bytes_by_phase["cond-partition"] += sent
             if k and step == tau1:
                 for s, (compute, _) in busy.items():
@@ -212,7 +243,7 @@ def _call(
             if send:
                 sim.segments.append(Segment(rank, clock + compute, send, "send", phase))
             sim.busy_s[rank] += compute + send
-        duration = step_seconds((busy, gather, sent))
+        duration = step_seconds((busy, tail, sent))
         phases[phase] += duration
         clock += duration
     return clock

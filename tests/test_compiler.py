@@ -264,3 +264,23 @@ def test_registered_adapter_is_used_for_its_class():
     plan = hybridiff.compile(model, example_inputs=(payload,), gpus=2, repeats=1)
     assert plan.graph.latent == "x"
     assert hybridiff.check_plan(plan, model, (payload,)) <= 1e-5
+
+
+def test_compile_says_no_multi_device_plan_pays_and_writes_the_one_device_plan(tmp_path, monkeypatch):
+    """When a step's synchronisation costs more than splitting saves, one device is the plan."""
+    import hybridiff.calibrate
+    from typer.testing import CliRunner
+
+    from hybridiff.cli import app
+    from hybridiff.plan import StepCosts, load_plan
+
+    slow = StepCosts(measured_on="monkeypatched", full_sync_s=0.5, window_sync_s=0.5)
+    monkeypatch.setattr(hybridiff.calibrate, "measure_step_costs", lambda plan, threads=None: slow)
+    out = tmp_path / "plan.json"
+    result = CliRunner().invoke(app, ["compile", "builtin:tiny-sdxl", "--gpus", "2", "--repeats", "1", "--threads", "1", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "no multi-device plan pays for 1 image(s)" in result.output
+    plan = load_plan(out)
+    assert plan.mesh.world_size == 1 and plan.estimates.step_costs == slow
+    assert min(plan.estimates.alternatives.values()) == plan.estimates.latency_s
+    assert plan.estimates.alternatives["dp=1,cfg=2,pp=1"] > plan.estimates.latency_s

@@ -28,8 +28,9 @@ def test_plan_describes_the_hybrid_schedule(plan):
     est = plan.estimates
     assert est.window_step_s < est.forward_s < est.forward_batch2_s
     assert est.speedup > 1 and est.latency_s < est.serial_latency_s
-    assert set(est.alternatives) == {"dp=1,cfg=2,pp=1", "dp=1,cfg=1,pp=2"}
-    assert est.latency_s == min(est.alternatives.values())
+    # every 2-device mesh, and one device alone, which is slower here
+    assert set(est.alternatives) == {"dp=1,cfg=2,pp=1", "dp=1,cfg=1,pp=2", "dp=1,cfg=1,pp=1"}
+    assert est.alternatives["dp=1,cfg=1,pp=1"] > est.latency_s
 
 
 def _broken(plan_path, tmp_path, edit):

@@ -239,3 +239,32 @@ def test_saved_model_folder_compiles_to_the_same_plan(tmp_path, plan):
     assert from_folder.graph == plan.graph
     assert [s.nodes for s in from_folder.stages] == [s.nodes for s in plan.stages]
     assert from_folder.cut_tensors == plan.cut_tensors
+
+
+def test_a_trace_shows_every_category_of_every_step_on_both_ranks(plan_path, tmp_path):
+    report = _hybrid(plan_path, tmp_path / "out", "--trace", str(tmp_path / "trace"))
+    phases = report["images"][0]["phases"]
+    for rank in ("0", "1"):
+        events = json.loads((tmp_path / "trace" / f"rank-{rank}.json").read_text())["traceEvents"]
+        spans = [e for e in events if e.get("ph") == "X"]
+        assert {e["cat"] for e in spans} >= {"step", "compute", "wait", "send-recv", "pipeline", "glue"}
+        steps = [e for e in spans if e["cat"] == "step"]
+        assert [e["name"] for e in steps] == [f"call 0 step {i} ({p})" for i, p in enumerate(phases)]
+        assert all(e["dur"] >= 0 and set(e["args"]) == {"compute", "wait", "send-recv", "pipeline", "glue"} for e in steps)
+        profile = report["profile_ms"][rank]
+        assert set(profile) == {"cond-partition", "pipeline"}
+        assert profile["cond-partition"]["steps"] == phases.count("cond-partition")
+        assert profile["cond-partition"]["median"]["compute"] > 0
+
+
+def test_bench_prints_measured_next_to_predicted_and_the_step_breakdown(plan_path, tmp_path):
+    result = cli("bench", str(plan_path), "--rounds", "1", "--repeats", "1", "-o", str(tmp_path / "b"))
+    assert result.returncode == 0, result.stderr
+    bench = json.loads((tmp_path / "b" / "bench.json").read_text())
+    for mode in ("serial", "hybrid"):
+        measured = bench["modes"][mode]
+        assert len(measured["runs_s"]) == 1 and measured["predicted_s"] > 0
+        assert measured["error"] == pytest.approx(measured["predicted_s"] / measured["denoise_s"] - 1)
+    assert set(bench["profile_ms"]["hybrid"]) == {"0", "1"} and set(bench["profile_ms"]["serial"]) == {"0"}
+    assert (tmp_path / "b" / "image-0.png").is_file() and (tmp_path / "b" / "serial" / "image-0.png").is_file()
+    assert "prediction error" in result.stdout and "| hybrid | 1 | pipeline |" in result.stdout

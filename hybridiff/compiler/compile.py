@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Iterable
 
 import torch
@@ -22,8 +23,8 @@ from hybridiff.errors import HybridiffError
 from hybridiff.execution import GraphRunner
 from hybridiff.models import load_pipeline, model_card, resolve_source
 from hybridiff.models.arch import build_on_device
-from hybridiff.plan import CutTensor, Estimates, GraphInfo, Mesh, ModelRef, Plan, Schedule, Stage
-from hybridiff.simulate import Workload, serial_latency, simulate, step_seconds, window_step
+from hybridiff.plan import CutTensor, Estimates, GraphInfo, Mesh, ModelRef, Plan, Schedule, Stage, StepCosts
+from hybridiff.simulate import Workload, forward_by_rows, serial_latency, simulate, step_seconds, window_step
 
 #: Default link bandwidth: PCIe 3.0 x16 moves ~15.75 GB/s raw, ~100 Gbit/s in practice.
 DEFAULT_LINK_GBPS = 100.0
@@ -54,6 +55,10 @@ def trace_pipeline(pipe: Any, refined: Iterable[str] = ()) -> TracedModel:
 
 
 
+#: Measures a 2-device plan's per-step costs on this machine (``hybridiff.calibrate``).
+Calibrate = Callable[[Plan], StepCosts]
+
+
 def branch_inputs(inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Split a CFG-batched call into its (uncond, cond) halves, diffusers' batch order."""
     halves = {name: value.chunk(2) for name, value in inputs.items()}
@@ -73,8 +78,12 @@ def compile_model(
     cost: str = "time",
     mesh: str | None = None,
     batch: int = 1,
+    calibrate: Calibrate | None = None,
 ) -> Plan:
-    """Compile ``model`` (``builtin:NAME`` or a diffusers folder) into a plan for ``gpus`` devices."""
+    """Compile ``model`` (``builtin:NAME`` or a diffusers folder) into a plan for ``gpus`` devices.
+
+    ``calibrate`` measures what a step costs besides compute on this machine (see
+    ``hybridiff.calibrate``); without it the plan assumes nothing."""
     _check_gpus(gpus)
     source = resolve_source(model)
     device = devices.worker_device(0)
@@ -93,7 +102,10 @@ def compile_model(
         traced.graph,
         latent=traced.adapter.latent,
         branch_inputs=cond,
-        forward_batch2_s=forward_time(traced.graph, both, repeats),
+        forward_rows_s={
+            rows: forward_time(traced.graph, both if rows == 2 else _repeat_rows(cond, rows), repeats)
+            for rows in sorted({2, batch, 2 * batch} - {1})
+        },
         model=ModelRef(
             source=source,
             denoiser="unet" if traced.attr == "unet" else "sd3-transformer",
@@ -110,6 +122,7 @@ def compile_model(
         mesh=mesh,
         batch=batch,
         device=devices.describe(device),
+        calibrate=calibrate,
     )
 
 
@@ -143,7 +156,7 @@ def compile_module(
         graph,
         latent=latent,
         branch_inputs=inputs,
-        forward_batch2_s=None,
+        forward_rows_s=None,
         model=ModelRef(source=f"python:{type(model).__module__}.{type(model).__qualname__}", denoiser="custom", dtype=dtype),
         gpus=gpus,
         schedule=schedule,
@@ -220,7 +233,7 @@ def compile_arch(
         traced.graph,
         latent=traced.latent,
         branch_inputs=traced.inputs,
-        forward_batch2_s=serial,
+        forward_rows_s={2: serial},
         model=ModelRef(
             source=f"arch:{arch}",
             denoiser="unet" if isinstance(model, UNet2DConditionModel) else "sd3-transformer",
@@ -240,12 +253,53 @@ def compile_arch(
     )
 
 
+@dataclass
+class _Costed:
+    """A graph's costs, and its balanced partitions by stage count (made on first use)."""
+
+    graph: fx.GraphModule
+    latent: str
+    branch_inputs: dict[str, Any]
+    forward_s: float
+    #: Whole forwards by row count, two rows (the serial CFG step) at least.
+    forward_rows_s: dict[int, float]
+    link_bytes_per_s: float
+    repeats: int
+    cost: str
+    device_model: DeviceModel | None
+    splits: dict[int, tuple[fx.GraphModule, list[str], dict[str, NodeMeasure], Partition]] = field(default_factory=dict)
+
+    def split(self, stages: int) -> tuple[fx.GraphModule, list[str], dict[str, NodeMeasure], Partition]:
+        """The balanced partition into ``stages`` (ValueError if the graph has too few blocks)."""
+        if stages not in self.splits:
+
+            def costed_split(gm: fx.GraphModule) -> tuple[dict[str, NodeMeasure], Partition]:
+                measures = profile_nodes(gm, self.branch_inputs, self.repeats, self.cost, self.device_model)
+                return measures, best_partition(gm, measures, stages, self.link_bytes_per_s, self.latent)
+
+            self.splits[stages] = balance(self.graph, costed_split)
+        return self.splits[stages]
+
+    def workload(self, stages: int, step_costs: StepCosts) -> Workload:
+        partition = self.split(stages)[3]
+        return Workload(
+            forward_s=self.forward_s,
+            forward_by_rows=forward_by_rows(self.forward_s, self.forward_rows_s[2], self.forward_rows_s),
+            stage_costs=partition.stage_costs,
+            links=tuple((c.producer, to, c.bytes) for c in partition.cuts if c.constant is None for to in c.consumers),
+            output_stage=next(i for i, nodes in enumerate(partition.stages) if "output" in nodes),
+            prediction_bytes=partition.output_bytes,
+            link_bytes_per_s=self.link_bytes_per_s,
+            step_costs=step_costs,
+        )
+
+
 def compile_graph(
     graph: fx.GraphModule,
     *,
     latent: str,
     branch_inputs: dict[str, Any],
-    forward_batch2_s: float | None,
+    forward_rows_s: dict[int, float] | None,
     model: ModelRef,
     gpus: int,
     schedule: Schedule,
@@ -256,67 +310,81 @@ def compile_graph(
     device_model: DeviceModel | None = None,
     mesh: str | None = None,
     batch: int = 1,
+    calibrate: Calibrate | None = None,
 ) -> Plan:
     """Cost and partition a traced graph given one guidance branch's inputs (one row).
 
     Every candidate mesh (or the one ``mesh`` names) is simulated for ``batch`` images and the
-    fastest becomes the plan. ``forward_batch2_s`` is a forward of two rows, the serial CFG
-    step; without it (custom models) the estimate assumes twice the one-row forward.
+    fastest becomes the plan; one device alone is a candidate too, so a plan is never slower
+    than not splitting the work. ``forward_rows_s`` holds whole forwards measured at more rows
+    than one, two rows (the serial CFG step) at least; without it (custom models) the
+    estimate assumes that rows cost in proportion.
+    ``calibrate`` measures the per-step costs of a 2-device plan before meshes are compared.
     """
     if batch < 1:
         raise HybridiffError(f"--batch {batch}: need at least one image")
-    link_bytes_per_s = link_gbps * 1e9 / 8
-    meshes = [parse_mesh(mesh, gpus, schedule.guided, batch)] if mesh else candidate_meshes(gpus, schedule.guided, batch)
     if cost == "roofline":
         forward = sum(m.cost_s for m in profile_nodes(graph, branch_inputs, 1, cost, device_model).values())
     else:
         forward = forward_time(graph, branch_inputs, repeats)
-    forward2 = forward_batch2_s if forward_batch2_s is not None else 2 * forward
-
-    def costed_split(num_stages: int) -> Callable[[fx.GraphModule], tuple[dict[str, NodeMeasure], Partition]]:
-        def split(gm: fx.GraphModule) -> tuple[dict[str, NodeMeasure], Partition]:
-            measures = profile_nodes(gm, branch_inputs, repeats, cost, device_model)
-            return measures, best_partition(gm, measures, num_stages, link_bytes_per_s, latent)
-
-        return split
-
-    splits: dict[int, tuple[fx.GraphModule, list[str], dict[str, NodeMeasure], Partition]] = {}
+    costed = _Costed(
+        graph, latent, branch_inputs, forward, forward_rows_s or {2: 2 * forward},
+        link_gbps * 1e9 / 8, repeats, cost, device_model,
+    )
+    assemble = partial(_assemble, costed, model=model, schedule=schedule, link_gbps=link_gbps, device=device)
+    step_costs = StepCosts()
+    if calibrate is not None and gpus > 1:
+        probe = Mesh(world_size=2, dp=1, cfg=2 if schedule.guided else 1, pp=1 if schedule.guided else 2)
+        step_costs = calibrate(assemble(probe, costed.workload(2, step_costs), {}))
+    candidates = [parse_mesh(mesh, gpus, schedule.guided, batch)] if mesh else _candidates(gpus, schedule.guided, batch)
     simulated: dict[str, tuple[float, Mesh, Workload]] = {}
-    for candidate in meshes:
-        stages = candidate.replica_size
-        if stages not in splits:
-            try:
-                splits[stages] = balance(graph, costed_split(stages))
-            except ValueError as e:
-                if mesh:
-                    raise HybridiffError(f"--mesh {mesh}: {e}; use fewer pipeline stages") from None
-                continue
-        partition = splits[stages][3]
-        work = Workload(
-            forward_s=forward,
-            forward_batch2_s=forward2,
-            stage_costs=partition.stage_costs,
-            links=tuple((c.producer, to, c.bytes) for c in partition.cuts if c.constant is None for to in c.consumers),
-            output_stage=next(i for i, nodes in enumerate(partition.stages) if "output" in nodes),
-            prediction_bytes=partition.output_bytes,
-            link_bytes_per_s=link_bytes_per_s,
-        )
+    for candidate in candidates:
+        try:
+            work = costed.workload(candidate.replica_size, step_costs)
+        except ValueError as e:
+            if mesh:
+                raise HybridiffError(f"--mesh {mesh}: {e}; use fewer pipeline stages") from None
+            continue
         simulated[candidate.label] = (simulate(candidate, work, schedule, batch).latency_s, candidate, work)
-    if not simulated:
+    if not any(m.world_size == gpus for _, m, _ in simulated.values()):
         raise HybridiffError(f"--gpus {gpus}: the graph has too few blocks to mesh {gpus} devices; use fewer devices")
     # Fastest first; on a tie, fewer idle devices, then split guidance branches (cfg = 2).
-    latency, chosen, work = min(simulated.values(), key=lambda v: (round(v[0], 9), len(v[1].idle_ranks), -v[1].cfg, v[1].dp))
-    graph, refined, measures, partition = splits[chosen.replica_size]
+    _, chosen, work = min(simulated.values(), key=lambda v: (round(v[0], 9), len(v[1].idle_ranks), -v[1].cfg, v[1].dp))
+    return assemble(chosen, work, {label: v[0] for label, v in simulated.items()})
+
+
+def _candidates(gpus: int, guided: bool, batch: int) -> list[Mesh]:
+    """Every mesh for ``gpus`` devices, and one device alone (a plan that uses fewer)."""
+    meshes = candidate_meshes(gpus, guided, batch)
+    return meshes + [Mesh(world_size=1, dp=1, cfg=1, pp=1, batch=batch)] if gpus > 1 else meshes
+
+
+def _assemble(
+    costed: _Costed,
+    chosen: Mesh,
+    work: Workload,
+    alternatives: dict[str, float],
+    *,
+    model: ModelRef,
+    schedule: Schedule,
+    link_gbps: float,
+    device: str,
+) -> Plan:
+    """The plan for ``chosen``, with its estimates."""
+    graph, refined, measures, partition = costed.split(chosen.replica_size)
+    batch = chosen.batch
+    latency = simulate(chosen, work, schedule, batch).latency_s
     one = simulate(chosen.model_copy(update={"batch": 1}), work, schedule, 1)
     window = window_step(chosen, work, 2 if schedule.guided else 1, schedule.window_guidance)
     serial = serial_latency(work, schedule, batch)
-    doubled = _two_row_values(graph, branch_inputs, [c.node for c in partition.cuts])
+    doubled = _two_row_values(graph, costed.branch_inputs, [c.node for c in partition.cuts])
     estimates = Estimates(
         device=device,
         threads=torch.get_num_threads(),
         link_gbps=link_gbps,
-        forward_s=forward,
-        forward_batch2_s=forward2,
+        forward_s=costed.forward_s,
+        forward_batch2_s=costed.forward_rows_s[2],
+        forward_rows_s={r: t for r, t in costed.forward_rows_s.items() if r > 2},
         prediction_bytes=partition.output_bytes,
         window_step_s=step_seconds(window),
         window_comm_bytes_per_step=partition.window_comm_bytes_per_step,
@@ -325,7 +393,8 @@ def compile_graph(
         latency_s=latency,
         serial_latency_s=serial,
         speedup=serial / latency,
-        alternatives={label: v[0] for label, v in simulated.items()},
+        alternatives=alternatives or {chosen.label: latency},
+        step_costs=work.step_costs,
     )
     return Plan(
         hybridiff_version=hybridiff.__version__,
@@ -333,7 +402,7 @@ def compile_graph(
         graph=GraphInfo(
             fingerprint=graph_fingerprint(graph),
             num_nodes=len(graph.graph.nodes),
-            latent=latent,
+            latent=costed.latent,
             refined=refined,
             replicated=list(partition.replicated),
         ),
@@ -345,12 +414,17 @@ def compile_graph(
     )
 
 
+def _repeat_rows(inputs: dict[str, Any], times: int) -> dict[str, Any]:
+    """``inputs`` with every batched tensor repeated ``times`` along its batch (first) dimension."""
+    return {k: torch.cat([v] * times) if isinstance(v, torch.Tensor) and v.dim() else v for k, v in inputs.items()}
+
+
 def _two_row_values(graph: fx.GraphModule, one_row: dict[str, Any], names: list[str]) -> dict[str, Any]:
     """The values of ``names`` when the graph runs two rows: shows how each grows with rows.
 
     Empty when the graph cannot run two rows (torch.export graphs are specialised to their
     example shapes): the plan then records no batch dimension and runs one row per stage."""
-    two = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() else v for k, v in one_row.items()}
+    two = _repeat_rows(one_row, 2)
     runner = GraphRunner(graph)
     program = runner.program([n.name for n in graph.graph.nodes if n.op != "placeholder"], keep=names)
     try:
