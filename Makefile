@@ -17,20 +17,25 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The ten digits in one call on 2 workers, timed side by side with the stock pipeline on one.
 demo: install
-	$(VENV)/bin/hybridiff compile builtin:digits-sdxl --gpus 2 -o $(DEMO)/plan.json
-	$(VENV)/bin/hybridiff run $(DEMO)/plan.json --prompt "a handwritten digit seven" --seed 3 -o $(DEMO)
+	$(VENV)/bin/hybridiff compile builtin:digits-sdxl --gpus 2 --batch 10 -o $(DEMO)/plan.json
+	$(VENV)/bin/hybridiff bench $(DEMO)/plan.json --prompts examples/digits.txt --rounds 1 --repeats 1 --grid $(DEMO)/digits.png -o $(DEMO)
 	$(VENV)/bin/hybridiff eval accuracy $(DEMO) --digits
-	@echo "image: $(DEMO)/image-0.png  report: $(DEMO)/report.json"
 
 test: install
 	$(PY) -m pytest -q
 
+# docs/benchmarks.md: one image of each built-in model, the ten digits, tiny-sdxl's batch of 8.
 bench: install
-	$(VENV)/bin/hybridiff compile builtin:tiny-sdxl --gpus 2 --threads 1 -o out/bench/plan.json
-	$(VENV)/bin/hybridiff bench out/bench/plan.json --repeats 5 --threads 1 -o out/bench
-	$(VENV)/bin/hybridiff compile builtin:tiny-sdxl --gpus 2 --batch 8 --threads 1 -o out/bench8/plan.json
-	$(VENV)/bin/hybridiff bench out/bench8/plan.json --repeats 3 --threads 1 -o out/bench8
+	for m in digits-sdxl digits-sd3 tiny-sdxl; do \
+	  $(VENV)/bin/hybridiff compile builtin:$$m --gpus 2 --threads 1 -o out/bench/$$m/plan.json && \
+	  $(VENV)/bin/hybridiff bench out/bench/$$m/plan.json --prompt "a handwritten digit seven" --repeats 3 --rounds 3 -o out/bench/$$m || exit 1; \
+	done
+	$(VENV)/bin/hybridiff compile builtin:digits-sdxl --gpus 2 --batch 10 --threads 1 -o out/bench/digits10/plan.json
+	$(VENV)/bin/hybridiff bench out/bench/digits10/plan.json --prompts examples/digits.txt --repeats 2 --rounds 3 -o out/bench/digits10
+	$(VENV)/bin/hybridiff compile builtin:tiny-sdxl --gpus 2 --batch 8 --threads 1 -o out/bench/tiny8/plan.json
+	$(VENV)/bin/hybridiff bench out/bench/tiny8/plan.json --repeats 2 --rounds 2 -o out/bench/tiny8
 
 clean:
 	rm -rf out
