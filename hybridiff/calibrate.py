@@ -67,15 +67,17 @@ def _step_costs(profiles: dict[str, Any], alone_s: float, setup: str) -> StepCos
 
     Compute is taken as the slowest rank's median, as the simulator prices it; everything
     else a step takes on average (waiting for whichever rank was slow, exchanging, glue) is
-    the sync, so the simulator's step adds up to the measured mean step."""
-    pipeline_ms = profiles["serial"]["0"]["serial"]["mean"]["pipeline"]
+    the sync, so the simulator's step adds up to the measured mean step. Means leave out the
+    slowest tenth of the steps: a short calibration that catches a burst of other load on a
+    shared machine would otherwise price that burst into every step."""
+    pipeline_ms = profiles["serial"]["0"]["serial"]["trimmed"]["pipeline"]
     ranks = list(profiles["hybrid"].values())
 
     def sync_ms(phase: str) -> float:
         stats = [r[phase] for r in ranks if phase in r]
         slowest = max(s["median"]["compute"] for s in stats)
-        total = max(s["mean"]["total"] for s in stats)
-        return max(0.0, total - slowest - min(s["mean"]["pipeline"] for s in stats))
+        total = max(s["trimmed"]["total"] for s in stats)
+        return max(0.0, total - slowest - min(s["trimmed"]["pipeline"] for s in stats))
 
     concurrent_ms = max(r["cond-partition"]["median"]["compute"] for r in ranks)
     return StepCosts(
