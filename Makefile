@@ -30,12 +30,12 @@ test: install
 bench: install
 	for m in digits-sdxl digits-sd3 tiny-sdxl; do \
 	  $(VENV)/bin/hybridiff compile builtin:$$m --gpus 2 --threads 1 -o out/bench/$$m/plan.json && \
-	  $(VENV)/bin/hybridiff bench out/bench/$$m/plan.json --prompt "a handwritten digit seven" --repeats 3 --rounds 3 -o out/bench/$$m || exit 1; \
+	  $(VENV)/bin/hybridiff bench out/bench/$$m/plan.json --prompt "a handwritten digit seven" --repeats 3 --rounds 4 -o out/bench/$$m || exit 1; \
 	done
 	$(VENV)/bin/hybridiff compile builtin:digits-sdxl --gpus 2 --batch 10 --threads 1 -o out/bench/digits10/plan.json
-	$(VENV)/bin/hybridiff bench out/bench/digits10/plan.json --prompts examples/digits.txt --repeats 2 --rounds 3 -o out/bench/digits10
+	$(VENV)/bin/hybridiff bench out/bench/digits10/plan.json --prompts examples/digits.txt --repeats 2 --rounds 4 -o out/bench/digits10
 	$(VENV)/bin/hybridiff compile builtin:tiny-sdxl --gpus 2 --batch 8 --threads 1 -o out/bench/tiny8/plan.json
-	$(VENV)/bin/hybridiff bench out/bench/tiny8/plan.json --repeats 2 --rounds 2 -o out/bench/tiny8
+	$(VENV)/bin/hybridiff bench out/bench/tiny8/plan.json --repeats 1 --rounds 2 -o out/bench/tiny8
 
 clean:
 	rm -rf out

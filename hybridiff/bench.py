@@ -1,7 +1,8 @@
 """Serial vs hybrid denoising time measured side by side, next to the plan's prediction.
 
 Both modes generate the same images (a prompts file, or the plan's batch: seeds 0..B-1 of one
-prompt) with the same threads per device, each call ``repeats`` times. The hybrid run's images
+prompt) with the same threads per device, each call ``repeats`` times, each in freshly
+launched workers (one for the serial baseline). The hybrid run's images
 and report go to the output folder, the serial run's to ``serial/`` inside it. The modes alternate for ``rounds`` rounds, so a slow
 spell of a shared machine falls on both; the median of all runs counts. Every run is traced
 (``hybridiff.runtime.spans``, about a microsecond per span), which gives the per-step
@@ -19,7 +20,7 @@ from typing import Any
 from hybridiff.plan import Plan, load_plan, write_atomic
 from hybridiff.runtime.launch import launch_local
 from hybridiff.runtime.requests import ImageRequest
-from hybridiff.runtime.session import RunOptions, execute
+from hybridiff.runtime.session import RunOptions
 from hybridiff.runtime.spans import CATEGORIES
 from hybridiff.simulate import Workload, serial_latency, simulate
 
@@ -40,7 +41,8 @@ def run_bench(
                 plan=plan_path, requests=requests, out=folders[mode], mode=mode, steps=steps, threads=threads,
                 repeats=repeats, trace=folders[mode] / "trace",
             )
-            launch_local(opts, plan.mesh.world_size) if mode == "hybrid" else execute(opts)
+            # each mode in fresh worker processes, so neither inherits the other's threads
+            launch_local(opts, plan.mesh.world_size if mode == "hybrid" else 1)
             reports[mode] = json.loads((folders[mode] / "report.json").read_text())
             runs[mode] += _denoise_runs(reports[mode])
     result = _summarise(plan, runs, reports)

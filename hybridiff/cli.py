@@ -127,8 +127,7 @@ def _report_plan(plan: "Plan", out: Path, gpus: int) -> None:
     if costs.measured_on != "not measured":
         typer.echo(
             f"measured per step ({costs.measured_on}): pipeline {costs.pipeline_s * 1e3:.2f} ms, "
-            f"full-step sync {costs.full_sync_s * 1e3:.2f} ms, window sync {costs.window_sync_s * 1e3:.2f} ms, "
-            f"compute x{costs.concurrency:.3f} next to busy peers",
+            f"full-step sync {costs.full_sync_s * 1e3:.2f} ms, window sync {costs.window_sync_s * 1e3:.2f} ms",
             err=True,
         )
     if gpus > 1 and plan.mesh.world_size == 1:

@@ -209,10 +209,12 @@ class StepCosts(_Strict):
     measured_on: str = Field(default="not measured", description="what ran to measure them")
     pipeline_s: float = Field(default=0.0, ge=0, description="the stock pipeline's own work per step: scheduler, guidance, callbacks")
     full_sync_s: float = Field(
-        default=0.0, ge=0, description="per full step of a 2-device replica: exchanging predictions, waiting for the peer, glue"
+        default=0.0,
+        ge=0,
+        description="per full step of a 2-device replica, besides compute: exchanging predictions, waiting "
+        "for the slower peer, glue",
     )
-    window_sync_s: float = Field(default=0.0, ge=0, description="per window step of a 2-device replica: the same")
-    concurrency: float = Field(default=1.0, gt=0, description="a forward's slowdown while every local device computes")
+    window_sync_s: float = Field(default=0.0, ge=0, description="per window step of a 2-device replica, besides compute")
 
 
 class Estimates(_Strict):

@@ -16,8 +16,7 @@ and tree collectives pipeline it) but counts ``n`` bytes per receiver, as the ru
 Every step also pays the plan's measured ``step_costs``: the stock pipeline's own work (serial
 runs too), and on replicas of several devices the synchronisation of the step (issuing the
 exchange, waiting for the slowest peer, hybridiff's glue), measured on 2 devices and taken as
-growing with the group's size like a ring, ``(g - 1)`` times. Compute is slowed by the measured
-``concurrency`` factor whenever several local devices compute at once.
+growing with the group's size like a ring, ``(g - 1)`` times.
 """
 
 from __future__ import annotations
@@ -75,11 +74,6 @@ class Workload:
 
     def transfer(self, nbytes: int) -> float:
         return nbytes / self.link_bytes_per_s
-
-    def concurrent(self, mesh: Mesh, compute_s: float) -> float:
-        """``compute_s`` while every device of ``mesh`` computes at once."""
-        busy_devices = mesh.dp * mesh.replica_size
-        return compute_s * (self.step_costs.concurrency if busy_devices > 1 else 1.0)
 
     def sync(self, mesh: Mesh, window: bool) -> float:
         """The fixed cost of synchronising one step within a replica of ``mesh``."""
@@ -170,7 +164,7 @@ def window_step(mesh: Mesh, work: Workload, rows: int, window_guidance: str, las
     for s in range(mesh.replica_size):
         mine = len(mesh.window_rows(s, rows, window_guidance))
         runs = not last or s == work.output_stage
-        compute = work.concurrent(mesh, work.compute(work.stage_costs[s], mine)) if runs else 0.0
+        compute = work.compute(work.stage_costs[s], mine) if runs else 0.0
         sent = 0 if last else sum(b * mine for p, _, b in work.links if p == s)
         busy[s] = (compute, work.transfer(sent))
         sent_total += sent
@@ -185,7 +179,7 @@ def full_step(mesh: Mesh, work: Workload, rows: int) -> _Step:
     busy, tail, sent = {}, work.sync(mesh, window=False) + work.step_costs.pipeline_s, 0
     for s in range(mesh.replica_size):
         mine = len(mesh.full_rows(s, rows))
-        busy[s] = (work.concurrent(mesh, work.compute(work.forward_s, mine)), 0.0)
+        busy[s] = (work.compute(work.forward_s, mine), 0.0)
         tail += work.transfer(mine * work.prediction_bytes)
         sent += mine * work.prediction_bytes * (mesh.replica_size - 1)
     return busy, tail, sent

@@ -13,7 +13,7 @@ from torch import fx, nn
 import hybridiff
 from hybridiff import device as devices
 from hybridiff.compiler import schedule as sched
-from hybridiff.compiler.cost import DeviceModel, NodeMeasure, device_of, forward_time, profile_nodes
+from hybridiff.compiler.cost import DeviceModel, NodeMeasure, device_of, forward_time, forward_times, profile_nodes
 from hybridiff.compiler.balance import balance
 from hybridiff.compiler.mesh import candidate_meshes, parse_mesh
 from hybridiff.compiler.partition import CutValue, Partition, best_partition, dependency_graph, replicated_needed
@@ -102,10 +102,9 @@ def compile_model(
         traced.graph,
         latent=traced.adapter.latent,
         branch_inputs=cond,
-        forward_rows_s={
-            rows: forward_time(traced.graph, both if rows == 2 else _repeat_rows(cond, rows), repeats)
-            for rows in sorted({2, batch, 2 * batch} - {1})
-        },
+        forward_rows_s=forward_times(
+            traced.graph, {rows: both if rows == 2 else _repeat_rows(cond, rows) for rows in sorted({1, 2, batch, 2 * batch})}, repeats
+        ),
         model=ModelRef(
             source=source,
             denoiser="unet" if traced.attr == "unet" else "sd3-transformer",
@@ -316,14 +315,16 @@ def compile_graph(
 
     Every candidate mesh (or the one ``mesh`` names) is simulated for ``batch`` images and the
     fastest becomes the plan; one device alone is a candidate too, so a plan is never slower
-    than not splitting the work. ``forward_rows_s`` holds whole forwards measured at more rows
-    than one, two rows (the serial CFG step) at least; without it (custom models) the
-    estimate assumes that rows cost in proportion.
+    than not splitting the work. ``forward_rows_s`` holds whole forwards timed together by row
+    count, two rows (the serial CFG step) at least; without it (custom models) the estimate
+    assumes that rows cost in proportion. Without one row in it, one row is timed here.
     ``calibrate`` measures the per-step costs of a 2-device plan before meshes are compared.
     """
     if batch < 1:
         raise HybridiffError(f"--batch {batch}: need at least one image")
-    if cost == "roofline":
+    if forward_rows_s and 1 in forward_rows_s:
+        forward = forward_rows_s[1]
+    elif cost == "roofline":
         forward = sum(m.cost_s for m in profile_nodes(graph, branch_inputs, 1, cost, device_model).values())
     else:
         forward = forward_time(graph, branch_inputs, repeats)

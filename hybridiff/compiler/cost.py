@@ -140,10 +140,21 @@ def profile_nodes(
 
 def forward_time(gm: fx.GraphModule, inputs: dict[str, Any], repeats: int) -> float:
     """Median time of a whole forward of the traced graph."""
+    return forward_times(gm, {0: inputs}, repeats)[0]
+
+
+def forward_times(gm: fx.GraphModule, inputs: dict[int, dict[str, Any]], repeats: int) -> dict[int, float]:
+    """Median time of a whole forward on each of several inputs (by key), timed in turns, so
+    that a machine whose speed drifts affects them alike and their ratios hold."""
     runner = GraphRunner(gm)
     program = runner.program([n.name for n in gm.graph.nodes if n.op != "placeholder"])
+    device = device_of(next(iter(inputs.values())))
+    times: dict[int, list[float]] = {key: [] for key in inputs}
     with torch.inference_mode():
-        return median_time(lambda: runner.run(program, inputs), repeats, device_of(inputs))
+        for _ in range(repeats):
+            for key, values in inputs.items():
+                times[key].append(median_time(lambda: runner.run(program, values), 1, device, warmup=0 if times[key] else 1))
+    return {key: statistics.median(t) for key, t in times.items()}
 
 
 def device_of(inputs: dict[str, Any]) -> torch.device:
