@@ -1,7 +1,7 @@
 """Which device, how many CPU threads and which cores a worker uses.
 
 One worker per accelerator, addressed by LOCAL_RANK (never the global rank, so multi-node
-works). On CPU the cores are split evenly between the workers of one machine, so a plan's
+works), and never more workers than accelerators. On CPU the cores are split evenly between the workers of one machine, so a plan's
 costs, a serial baseline and a distributed run all use the same per-device compute. Where
 every worker's threads fit on cores of their own, each worker is bound to its share: its
 compute then never migrates onto a peer's core, and its communication threads run next to it.
@@ -17,6 +17,8 @@ from typing import Iterator
 
 import torch
 
+from hybridiff.errors import HybridiffError
+
 
 def available_cores() -> list[int]:
     """The cores this process may run on (a container or ``taskset`` may allow fewer than exist)."""
@@ -27,10 +29,36 @@ def default_threads(workers_per_machine: int) -> int:
     return max(1, len(available_cores()) // max(1, workers_per_machine))
 
 
+#: ``cpu`` or ``cuda`` forces the kind of device (``hybridiff run --device`` sets it for its
+#: workers); unset or ``auto``: CUDA where it exists.
+DEVICE_ENV = "HYBRIDIFF_DEVICE"
+
+
+def device_kind() -> str:
+    """``cuda`` or ``cpu``: what this process's workers compute on."""
+    wanted = os.environ.get(DEVICE_ENV, "auto")
+    if wanted not in ("auto", "cpu", "cuda"):
+        raise HybridiffError(f"{DEVICE_ENV}={wanted!r}: use cpu, cuda or auto")
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise HybridiffError("--device cuda, but this machine has no CUDA device torch can use; use --device cpu")
+    return "cuda" if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def worker_device(local_rank: int) -> torch.device:
-    if torch.cuda.is_available():
+    if device_kind() == "cuda":
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def check_fits(local_workers: int) -> None:
+    """Refuse to start more local workers than there are GPUs to give them (two ranks on one
+    GPU fail inside NCCL with nothing useful said)."""
+    if device_kind() == "cuda" and local_workers > torch.cuda.device_count():
+        gpus = torch.cuda.device_count()
+        raise HybridiffError(
+            f"the plan needs {local_workers} workers on this machine but it has {gpus} visible GPU(s); run it with "
+            f"--emulate, compile a plan for {gpus} GPU(s) (--gpus {gpus}), or run on CPU workers with --device cpu"
+        )
 
 
 def describe(device: torch.device) -> str:
@@ -51,6 +79,7 @@ class Placement:
 
 def placement(local_rank: int, local_workers: int, threads: int | None = None) -> Placement:
     """The placement of worker ``local_rank`` of ``local_workers`` on this machine."""
+    check_fits(local_workers)
     device = worker_device(local_rank)
     threads = threads or default_threads(local_workers)
     cores = available_cores()

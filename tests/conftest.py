@@ -17,6 +17,9 @@ import torch
 from hybridiff import quiet_libraries
 
 quiet_libraries()
+# Every run in the suite, in process or launched, computes on CPU workers, so hybrid runs and
+# their emulations agree on any machine (GPU-only checks pin their device themselves).
+os.environ["HYBRIDIFF_DEVICE"] = "cpu"
 
 from hybridiff.compiler.compile import TracedModel, compile_model, trace_pipeline  # noqa: E402
 from hybridiff.compiler.trace import capture_denoiser_call  # noqa: E402

@@ -1,6 +1,7 @@
 """Plans round-trip through JSON, and broken plans are refused with one line, exit code 2."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,32 @@ def test_shipped_example_plans_fit_the_builtin_model(traced):
     for path in shipped:
         example = load_plan(path)
         assert trace_pipeline(traced.pipe, example.graph.refined).fingerprint == example.graph.fingerprint, path.name
+
+
+def test_run_refuses_more_workers_than_visible_gpus_before_starting_any(plan_path, tmp_path, monkeypatch):
+    import torch
+    from typer.testing import CliRunner
+
+    from hybridiff.cli import app
+
+    monkeypatch.setenv("HYBRIDIFF_DEVICE", "auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    result = CliRunner().invoke(app, ["run", str(plan_path), "--prompt", "x", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        "error: the plan needs 2 workers on this machine but it has 1 visible GPU(s); run it with --emulate, "
+        "compile a plan for 1 GPU(s) (--gpus 1), or run on CPU workers with --device cpu"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_worker_that_crashes_is_named_with_its_own_last_error_line(plan_path, tmp_path):
+    def unknown_node(d):
+        d["stages"][1]["nodes"].append("no_such_node")
+
+    bad = _broken(plan_path, tmp_path, unknown_node)
+    result = cli("run", str(bad), "--prompt", "x", "--threads", "1", "-o", str(tmp_path / "out"))
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.match(r"error: worker rank [01] failed: KeyError: .*no_such_node", last), result.stderr

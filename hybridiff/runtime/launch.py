@@ -28,11 +28,16 @@ def _free_port() -> int:
 
 
 def _worker_entry(opts: RunOptions, error_dir: str) -> None:
+    rank = os.environ.get("RANK", "0")
     try:
         execute(opts)
     except HybridiffError as e:
-        Path(error_dir, f"rank{os.environ.get('RANK', '0')}.err").write_text(str(e))
+        Path(error_dir, f"rank{rank}.err").write_text(str(e))
         raise SystemExit(2) from None
+    except Exception as e:  # a bug or a fault: its traceback goes to stderr, its last line to the user
+        last = (str(e).strip().splitlines() or [""])[-1]
+        Path(error_dir, f"rank{rank}.err").write_text(f"worker rank {rank} failed: {type(e).__name__}: {last}")
+        raise
 
 
 def launch_local(opts: RunOptions, world_size: int) -> None:

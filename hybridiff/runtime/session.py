@@ -77,10 +77,12 @@ class _Call:
 def _init_distributed(plan: Plan, device: torch.device) -> int:
     """Join the process group torchrun/elastic set up; returns this process's rank."""
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend, timeout=timedelta(seconds=TIMEOUT_S))
+            # device_id binds NCCL's communicator to this GPU instead of a guess from the rank
+            dist.init_process_group("nccl", timeout=timedelta(seconds=TIMEOUT_S), device_id=device)
+        else:
+            dist.init_process_group("gloo", timeout=timedelta(seconds=TIMEOUT_S))
     if dist.get_world_size() != plan.mesh.world_size:
         raise HybridiffError(
             f"the plan is for {plan.mesh.world_size} devices but {dist.get_world_size()} workers were "
@@ -119,7 +121,11 @@ def execute(opts: RunOptions) -> dict[str, Any] | None:
     plan = _load(opts)
     where = _placement(opts, plan)
     with devices.placed(where):
-        return _execute(opts, plan, where)
+        try:
+            return _execute(opts, plan, where)
+        finally:
+            if opts.mode == "hybrid" and dist.is_initialized():
+                dist.destroy_process_group()  # on every way out, failures included
 
 
 def _execute(opts: RunOptions, plan: Plan, where: devices.Placement) -> dict[str, Any] | None:
@@ -164,10 +170,9 @@ def _execute(opts: RunOptions, plan: Plan, where: devices.Placement) -> dict[str
     if transport is not None:
         transport.close()
     if opts.mode == "hybrid":
-        # Leave together and cleanly: a rank that exits while its peer still holds the gloo
-        # group open can abort at teardown, which leaves a torchrun peer waiting at its exit.
+        # Leave together: a rank that exits while its peer still holds the gloo group open can
+        # abort at teardown, which leaves a torchrun peer waiting at its exit.
         dist.barrier()
-        dist.destroy_process_group()
     return report
 
 

@@ -39,6 +39,9 @@ def run_command(
     trace: Optional[Path] = typer.Option(
         None, help="write a per-step trace per rank to this folder (rank-<r>.json: open in Perfetto or chrome://tracing)"
     ),
+    device: Optional[str] = typer.Option(
+        None, help="cpu, cuda or auto: what the workers compute on [default: $HYBRIDIFF_DEVICE, else auto: CUDA where it exists]"
+    ),
 ) -> None:
     """Generate images with a compiled plan."""
     if emulate and serial:
@@ -48,9 +51,12 @@ def run_command(
     if (prompt is None) == (prompts is None):
         report_and_exit(HybridiffError("give either --prompt TEXT or --prompts FILE"))
     mode = "emulate" if emulate else "serial" if serial else "hybrid"
+    from hybridiff import device as devices  # heavy: torch
     from hybridiff.runtime.requests import ImageRequest, expand, read_prompts
     from hybridiff.runtime.session import RunOptions, execute  # heavy: torch, diffusers
 
+    if device is not None:
+        os.environ[devices.DEVICE_ENV] = device  # the launched workers inherit it
     try:
         given = read_prompts(prompts, seed, negative_prompt) if prompts else [ImageRequest(prompt, negative_prompt, seed)]
         opts = RunOptions(
@@ -69,7 +75,9 @@ def run_command(
         if mode == "hybrid" and "RANK" not in os.environ:
             from hybridiff.runtime.launch import launch_local
 
-            launch_local(opts, load_plan(plan).mesh.world_size)
+            world = load_plan(plan).mesh.world_size
+            devices.check_fits(world)
+            launch_local(opts, world)
         else:
             execute(opts)
     except HybridiffError as e:
