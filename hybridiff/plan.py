@@ -98,6 +98,14 @@ class Mesh(_Strict):
         """Images a replica denoises together in one pipeline call."""
         return -(-self.batch // self.dp)
 
+    def replica_images(self, images: int) -> list[list[int]]:
+        """Image indices per replica, split into the pipeline calls each replica makes:
+        round-robin over replicas, ``images_per_call`` together. The runtime generates them
+        so and the simulator predicts them so."""
+        per_call = self.images_per_call
+        mine = [list(range(d, images, self.dp)) for d in range(self.dp)]
+        return [[m[i : i + per_call] for i in range(0, len(m), per_call)] for m in mine]
+
     def rank(self, replica: int, position: int) -> int:
         return replica * self.replica_size + position
 

@@ -36,7 +36,6 @@ PHASES = ("warm-up", "window", "fully-connecting")
 class Workload:
     """What the simulator needs to know about the model, per row (one image, one branch)."""
 
-    forward_s: float
     #: (rows, seconds) of whole forwards, sorted by rows, starting with one row.
     forward_by_rows: tuple[tuple[int, float], ...]
     stage_costs: tuple[float, ...]
@@ -51,7 +50,6 @@ class Workload:
     def from_plan(cls, plan: Plan) -> Workload:
         est = plan.estimates
         return cls(
-            forward_s=est.forward_s,
             forward_by_rows=forward_by_rows(est.forward_s, est.forward_batch2_s, est.forward_rows_s),
             stage_costs=tuple(s.cost_s for s in plan.stages),
             links=tuple(
@@ -62,6 +60,11 @@ class Workload:
             link_bytes_per_s=est.link_gbps * 1e9 / 8,
             step_costs=est.step_costs,
         )
+
+    @property
+    def forward_s(self) -> float:
+        """One forward of one row."""
+        return self.forward_by_rows[0][1]
 
     def compute(self, one_row_s: float, rows: int) -> float:
         """A computation that takes ``one_row_s`` on one row, on ``rows`` rows."""
@@ -123,21 +126,11 @@ def forward_by_rows(forward_s: float, forward_batch2_s: float, more: dict[int, f
     return tuple(sorted({**(more or {}), 1: forward_s, 2: forward_batch2_s}.items()))
 
 
-def replica_images(mesh: Mesh, images: int) -> list[list[int]]:
-    """Image indices per replica, split into the pipeline calls each replica makes.
-
-    Images go round-robin over replicas; a replica denoises ``images_per_call`` of them
-    together. The runtime uses the same split."""
-    per_call = mesh.images_per_call
-    mine = [list(range(d, images, mesh.dp)) for d in range(mesh.dp)]
-    return [[m[i : i + per_call] for i in range(0, len(m), per_call)] for m in mine]
-
-
 def simulate(mesh: Mesh, work: Workload, schedule: Schedule, images: int = 1) -> Simulation:
     """Predict generating ``images`` images with ``mesh``."""
     sim = Simulation(mesh=mesh.label, images=images)
     sim.busy_s = dict.fromkeys(range(mesh.world_size), 0.0)
-    for replica, calls in enumerate(replica_images(mesh, images)):
+    for replica, calls in enumerate(mesh.replica_images(images)):
         clock, phases = 0.0, dict.fromkeys(PHASES, 0.0)
         for call in calls:
             clock = _call(sim, phases, mesh, work, schedule, replica, len(call), clock)

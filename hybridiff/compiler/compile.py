@@ -282,7 +282,6 @@ class _Costed:
     def workload(self, stages: int, step_costs: StepCosts) -> Workload:
         partition = self.split(stages)[3]
         return Workload(
-            forward_s=self.forward_s,
             forward_by_rows=forward_by_rows(self.forward_s, self.forward_rows_s[2], self.forward_rows_s),
             stage_costs=partition.stage_costs,
             links=tuple((c.producer, to, c.bytes) for c in partition.cuts if c.constant is None for to in c.consumers),

@@ -5,7 +5,7 @@ The same code serves the three modes, which differ only in what stands in for th
 ``emulate`` runs every rank's share of the hybrid schedule in this process, one replica after
 another, and ``hybrid`` runs this process's rank under torch.distributed.
 
-Images are shared out as the simulator assumes (``simulate.replica_images``): round-robin over
+Images are shared out as the plan's mesh says (``Mesh.replica_images``): round-robin over
 the mesh's replicas, ``images_per_call`` at a time through one stock pipeline call. The first
 rank of each replica decodes its images; at the end rank 0 gathers everything and writes
 ``image-<i>.png`` per image and ``report.json``.
@@ -37,7 +37,6 @@ from hybridiff.runtime import shared
 from hybridiff.runtime.schedulers import use_scheduler
 from hybridiff.runtime.spans import Spans
 from hybridiff.runtime.transport import DistTransport, LocalTransport, Transport
-from hybridiff.simulate import replica_images
 
 Mode = Literal["hybrid", "emulate", "serial"]
 
@@ -179,12 +178,12 @@ def _execute(opts: RunOptions, plan: Plan, where: devices.Placement) -> dict[str
 def _work(opts: RunOptions, plan: Plan, rank: int) -> list[tuple[int, list[list[int]]]]:
     """(replica, its calls' image indices) for what this process generates: the serial
     baseline takes the plan's batch per call; the mesh shares images out as the simulator
-    assumes (``simulate.replica_images``), and a hybrid rank takes its replica's share."""
+    assumes (``Mesh.replica_images``), and a hybrid rank takes its replica's share."""
     images = len(opts.requests)
     if opts.mode == "serial":
         per_call = plan.mesh.batch
         return [(0, [list(range(i, min(i + per_call, images))) for i in range(0, images, per_call)])]
-    work = list(enumerate(replica_images(plan.mesh, images)))
+    work = list(enumerate(plan.mesh.replica_images(images)))
     if opts.mode == "emulate":
         return work
     located = plan.mesh.locate(rank)

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from hybridiff import quiet_libraries
 from hybridiff.errors import HybridiffError, report_and_exit
 from hybridiff.plan import load_plan
+
+if TYPE_CHECKING:
+    from hybridiff.runtime.session import RunOptions
 
 
 def run_command(
@@ -53,7 +56,7 @@ def run_command(
     mode = "emulate" if emulate else "serial" if serial else "hybrid"
     from hybridiff import device as devices  # heavy: torch
     from hybridiff.runtime.requests import ImageRequest, expand, read_prompts
-    from hybridiff.runtime.session import RunOptions, execute  # heavy: torch, diffusers
+    from hybridiff.runtime.session import RunOptions  # heavy: torch, diffusers
 
     if device is not None:
         os.environ[devices.DEVICE_ENV] = device  # the launched workers inherit it
@@ -72,19 +75,28 @@ def run_command(
             scheduler=scheduler,
             trace=trace,
         )
-        if mode == "hybrid" and "RANK" not in os.environ:
-            from hybridiff.runtime.launch import launch_local
-
-            world = load_plan(plan).mesh.world_size
-            devices.check_fits(world)
-            launch_local(opts, world)
-        else:
-            execute(opts)
+        _start(opts)
     except HybridiffError as e:
         report_and_exit(e)
     if mode != "hybrid" or os.environ.get("RANK", "0") == "0":
         count = len(opts.requests)
         typer.echo(f"wrote {count} image{'s' if count > 1 else ''} (image-0.png ...) and report.json to {out}")
+
+
+def _start(opts: "RunOptions") -> None:
+    """Hybrid mode from a shell launches one local worker per device of the plan (refused
+    before any starts if there are fewer GPUs); otherwise this process runs its part."""
+    from hybridiff import device as devices
+    from hybridiff.runtime.session import execute
+
+    if opts.mode == "hybrid" and "RANK" not in os.environ:
+        from hybridiff.runtime.launch import launch_local
+
+        world = load_plan(opts.plan).mesh.world_size
+        devices.check_fits(world)
+        launch_local(opts, world)
+    else:
+        execute(opts)
 
 
 def main() -> None:
