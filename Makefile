@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 DEMO := out/demo
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench strategies clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV_ARGS) $(VENV)
@@ -21,7 +21,7 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/hybridiff compile builtin:digits-sdxl --gpus 2 --batch 10 -o $(DEMO)/plan.json
 	$(VENV)/bin/hybridiff bench $(DEMO)/plan.json --prompts examples/digits.txt --rounds 1 --repeats 1 --grid $(DEMO)/digits.png -o $(DEMO)
-	$(VENV)/bin/hybridiff eval accuracy $(DEMO) --digits
+	$(VENV)/bin/hybridiff eval accuracy $(DEMO)/hybrid --digits
 
 test: install
 	$(PY) -m pytest -q
@@ -36,6 +36,13 @@ bench: install
 	$(VENV)/bin/hybridiff bench out/bench/digits10/plan.json --prompts examples/digits.txt --repeats 2 --rounds 4 -o out/bench/digits10
 	$(VENV)/bin/hybridiff compile builtin:tiny-sdxl --gpus 2 --batch 8 --threads 1 -o out/bench/tiny8/plan.json
 	$(VENV)/bin/hybridiff bench out/bench/tiny8/plan.json --repeats 1 --rounds 2 -o out/bench/tiny8
+
+# docs/benchmarks.md, the strategy table: every strategy and the k sweep, side by side with serial.
+strategies: install
+	for m in digits-sdxl digits-sd3; do \
+	  $(VENV)/bin/hybridiff bench builtin:$$m --gpus 2 --k 5,10,20,30 --plot -o out/strategies/$$m || exit 1; \
+	done
+	$(VENV)/bin/hybridiff bench builtin:tiny-sdxl --gpus 2 --k 5,10,20,30 --num-images-per-prompt 4 --plot -o out/strategies/tiny-sdxl
 
 clean:
 	rm -rf out

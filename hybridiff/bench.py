@@ -1,53 +1,112 @@
-"""Serial vs hybrid denoising time measured side by side, next to the plan's prediction.
+"""Strategies measured side by side: latency, traffic and fidelity, next to each plan's prediction.
 
-Both modes generate the same images (a prompts file, or the plan's batch: seeds 0..B-1 of one
-prompt) with the same threads per device, each call ``repeats`` times, each in freshly
-launched workers (one for the serial baseline). The hybrid run's images
-and report go to the output folder, the serial run's to ``serial/`` inside it. The modes alternate for ``rounds`` rounds, so a slow
-spell of a shared machine falls on both; the median of all runs counts. Every run is traced
-(``hybridiff.runtime.spans``, about a microsecond per span), which gives the per-step
-breakdown printed under the table. The result is a ratio from one run on one machine; it is
-never asserted in a test.
+Every entry is a plan the runtime executes: the serial baseline (the stock pipeline on one
+worker) and each strategy of ``hybridiff.compiler.strategies``, or, for ``bench PLAN``, that
+plan against serial. All of them generate the same requests with the same threads per worker,
+each in freshly launched workers, so none inherits another's threads. The entries alternate
+for ``rounds`` rounds, so a slow spell of a shared machine falls on all of them; the median
+of all runs counts. Every run is traced (``hybridiff.runtime.spans``, about a microsecond per
+span), which gives the per-step breakdown. Each entry's images and report stay in its own
+folder, and fidelity is measured against the serial entry's images. The result is a ratio from
+one run on one machine; it is never asserted in a test.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hybridiff.plan import Plan, load_plan, write_atomic
+from hybridiff.compiler.compile import CostedModel, plan_for
+from hybridiff.compiler.strategies import WINDOWED
+from hybridiff.plan import Plan, Schedule, StepCosts, load_plan, write_atomic
 from hybridiff.runtime.launch import launch_local
-from hybridiff.runtime.requests import ImageRequest
+from hybridiff.models import TRAINED
+from hybridiff.runtime.requests import ImageRequest, expand, read_prompts
+from hybridiff.zoo.digits import PROMPTS as DIGIT_PROMPTS
 from hybridiff.runtime.session import RunOptions
-from hybridiff.runtime.spans import CATEGORIES
 from hybridiff.simulate import Workload, serial_latency, simulate
 
-MODES = ("serial", "hybrid")
+
+@dataclass(frozen=True)
+class Entry:
+    """One column of the comparison: a plan, how it runs, where its images go."""
+
+    label: str
+    strategy: str
+    plan_path: Path
+    folder: Path
+
+    @property
+    def mode(self) -> str:
+        return "serial" if self.strategy == "serial" else "hybrid"
+
+    @property
+    def workers(self) -> int:
+        return 1 if self.mode == "serial" else load_plan(self.plan_path).mesh.world_size
 
 
-def run_bench(
-    plan_path: Path, requests: tuple[ImageRequest, ...], steps: int | None, repeats: int, rounds: int, threads: int, out: Path
-) -> tuple[str, dict[str, Any]]:
-    """Measure and write ``out/bench.json``; returns the tables to print and the result."""
-    plan = load_plan(plan_path)
-    folders = {"serial": out / "serial", "hybrid": out}
-    runs: dict[str, list[float]] = {mode: [] for mode in MODES}
+@dataclass(frozen=True)
+class BenchOptions:
+    requests: tuple[ImageRequest, ...]
+    steps: int | None
+    repeats: int
+    rounds: int
+    threads: int
+    #: Score images as digits (accuracy and digit FID): the trained digit models.
+    digits: bool = False
+
+
+def plan_entries(plan_path: Path, out: Path) -> list[Entry]:
+    """``bench PLAN``: the plan against the stock pipeline."""
+    return [Entry("serial", "serial", plan_path, out / "serial"), Entry("hybrid", "hybrid", plan_path, out / "hybrid")]
+
+
+def strategy_entries(
+    costed: CostedModel, gpus: int, schedule: Schedule, strategies: list[str], ks: list[int], out: Path,
+    batch: int = 1, warmup: int | None = None,
+) -> list[Entry]:
+    """Plan every strategy (the windowed ones at every ``k``) from one costed model, written
+    to ``out/<label>/plan.json``; serial comes first whether asked for or not."""
+    entries = []
+    for strategy in ["serial", *(s for s in strategies if s != "serial")]:
+        for k in ks if strategy in WINDOWED else [schedule.k]:
+            label = f"{strategy} k={k}" if strategy in WINDOWED and len(ks) > 1 else strategy
+            folder = out / label.replace(" k=", "-k")
+            plan = plan_for(costed, gpus, schedule.model_copy(update={"k": k}), batch=batch, strategy=strategy, warmup=warmup)
+            plan.save(folder / "plan.json")
+            entries.append(Entry(label, strategy, folder / "plan.json", folder))
+    return entries
+
+
+def run_bench(entries: list[Entry], opts: BenchOptions, out: Path) -> dict[str, Any]:
+    """Measure every entry, score it against serial, write ``out/bench.json``; returns it."""
+    runs: dict[str, list[float]] = {e.label: [] for e in entries}
     reports: dict[str, dict[str, Any]] = {}
-    for _ in range(rounds):
-        for mode in MODES:
-            opts = RunOptions(
-                plan=plan_path, requests=requests, out=folders[mode], mode=mode, steps=steps, threads=threads,
-                repeats=repeats, trace=folders[mode] / "trace",
+    for _ in range(opts.rounds):
+        for entry in entries:
+            launch_local(
+                RunOptions(
+                    plan=entry.plan_path, requests=opts.requests, out=entry.folder, mode=entry.mode, steps=opts.steps,
+                    threads=opts.threads, repeats=opts.repeats, trace=entry.folder / "trace",
+                ),
+                entry.workers,
             )
-            # each mode in fresh worker processes, so neither inherits the other's threads
-            launch_local(opts, plan.mesh.world_size if mode == "hybrid" else 1)
-            reports[mode] = json.loads((folders[mode] / "report.json").read_text())
-            runs[mode] += _denoise_runs(reports[mode])
-    result = _summarise(plan, runs, reports)
-    write_atomic(out / "bench.json", json.dumps(result, indent=2) + "\n")
-    return render(plan_path, plan, result, threads), result
+            reports[entry.label] = json.loads((entry.folder / "report.json").read_text())
+            runs[entry.label] += _denoise_runs(reports[entry.label])
+    serial = next(e for e in entries if e.strategy == "serial")
+    result = {
+        "images": len(opts.requests),
+        "steps": reports[serial.label]["steps"],
+        "threads": opts.threads,
+        "entries": [_entry_result(e, runs, reports, serial, opts) for e in entries],
+    }
+    write_atomic(out / "bench.json", json.dumps(result, indent=2, allow_nan=False) + "\n")
+    return result
 
 
 def _denoise_runs(report: dict[str, Any]) -> list[float]:
@@ -61,80 +120,107 @@ def _denoise_runs(report: dict[str, Any]) -> list[float]:
     return [max(column) for column in zip(*per_replica.values())]
 
 
-def _predict(plan: Plan, images: int, steps: int) -> dict[str, float]:
-    """The simulator's latency for ``images`` in each mode (serial: the plan's batch per call)."""
+def predict(plan: Plan, mode: str, images: int, steps: int, step_costs: bool = True) -> float:
+    """The simulator's latency for ``images`` run as ``mode`` (serial: the plan's batch per
+    call); without ``step_costs``, compute and links alone: the plan's analytic bound."""
     schedule = plan.schedule.model_copy(update={"steps": steps})
     work = Workload.from_plan(plan)
-    calls = [min(plan.mesh.batch, images - i) for i in range(0, images, plan.mesh.batch)]
-    return {
-        "serial": sum(serial_latency(work, schedule, n) for n in calls),
-        "hybrid": simulate(plan.mesh, work, schedule, images).latency_s,
-    }
+    if not step_costs:
+        work = dataclasses.replace(work, step_costs=StepCosts())
+    if mode == "serial":
+        calls = [min(plan.mesh.batch, images - i) for i in range(0, images, plan.mesh.batch)]
+        return sum(serial_latency(work, schedule, n) for n in calls)
+    return simulate(plan.mesh, work, schedule, images).latency_s
 
 
-def _summarise(plan: Plan, runs: dict[str, list[float]], reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    images = len(reports["hybrid"]["images"])
-    predicted = _predict(plan, images, reports["hybrid"]["steps"])
-    measured = {mode: statistics.median(times) for mode, times in runs.items()}
-    speedup = measured["serial"] / measured["hybrid"]
-    predicted_speedup = predicted["serial"] / predicted["hybrid"]
+def _entry_result(
+    entry: Entry, runs: dict[str, list[float]], reports: dict[str, dict[str, Any]], serial: Entry, opts: BenchOptions
+) -> dict[str, Any]:
+    """One entry's measured and predicted numbers, its bound and its fidelity against serial."""
+    plan, report = load_plan(entry.plan_path), reports[entry.label]
+    images, steps = len(report["images"]), report["steps"]
+    measured, serial_s = statistics.median(runs[entry.label]), statistics.median(runs[serial.label])
+    serial_plan = load_plan(serial.plan_path)
+    predicted = predict(plan, entry.mode, images, steps)
+    predicted_speedup = predict(serial_plan, "serial", images, steps) / predicted
+    bound = predict(serial_plan, "serial", images, steps, False) / predict(plan, entry.mode, images, steps, False)
+    speedup = serial_s / measured
     return {
-        "plan": plan.model.source,
-        "mesh": plan.mesh.label,
-        "images": images,
-        "steps": reports["hybrid"]["steps"],
-        "tau1": reports["hybrid"]["images"][0]["tau1"],
-        "modes": {
-            mode: {
-                "denoise_s": measured[mode],
-                "images_per_s": images / measured[mode],
-                "predicted_s": predicted[mode],
-                "error": predicted[mode] / measured[mode] - 1,
-                "runs_s": runs[mode],
-            }
-            for mode in MODES
-        },
+        "label": entry.label,
+        "strategy": entry.strategy,
+        "k": plan.schedule.k if entry.strategy != "serial" else None,
+        "mesh": "1 device" if entry.mode == "serial" else plan.mesh.label,
+        "folder": str(entry.folder),
+        "tau1": report["images"][0]["tau1"],
+        "latency_s": statistics.median(t for image in _calls(report) for t in image["latency_runs_s"]),
+        "denoise_s": measured,
+        "runs_s": runs[entry.label],
+        "images_per_s": images / measured,
         "speedup": speedup,
+        "predicted_s": predicted,
         "predicted_speedup": predicted_speedup,
         "speedup_error": predicted_speedup / speedup - 1,
-        "comm_bytes_per_image": reports["hybrid"]["totals"]["comm_bytes"] / images,
-        "profile_ms": {mode: reports[mode]["profile_ms"] for mode in MODES},
+        "bound": bound,
+        "of_bound": speedup / bound,
+        "comm_bytes_per_image": report["totals"]["comm_bytes"] / images,
+        **_fidelity(entry, serial, opts.digits),
+        "profile_ms": report.get("profile_ms", {}),
     }
 
 
-def render(plan_path: Path, plan: Plan, result: dict[str, Any], threads: int) -> str:
-    """The measured-vs-predicted table and the per-step breakdown, as markdown."""
-    lines = [
-        f"plan {plan_path} ({result['plan']}, mesh {result['mesh']}, {plan.mesh.world_size} workers x {threads} thread(s), "
-        f"{result['images']} image(s), {result['steps']} steps, k={plan.schedule.k}, tau1={result['tau1']})",
-        "| mode | denoising s (median) | images/s | predicted s | prediction error | runs s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for mode, m in result["modes"].items():
-        lines.append(
-            f"| {mode} | {m['denoise_s']:.3f} | {m['images_per_s']:.3f} | {m['predicted_s']:.3f} | {m['error']:+.1%} | "
-            f"{', '.join(f'{x:.3f}' for x in m['runs_s'])} |"
-        )
-    lines += [
-        f"speed-up {result['speedup']:.2f}x measured, {result['predicted_speedup']:.2f}x predicted "
-        f"(error {result['speedup_error']:+.1%}), {result['comm_bytes_per_image'] / 1e6:.2f} MB sent per image",
-        "",
-        "per-step breakdown, ms (each category: median step; totals: median and mean step)",
-        f"| run | rank | phase | steps | {' | '.join(CATEGORIES)} | total median | total mean |",
-        "|---|---|---|---|" + "---|" * (len(CATEGORIES) + 2),
-    ]
-    for mode, ranks in result["profile_ms"].items():
-        for rank, phases in ranks.items():
-            for phase, stats in phases.items():
-                cells = " | ".join(f"{stats['median'][c]:.2f}" for c in CATEGORIES)
-                lines.append(
-                    f"| {mode} | {rank} | {phase} | {stats['steps']} | {cells} | "
-                    f"{stats['median']['total']:.2f} | {stats['mean']['total']:.2f} |"
-                )
-    serial, hybrid = result["modes"]["serial"], result["modes"]["hybrid"]
-    lines += [
-        "",
-        f"serial {serial['denoise_s']:.3f} s | hybrid {hybrid['denoise_s']:.3f} s on {plan.mesh.world_size} workers | "
-        f"speed-up {result['speedup']:.2f}x (the plan predicted {result['predicted_speedup']:.2f}x)",
-    ]
-    return "\n".join(lines)
+def _calls(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One image entry per pipeline call (its latency is the call's)."""
+    return list({(i["replica"], i["call"]): i for i in report["images"]}.values())
+
+
+def _fidelity(entry: Entry, serial: Entry, digits: bool) -> dict[str, Any]:
+    """PSNR and SSIM against the serial images; digit accuracy and FID for the digit models."""
+    from hybridiff.fidelity import compare_runs
+
+    scores = compare_runs(entry.folder, serial.folder)
+    psnr = scores["psnr_mean"]  # over the images that differ; infinite when none does
+    result: dict[str, Any] = {
+        "psnr": None if math.isinf(psnr) else psnr,
+        "identical_images": scores["identical"],
+        "ssim": scores["ssim_mean"],
+    }
+    if digits:
+        from hybridiff.zoo.evaluate import digit_accuracy, digit_fid
+
+        fid = digit_fid(entry.folder)
+        result.update(digit_accuracy=digit_accuracy(entry.folder)["accuracy"], digit_fid=fid["fid"], digit_fid_real=fid["real_fid"])
+    return result
+
+
+def is_digit_model(source: str) -> bool:
+    """Whether ``source`` is a trained digit model, whose images digit accuracy and FID score."""
+    return source.removeprefix("builtin:") in TRAINED
+
+
+def requests_for(
+    source: str, prompt: str, prompts: Path | None, per_prompt: int | None, batch: int
+) -> tuple[ImageRequest, ...]:
+    """What every entry generates: a prompts file; else the digit models' ten digits (two
+    images each by default); else ``prompt`` with seeds ``0 .. batch-1``."""
+    if prompts is not None:
+        return tuple(expand(read_prompts(prompts, 0, None), per_prompt or 1))
+    if is_digit_model(source):
+        return tuple(expand([ImageRequest(p, None, 0) for p in DIGIT_PROMPTS], per_prompt or 2))
+    return tuple(expand([ImageRequest(prompt, None, 0)], per_prompt or batch))
+
+
+def model_entries(
+    model: str, gpus: int, schedule: Schedule, strategies: list[str], ks: list[int], batch: int,
+    warmup: int | None, threads: int, calibrate: bool, out: Path,
+) -> list[Entry]:
+    """Cost ``model`` once (calibrated, as ``compile`` does) and plan every strategy from it."""
+    from functools import partial
+
+    from hybridiff.calibrate import measure_step_costs
+    from hybridiff.compiler.compile import cost_model
+
+    costed = cost_model(
+        model, gpus, schedule, batch=batch, threads=threads,
+        calibrate=partial(measure_step_costs, threads=threads) if calibrate else None,
+    )
+    return strategy_entries(costed, gpus, schedule, strategies, ks or [schedule.k], out, batch, warmup)

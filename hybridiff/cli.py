@@ -14,7 +14,7 @@ from hybridiff.summary import imbalance
 from hybridiff.runtime.worker import run_command
 
 if TYPE_CHECKING:
-    from hybridiff.plan import Plan
+    from hybridiff.plan import Plan, Schedule
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.command("run")(run_command)
@@ -49,6 +49,12 @@ def compile_command(
     calibrate: bool = typer.Option(
         True, help="with measured costs: run the model briefly on 2 workers to measure what a step costs besides compute"
     ),
+    strategy: Optional[str] = typer.Option(
+        None, help="a peer strategy as a plan: serial, cfg-parallel, pipeline (AsyncDiff), hybrid, hybrid-cached"
+    ),
+    warmup: Optional[int] = typer.Option(
+        None, min=1, help="with --strategy pipeline: whole steps before the pipeline starts [AsyncDiff's: 9 UNet, 1 SD3]"
+    ),
 ) -> None:
     """Trace, profile and partition MODEL (or a published --arch) into an execution plan."""
     if dtype not in ("float32", "float16", "bfloat16"):
@@ -57,67 +63,51 @@ def compile_command(
         report_and_exit(HybridiffError(f"--cost {cost!r} is not a cost method; use 'time' or 'flops'"))
     if (model is None) == (arch is None):
         report_and_exit(HybridiffError("give either MODEL or --arch NAME (not both, not neither)"))
-    from pydantic import ValidationError
-
-    from hybridiff.compiler.compile import compile_model
-    from hybridiff.compiler.schedule import DEFAULT_SCHEDULE
-    from hybridiff.models import model_card
-    from hybridiff.plan import Schedule
+    from hybridiff.compiler.schedule import model_schedule
 
     given = {"steps": steps, "guidance_scale": guidance_scale, "L": L, "g_slope": g_slope, "tau_cap": tau_cap, "k": k}
+    placement = {"mesh": mesh, "batch": batch, "strategy": strategy, "warmup": warmup}
     try:
-        # the paper's defaults, then the model's own (its card), then what the user gave
-        card = model_card(model).get("schedule", {}) if model else {}
-        fields = {**DEFAULT_SCHEDULE.model_dump(), **card, **{n: v for n, v in given.items() if v is not None}}
-        try:
-            schedule = Schedule(**{**fields, "window_guidance": window_guidance})
-        except ValidationError as e:
-            err = e.errors()[0]
-            raise HybridiffError(f"bad schedule option {err['loc'][0]}: {err['msg']}") from None
+        if strategy is not None:
+            from hybridiff.compiler.strategies import parse_strategies
+
+            parse_strategies(strategy, "--strategy")
+        schedule = model_schedule(model, given, window_guidance)
         if arch is not None:
-            import torch
-
-            from hybridiff.compiler.compile import compile_arch
-            from hybridiff.compiler.cost import DeviceModel
-
-            device = DeviceModel(f"{device_tflops:g} TFLOP/s, {device_mem_gbps:g} GB/s (roofline)", device_tflops, device_mem_gbps)
-            plan = compile_arch(
-                arch,
-                resolution,
-                gpus,
-                schedule,
-                link_gbps=link_gbps,
-                dtype="float16" if torch.cuda.is_available() or not profile else "float32",
-                device_model=device,
-                profile=profile,
-                repeats=repeats,
-                mesh=mesh,
-                batch=batch,
-            )
+            plan = _compile_arch(arch, resolution, gpus, schedule, device_tflops, device_mem_gbps, profile, link_gbps, repeats, placement)
         else:
             from functools import partial
 
             from hybridiff.calibrate import measure_step_costs
+            from hybridiff.compiler.compile import compile_model
 
             plan = compile_model(
-                model,
-                gpus,
-                schedule,
-                height,
-                width,
-                link_gbps=link_gbps,
-                repeats=repeats,
-                threads=threads,
-                dtype=dtype,
-                cost=cost,
-                mesh=mesh,
-                batch=batch,
-                calibrate=partial(measure_step_costs, threads=threads) if calibrate and cost == "time" else None,
+                model, gpus, schedule, height, width, link_gbps=link_gbps, repeats=repeats, threads=threads, dtype=dtype,
+                cost=cost, calibrate=partial(measure_step_costs, threads=threads) if calibrate and cost == "time" else None,
+                **placement,
             )
         plan.save(out)
     except HybridiffError as e:
         report_and_exit(e)
     _report_plan(plan, out, gpus)
+
+
+def _compile_arch(
+    arch: str, resolution: int, gpus: int, schedule: Schedule, tflops: float, mem_gbps: float, profile: bool,
+    link_gbps: float, repeats: int, placement: dict,
+) -> Plan:
+    """``compile --arch``: a published architecture, roofline-costed unless ``profile``."""
+    import torch
+
+    from hybridiff.compiler.compile import compile_arch
+    from hybridiff.compiler.cost import DeviceModel
+
+    device = DeviceModel(f"{tflops:g} TFLOP/s, {mem_gbps:g} GB/s (roofline)", tflops, mem_gbps)
+    dtype = "float16" if torch.cuda.is_available() or not profile else "float32"
+    return compile_arch(
+        arch, resolution, gpus, schedule, link_gbps=link_gbps, dtype=dtype, device_model=device, profile=profile,
+        repeats=repeats, **placement,
+    )
 
 
 def _report_plan(plan: "Plan", out: Path, gpus: int) -> None:
@@ -130,7 +120,7 @@ def _report_plan(plan: "Plan", out: Path, gpus: int) -> None:
             f"full-step sync {costs.full_sync_s * 1e3:.2f} ms, window sync {costs.window_sync_s * 1e3:.2f} ms",
             err=True,
         )
-    if gpus > 1 and plan.mesh.world_size == 1:
+    if gpus > 1 and plan.mesh.world_size == 1 and plan.strategy is None:
         best = min((t, label) for label, t in est.alternatives.items() if label != plan.mesh.label)
         typer.echo(
             f"note: no multi-device plan pays for {plan.mesh.batch} image(s): the best, {best[1]}, is predicted "
@@ -203,32 +193,9 @@ def simulate_command(
         plot_timeline(sim, plot, loaded.model.source)
 
 
-eval_app = typer.Typer(help="Score the images a run generated.", no_args_is_help=True)
+from hybridiff.eval_cli import eval_app  # noqa: E402 - the eval commands live in their own module
+
 app.add_typer(eval_app, name="eval")
-
-
-@eval_app.command("accuracy")
-def accuracy_command(
-    folder: Path = typer.Argument(..., help="the -o folder of a `hybridiff run` (report.json and images)"),
-    digits: bool = typer.Option(False, "--digits", help="score digit prompts with the shipped digit classifier"),
-    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
-) -> None:
-    """Fraction of generated images recognised as what their prompt asked for."""
-    import json
-
-    if not digits:
-        report_and_exit(HybridiffError("only --digits accuracy exists: pass --digits (images of the digit models)"))
-    from hybridiff.zoo.evaluate import digit_accuracy
-
-    try:
-        result = digit_accuracy(folder)
-    except HybridiffError as e:
-        report_and_exit(e)
-    if as_json:
-        typer.echo(json.dumps(result, indent=2))
-    else:
-        typer.echo(f"accuracy {result['accuracy']:.3f} over {result['images']} image(s)")
-        typer.echo("per digit  " + ", ".join(f"{k} {v:.2f}" for k, v in result["per_digit"].items()))
 
 
 @app.command("save-model")
@@ -253,34 +220,67 @@ def save_model_command(
 
 @app.command("bench")
 def bench_command(
-    plan: Path = typer.Argument(..., help="plan.json"),
-    prompt: str = typer.Option("a red cube on a table", help="text prompt, seeds 0..B-1 for the plan's batch B"),
-    prompts: Optional[Path] = typer.Option(None, help="instead of --prompt: a prompts file, as `run` reads it"),
-    steps: Optional[int] = typer.Option(None, min=1, help="denoising steps [default: the plan's]"),
-    repeats: int = typer.Option(3, min=1, help="calls per mode and round; the median of all runs counts"),
-    rounds: int = typer.Option(2, min=1, help="rounds alternating serial and hybrid, so machine noise hits both"),
+    target: str = typer.Argument(..., help="plan.json (it against serial), or MODEL (every --strategies entry against serial)"),
+    gpus: int = typer.Option(2, help="with MODEL: devices every strategy is planned for"),
+    strategies: str = typer.Option(
+        "serial,cfg-parallel,pipeline,hybrid,hybrid-cached", help="with MODEL: the strategies to compare (serial always runs)"
+    ),
+    k: str = typer.Option("", "--k", help="with MODEL: window lengths for hybrid and hybrid-cached, e.g. 5,10,20,30 [the model's]"),
+    warmup: Optional[int] = typer.Option(None, min=1, help="with MODEL: the pipeline strategy's warm-up steps [AsyncDiff's]"),
+    tau_cap: Optional[int] = typer.Option(None, min=0, help="with MODEL: latest step at which hybrid's window starts [the model's]"),
+    batch: int = typer.Option(1, min=1, help="with MODEL: images per pipeline call (the meshes are chosen for it)"),
+    calibrate: bool = typer.Option(True, help="with MODEL: measure what a step costs besides compute (as compile does)"),
+    prompt: str = typer.Option("a red cube on a table", help="text prompt, seeds 0..B-1 for the batch B"),
+    prompts: Optional[Path] = typer.Option(None, help="instead of --prompt: a prompts file, as `run` reads it [digit models: the ten digits]"),
+    num_images_per_prompt: Optional[int] = typer.Option(None, min=1, help="images per prompt [2 for the digit models' ten digits, else 1]"),
+    steps: Optional[int] = typer.Option(None, min=1, help="denoising steps [default: the plan's or the model's]"),
+    repeats: int = typer.Option(1, min=1, help="calls per entry and round; the median of all runs counts"),
+    rounds: int = typer.Option(2, min=1, help="rounds alternating the entries, so machine noise hits all of them"),
     threads: int = typer.Option(1, min=1, help="CPU threads per worker (and for the serial baseline)"),
-    grid: Optional[Path] = typer.Option(None, help="also draw the hybrid run's images side by side to this PNG"),
-    out: Path = typer.Option(Path("out-bench"), "-o", "--out", help="hybrid images, report and bench.json; serial/ inside"),
+    plot: bool = typer.Option(False, "--plot", help="also draw OUT/speed-quality.png and the image grid OUT/images.png"),
+    grid: Optional[Path] = typer.Option(None, help="draw the image grid (a row per image, a column per entry) to this PNG"),
+    as_json: bool = typer.Option(False, "--json", help="print bench.json instead of the table"),
+    out: Path = typer.Option(Path("out-bench"), "-o", "--out", help="bench.json, plots, and a folder of images per entry"),
 ) -> None:
-    """Serial vs hybrid latency, measured side by side, against the plan's prediction."""
-    from hybridiff.bench import run_bench
-    from hybridiff.runtime.requests import ImageRequest, read_prompts
+    """Strategies side by side: latency, speed-up, bytes and fidelity vs serial, against each plan's prediction."""
+    import json
+
+    from hybridiff import bench
+    from hybridiff.bench_report import image_grid, plot_speed_quality, render
+    from hybridiff.compiler.schedule import model_schedule
+    from hybridiff.compiler.strategies import parse_strategies
 
     try:
-        if prompts is not None:
-            requests = tuple(read_prompts(prompts, 0, None))
+        is_plan = Path(target).is_file()
+        source = load_plan(target).model.source if is_plan else target
+        digits = bench.is_digit_model(source)
+        requests = bench.requests_for(source, prompt, prompts, num_images_per_prompt, batch if not is_plan else load_plan(target).mesh.batch)
+        if is_plan:
+            entries = bench.plan_entries(Path(target), out)
         else:
-            requests = tuple(ImageRequest(prompt, None, seed) for seed in range(load_plan(plan).mesh.batch))
-        text, _ = run_bench(plan, requests, steps, repeats, rounds, threads, out)
-        if grid is not None:
-            from hybridiff.images import save_grid
-
-            save_grid([out / f"image-{i}.png" for i in range(len(requests))], grid)
-            text += f"\nimages: {out}/image-<i>.png, side by side in {grid}"
+            names = parse_strategies(strategies)
+            schedule = model_schedule(target, {"steps": steps, "tau_cap": tau_cap})
+            entries = bench.model_entries(target, gpus, schedule, names, _window_lengths(k), batch, warmup, threads, calibrate, out)
+        result = bench.run_bench(entries, bench.BenchOptions(requests, steps if is_plan else None, repeats, rounds, threads, digits), out)
+        workers = max(e.workers for e in entries)
+        if plot:
+            plot_speed_quality(result, out / "speed-quality.png", f"{source}, {workers} workers")
+        if plot or grid:
+            image_grid(result, grid or out / "images.png")
     except HybridiffError as e:
         report_and_exit(e)
-    typer.echo(text)
+    typer.echo(json.dumps(result, indent=2) if as_json else render(result, workers))
+
+
+def _window_lengths(text: str) -> list[int]:
+    """``--k 5,10,20`` as integers >= 0 (empty: the model's own k)."""
+    try:
+        ks = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise HybridiffError(f"--k {text!r}: give window lengths as integers, e.g. 5,10,20,30") from None
+    if any(v < 0 for v in ks):
+        raise HybridiffError(f"--k {text!r}: window lengths are >= 0")
+    return ks
 
 
 def main() -> None:

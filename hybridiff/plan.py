@@ -54,6 +54,13 @@ class GraphInfo(_Strict):
     replicated: list[str]
 
 
+def receives_next(consumer: int, output_stage: int, next_is_last: bool) -> bool:
+    """Whether stage ``consumer`` reads cut tensors on the next window step. On the window's last
+    step only the stage that holds the output runs, so nothing is sent to the others: a message
+    no step reads would be left queued into the next pipeline call."""
+    return not next_is_last or consumer == output_stage
+
+
 class Mesh(_Strict):
     """How N devices are used: ``dp`` replicas x ``cfg`` branch groups x ``pp`` pipeline stages.
 
@@ -194,8 +201,8 @@ class Schedule(_Strict):
     steps: int = Field(gt=0)
     guidance_scale: float = Field(ge=0, description="> 1 enables classifier-free guidance")
     L: int = Field(ge=1, description="slope window, steps")
-    g_slope: float = Field(gt=0)
-    tau_cap: int = Field(ge=1, description="latest step at which the window may start")
+    g_slope: float = Field(ge=0, description="0: the rule never fires and the window starts at tau_cap (a fixed warm-up)")
+    tau_cap: int = Field(ge=0, description="latest step at which the window may start")
     k: int = Field(ge=0, description="window length in steps; 0 disables the window")
     #: Inside the window: "mixed" (the paper: each stage uses its rank's branch, guidance off)
     #: or "cached" (all stages conditional, tau1's eps_c - eps_u added back: guidance kept).
@@ -259,6 +266,8 @@ class Plan(_Strict):
     cut_tensors: list[CutTensor]
     schedule: Schedule
     estimates: Estimates
+    #: The peer strategy this plan reproduces (``compile --strategy``); None: the compiler's choice.
+    strategy: str | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Plan:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hybridiff.compiler.schedule import expected_tau1, window_steps
-from hybridiff.plan import Mesh, Plan, Schedule, StepCosts, write_atomic
+from hybridiff.plan import Mesh, Plan, Schedule, StepCosts, receives_next, write_atomic
 
 #: Phases of one image as the paper names them, and the traffic classes the runtime counts.
 PHASES = ("warm-up", "window", "fully-connecting")
@@ -150,15 +150,19 @@ def serial_latency(work: Workload, schedule: Schedule, images: int) -> float:
 _Step = tuple[dict[int, tuple[float, float]], float, int]
 
 
-def window_step(mesh: Mesh, work: Workload, rows: int, window_guidance: str, last: bool = False) -> _Step:
+def window_step(
+    mesh: Mesh, work: Workload, rows: int, window_guidance: str, last: bool = False, next_is_last: bool = False
+) -> _Step:
     """One window step of a call of ``rows`` rows: every stage at once, then the output's
-    broadcast. On the last window step only the output's stage runs and nothing is sent on."""
+    broadcast. On the last window step only the output's stage runs and nothing is sent on;
+    before it, only what that stage reads is sent."""
     busy, sent_total = {}, 0
     for s in range(mesh.replica_size):
         mine = len(mesh.window_rows(s, rows, window_guidance))
         runs = not last or s == work.output_stage
         compute = work.compute(work.stage_costs[s], mine) if runs else 0.0
-        sent = 0 if last else sum(b * mine for p, _, b in work.links if p == s)
+        live = [b for p, c, b in work.links if p == s and receives_next(c, work.output_stage, next_is_last)]
+        sent = 0 if last else sum(live) * mine
         busy[s] = (compute, work.transfer(sent))
         sent_total += sent
     out = len(mesh.window_rows(work.output_stage, rows, window_guidance)) * work.prediction_bytes
@@ -178,13 +182,15 @@ def full_step(mesh: Mesh, work: Workload, rows: int) -> _Step:
     return busy, tail, sent
 
 
-def hand_off_bytes(mesh: Mesh, work: Workload, rows: int, window_guidance: str, position: int) -> int:
+def hand_off_bytes(
+    mesh: Mesh, work: Workload, rows: int, window_guidance: str, position: int, next_is_last: bool = False
+) -> int:
     """Bytes ``position`` sends after tau1: the cut values of the window's first step that its
     full forward computed, to every other position whose stage consumes them."""
     sent = 0
     mine = set(mesh.full_rows(position, rows))
     for producer, consumer, b in work.links:
-        if consumer != position:
+        if consumer != position and receives_next(consumer, work.output_stage, next_is_last):
             sent += b * len(mine & set(mesh.window_rows(producer, rows, window_guidance)))
     return sent
 
@@ -213,14 +219,14 @@ def _call(
     for step in range(schedule.steps):
         phase = "warm-up" if step <= tau1 else "window" if step <= tau1 + k else "fully-connecting"
         if phase == "window" and mesh.replica_size > 1:  # one stage: a window step is a full one
-            busy, tail, sent = window_step(mesh, work, rows, wg, last=step == tau1 + k)
+            busy, tail, sent = window_step(mesh, work, rows, wg, last=step == tau1 + k, next_is_last=step + 1 == tau1 + k)
             sim.comm_bytes_by_phase["pipeline"] += sent
         else:
             busy, tail, sent = full_step(mesh, work, rows)
             sim.comm_bytes_by_phase["cond-partition"] += sent
             if k and step == tau1:
                 for s, (compute, _) in busy.items():
-                    handed = hand_off_bytes(mesh, work, rows, wg, s)
+                    handed = hand_off_bytes(mesh, work, rows, wg, s, next_is_last=k == 1)
                     sim.comm_bytes_by_phase["pipeline"] += handed
                     busy[s] = (compute, work.transfer(handed))
         for s, (compute, send) in busy.items():

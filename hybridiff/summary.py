@@ -42,6 +42,7 @@ def summary(plan: Plan) -> dict[str, Any]:
         ],
         "cut_tensors": [c.model_dump() for c in plan.cut_tensors],
         "schedule": plan.schedule.model_dump(),
+        "strategy": plan.strategy,
         "estimates": plan.estimates.model_dump(),
     }
 
@@ -78,7 +79,8 @@ def render_text(plan: Plan) -> str:
             lines.append(f"  {c.node}: stage {c.producer} -> {c.consumers}, constant {c.constant} (from the plan)")
     lines += [
         f"schedule   {sch.steps} steps, guidance {sch.guidance_scale}, L={sch.L}, g_slope={sch.g_slope}, "
-        f"tau_cap={sch.tau_cap}, k={sch.k}",
+        f"tau_cap={sch.tau_cap}, k={sch.k}, window guidance {sch.window_guidance}"
+        + (f"; strategy {plan.strategy}" if plan.strategy else ""),
         f"estimates  on {est.device}, link {est.link_gbps} Gbit/s: forward {est.forward_s * 1e3:.2f} ms "
         f"(1 row), {est.forward_batch2_s * 1e3:.2f} ms (2 rows), window step {est.window_step_s * 1e3:.2f} ms",
         f"           {_mb(est.window_comm_bytes_per_step)} per window step, {_mb(est.comm_bytes_per_image)} per image, "

@@ -1,6 +1,7 @@
 """The compiler on every denoiser family: tiny configs through the Python API, real sizes on meta."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -8,7 +9,9 @@ from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DCon
 from torch import nn
 
 import hybridiff
-from hybridiff.compiler.compile import compile_arch
+from hybridiff.compiler.compile import cost_arch, plan_for
+from hybridiff.compiler.schedule import DEFAULT_SCHEDULE
+from hybridiff.compiler.strategies import STRATEGIES
 from hybridiff.errors import HybridiffError
 from hybridiff.summary import imbalance
 from tests.conftest import cli
@@ -166,8 +169,9 @@ TARGETS = {2: 1.10, 4: 1.25, 8: 1.25}
 @pytest.mark.parametrize("arch", ["sd15", "sd2", "sdxl", "sd3-medium", "sd35-large"])
 def test_real_size_plans_compile_without_weights(arch):
     resolution = {"sd15": 512, "sd2": 768}.get(arch, 1024)
+    costed = cost_arch(arch, resolution)  # costed once, planned for each device count
     for gpus, target in TARGETS.items():
-        plan = compile_arch(arch, resolution, gpus)
+        plan = plan_for(costed, gpus, DEFAULT_SCHEDULE)
         assert plan.model.source == f"arch:{arch}" and len(plan.stages) == gpus
         assert plan.estimates.speedup > 1.5
         if arch in ("sdxl", "sd3-medium"):
@@ -284,3 +288,26 @@ def test_compile_says_no_multi_device_plan_pays_and_writes_the_one_device_plan(t
     assert plan.mesh.world_size == 1 and plan.estimates.step_costs == slow
     assert min(plan.estimates.alternatives.values()) == plan.estimates.latency_s
     assert plan.estimates.alternatives["dp=1,cfg=2,pp=1"] > plan.estimates.latency_s
+
+
+def test_peer_strategies_are_plans_of_the_same_model():
+    """Each strategy a user compares against is a mesh and schedule preset, planned from one
+    costing; what it cannot do is refused in one line."""
+    costed = cost_arch("sd3-medium", 512)
+    plans = {name: plan_for(costed, 4, DEFAULT_SCHEDULE, strategy=name) for name in STRATEGIES}
+    assert {n: p.mesh.label for n, p in plans.items()} == {
+        "serial": "dp=1,cfg=1,pp=1", "cfg-parallel": "dp=1,cfg=2,pp=1", "pipeline": "dp=1,cfg=1,pp=4",
+        "hybrid": "dp=1,cfg=2,pp=2", "hybrid-cached": "dp=1,cfg=2,pp=2",
+    }
+    assert plans["cfg-parallel"].schedule.k == 0 and plans["cfg-parallel"].mesh.idle_ranks == [2, 3]
+    pipeline = plans["pipeline"].schedule  # AsyncDiff's SD3 warm-up: one whole step, then the window to the end
+    assert (pipeline.g_slope, pipeline.tau_cap, pipeline.k) == (0.0, 0, 49)
+    assert plans["hybrid-cached"].schedule.window_guidance == "cached" and plans["hybrid"].schedule.window_guidance == "mixed"
+    assert all(p.strategy == n for n, p in plans.items())
+    for kwargs, message in [
+        ({"gpus": 1, "schedule": DEFAULT_SCHEDULE, "strategy": "pipeline"}, "needs at least 2 devices"),
+        ({"gpus": 4, "schedule": DEFAULT_SCHEDULE, "strategy": "pipeline", "warmup": 50}, "needs 1 <= warmup < steps (50)"),
+        ({"gpus": 4, "schedule": DEFAULT_SCHEDULE.model_copy(update={"guidance_scale": 1.0}), "strategy": "hybrid"}, "--guidance-scale > 1"),
+    ]:
+        with pytest.raises(HybridiffError, match=re.escape(message)):
+            plan_for(costed, **kwargs)

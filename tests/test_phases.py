@@ -57,3 +57,14 @@ def test_window_is_clipped_before_the_last_step_and_k0_disables_it():
     assert (ctl.tau1, ctl.tau2) == (8, 9)
     no_window = _run(s.model_copy(update={"k": 0}), [1.0 - 0.1 * i for i in range(10)])
     assert no_window.tau1 is None and set(no_window.phases) == {Phase.COND_PARTITION}
+
+
+def test_a_zero_slope_threshold_is_a_fixed_warm_up():
+    """The pipeline strategy's schedule: the rule never fires on a flat curve, the window opens
+    right after step tau_cap and, clipped, runs to the last step."""
+    schedule = Schedule(steps=10, guidance_scale=5.0, L=1, g_slope=0.0, tau_cap=0, k=9)
+    ctl = _run(schedule, [0.5] * 10)
+    assert (ctl.tau1, ctl.tau2) == (0, 9)
+    assert ctl.phases == [Phase.COND_PARTITION] + [Phase.PIPELINE] * 9
+    late = _run(schedule.model_copy(update={"tau_cap": 4, "k": 5}), [0.5] * 10)
+    assert late.tau1 == 4 and late.phases.count(Phase.PIPELINE) == 5

@@ -118,6 +118,7 @@ def test_runtime_refuses_a_plan_for_another_graph(plan_path, tmp_path):
         (["builtin:tiny-sdxl", "--gpus", "2", "--mesh", "2x1"], "write it as dp=D,cfg=C,pp=P"),
         (["builtin:tiny-sdxl", "--mesh", "dp=1,cfg=2,pp=1", "--guidance-scale", "1"], "cfg=2 splits the guidance branches"),
         (["builtin:tiny-sdxl", "--gpus", "200"], "too few blocks to mesh 200 devices"),
+        (["builtin:tiny-sdxl", "--strategy", "asyncdiff"], "choose from serial, cfg-parallel, pipeline, hybrid"),
     ],
 )
 def test_compile_refuses_unknown_models_and_meshes(tmp_path, args, message):

@@ -18,6 +18,7 @@ from hybridiff.compiler.balance import balance
 from hybridiff.compiler.mesh import candidate_meshes, parse_mesh
 from hybridiff.compiler.partition import CutValue, Partition, best_partition, dependency_graph, replicated_needed
 from hybridiff.compiler.refine import apply_refinements
+from hybridiff.compiler.strategies import default_warmup, strategy_meshes, strategy_schedule
 from hybridiff.compiler.trace import Leaf, adapter_for, capture_denoiser_call, denoiser_attr, graph_fingerprint, trace_module
 from hybridiff.errors import HybridiffError
 from hybridiff.execution import GraphRunner
@@ -65,7 +66,7 @@ def branch_inputs(inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
     return {n: h[0] for n, h in halves.items()}, {n: h[1] for n, h in halves.items()}
 
 
-def compile_model(
+def cost_model(
     model: str,
     gpus: int = 2,
     schedule: Schedule = sched.DEFAULT_SCHEDULE,
@@ -76,14 +77,14 @@ def compile_model(
     threads: int | None = None,
     dtype: str = "float32",
     cost: str = "time",
-    mesh: str | None = None,
     batch: int = 1,
     calibrate: Calibrate | None = None,
-) -> Plan:
-    """Compile ``model`` (``builtin:NAME`` or a diffusers folder) into a plan for ``gpus`` devices.
+) -> CostedModel:
+    """Load, trace and cost ``model`` (``builtin:NAME`` or a diffusers folder) for ``gpus``
+    devices and ``batch`` images, ready for ``plan_for``.
 
     ``calibrate`` measures what a step costs besides compute on this machine (see
-    ``hybridiff.calibrate``); without it the plan assumes nothing."""
+    ``hybridiff.calibrate``); without it plans assume nothing."""
     _check_gpus(gpus)
     source = resolve_source(model)
     device = devices.worker_device(0)
@@ -98,13 +99,12 @@ def compile_model(
     args, kwargs = capture_denoiser_call(pipe, height, width, guidance_scale=5.0, **pipeline_kwargs)
     both = traced.adapter.inputs_from_call(*args, **kwargs)
     _, cond = branch_inputs(both)
-    return compile_graph(
+    rows = sorted({1, 2, batch, 2 * batch})
+    costed = cost_graph(
         traced.graph,
         latent=traced.adapter.latent,
         branch_inputs=cond,
-        forward_rows_s=forward_times(
-            traced.graph, {rows: both if rows == 2 else _repeat_rows(cond, rows) for rows in sorted({1, 2, batch, 2 * batch})}, repeats
-        ),
+        forward_rows_s=forward_times(traced.graph, {r: both if r == 2 else _repeat_rows(cond, r) for r in rows}, repeats),
         model=ModelRef(
             source=source,
             denoiser="unet" if traced.attr == "unet" else "sd3-transformer",
@@ -113,16 +113,33 @@ def compile_model(
             dtype=dtype,
             pipeline_kwargs=pipeline_kwargs,
         ),
-        gpus=gpus,
-        schedule=schedule,
         link_gbps=link_gbps,
         repeats=repeats,
         cost=cost,
-        mesh=mesh,
-        batch=batch,
         device=devices.describe(device),
-        calibrate=calibrate,
     )
+    if calibrate is not None and gpus > 1:
+        calibrate_steps(costed, schedule, calibrate)
+    return costed
+
+
+def compile_model(
+    model: str,
+    gpus: int = 2,
+    schedule: Schedule = sched.DEFAULT_SCHEDULE,
+    height: int | None = None,
+    width: int | None = None,
+    *,
+    mesh: str | None = None,
+    batch: int = 1,
+    strategy: str | None = None,
+    warmup: int | None = None,
+    **costing: Any,
+) -> Plan:
+    """Compile ``model`` into a plan for ``gpus`` devices: ``cost_model`` (whose keywords
+    ``costing`` passes on), then ``plan_for`` with ``mesh``, ``batch`` and ``strategy``."""
+    costed = cost_model(model, gpus, schedule, height, width, batch=batch, **costing)
+    return plan_for(costed, gpus, schedule, mesh=mesh, batch=batch, strategy=strategy, warmup=warmup)
 
 
 def compile_module(
@@ -173,22 +190,35 @@ def compile_arch(
     resolution: int,
     gpus: int = 2,
     schedule: Schedule = sched.DEFAULT_SCHEDULE,
+    *,
+    mesh: str | None = None,
+    batch: int = 1,
+    strategy: str | None = None,
+    warmup: int | None = None,
+    **costing: Any,
+) -> Plan:
+    """Compile a published architecture at ``resolution`` pixels: ``cost_arch`` (whose keywords
+    ``costing`` passes on), then ``plan_for``."""
+    _check_gpus(gpus)
+    return plan_for(cost_arch(arch, resolution, **costing), gpus, schedule, mesh=mesh, batch=batch, strategy=strategy, warmup=warmup)
+
+
+def cost_arch(
+    arch: str,
+    resolution: int,
     link_gbps: float = DEFAULT_LINK_GBPS,
     dtype: str = "float16",
     device_model: DeviceModel | None = None,
     profile: bool = False,
     repeats: int = 10,
-    mesh: str | None = None,
-    batch: int = 1,
-) -> Plan:
-    """Compile a published architecture at ``resolution`` pixels.
+) -> CostedModel:
+    """Build and cost a published architecture at ``resolution`` pixels, ready for ``plan_for``.
 
     By default the model is built on the meta device and costed by the roofline model: no
     memory is allocated for weights or activations, so real-size plans compile on any machine.
     With ``profile`` the model gets random weights on this process's device and every node is
     timed there (median of ``repeats``): the plan then reflects the real device.
     """
-    _check_gpus(gpus)
     if resolution % 64:
         raise HybridiffError(f"--resolution {resolution} must be a multiple of 64 (latent multiple of 8)")
     device = devices.worker_device(0) if profile else torch.device("meta")
@@ -228,7 +258,7 @@ def compile_arch(
         serial = forward_time(traced.graph, both, repeats)
     else:
         serial = sum(m.cost_s for m in profile_nodes(traced.graph, both, 1, "roofline", device_model).values())
-    return compile_graph(
+    return cost_graph(
         traced.graph,
         latent=traced.latent,
         branch_inputs=traced.inputs,
@@ -240,21 +270,19 @@ def compile_arch(
             width=resolution,
             dtype=dtype,
         ),
-        gpus=gpus,
-        schedule=schedule,
         link_gbps=link_gbps,
         repeats=repeats if profile else 1,
         cost="time" if profile else "roofline",
-        mesh=mesh,
-        batch=batch,
         device=devices.describe(device) if profile else device_model.name,
         device_model=device_model,
     )
 
 
 @dataclass
-class _Costed:
-    """A graph's costs, and its balanced partitions by stage count (made on first use)."""
+class CostedModel:
+    """A graph's costs and what a plan says about its model, with its balanced partitions by
+    stage count (made on first use): everything plans for any mesh and schedule are made from.
+    ``hybridiff bench`` plans every strategy from one of these, so the model is costed once."""
 
     graph: fx.GraphModule
     latent: str
@@ -262,24 +290,37 @@ class _Costed:
     forward_s: float
     #: Whole forwards by row count, two rows (the serial CFG step) at least.
     forward_rows_s: dict[int, float]
-    link_bytes_per_s: float
+    model: ModelRef
+    link_gbps: float
+    device: str
     repeats: int
     cost: str
     device_model: DeviceModel | None
+    step_costs: StepCosts = field(default_factory=StepCosts)
     splits: dict[int, tuple[fx.GraphModule, list[str], dict[str, NodeMeasure], Partition]] = field(default_factory=dict)
+    #: Node measures by graph fingerprint: partitions into different stage counts open the
+    #: same blocks, and costing a graph is the slow part of planning.
+    measures: dict[str, dict[str, NodeMeasure]] = field(default_factory=dict)
+
+    def measure(self, gm: fx.GraphModule) -> dict[str, NodeMeasure]:
+        """The measures of every node of ``gm`` (the graph or a refinement of it)."""
+        key = graph_fingerprint(gm)
+        if key not in self.measures:
+            self.measures[key] = profile_nodes(gm, self.branch_inputs, self.repeats, self.cost, self.device_model)
+        return self.measures[key]
 
     def split(self, stages: int) -> tuple[fx.GraphModule, list[str], dict[str, NodeMeasure], Partition]:
         """The balanced partition into ``stages`` (ValueError if the graph has too few blocks)."""
         if stages not in self.splits:
 
             def costed_split(gm: fx.GraphModule) -> tuple[dict[str, NodeMeasure], Partition]:
-                measures = profile_nodes(gm, self.branch_inputs, self.repeats, self.cost, self.device_model)
-                return measures, best_partition(gm, measures, stages, self.link_bytes_per_s, self.latent)
+                measures = self.measure(gm)
+                return measures, best_partition(gm, measures, stages, self.link_gbps * 1e9 / 8, self.latent)
 
             self.splits[stages] = balance(self.graph, costed_split)
         return self.splits[stages]
 
-    def workload(self, stages: int, step_costs: StepCosts) -> Workload:
+    def workload(self, stages: int) -> Workload:
         partition = self.split(stages)[3]
         return Workload(
             forward_by_rows=forward_by_rows(self.forward_s, self.forward_rows_s[2], self.forward_rows_s),
@@ -287,70 +328,108 @@ class _Costed:
             links=tuple((c.producer, to, c.bytes) for c in partition.cuts if c.constant is None for to in c.consumers),
             output_stage=next(i for i, nodes in enumerate(partition.stages) if "output" in nodes),
             prediction_bytes=partition.output_bytes,
-            link_bytes_per_s=self.link_bytes_per_s,
-            step_costs=step_costs,
+            link_bytes_per_s=self.link_gbps * 1e9 / 8,
+            step_costs=self.step_costs,
         )
 
 
-def compile_graph(
+def cost_graph(
     graph: fx.GraphModule,
     *,
     latent: str,
     branch_inputs: dict[str, Any],
     forward_rows_s: dict[int, float] | None,
     model: ModelRef,
-    gpus: int,
-    schedule: Schedule,
     link_gbps: float,
     repeats: int,
     cost: str,
     device: str,
     device_model: DeviceModel | None = None,
-    mesh: str | None = None,
-    batch: int = 1,
-    calibrate: Calibrate | None = None,
-) -> Plan:
-    """Cost and partition a traced graph given one guidance branch's inputs (one row).
+) -> CostedModel:
+    """Cost a traced graph given one guidance branch's inputs (one row).
 
-    Every candidate mesh (or the one ``mesh`` names) is simulated for ``batch`` images and the
-    fastest becomes the plan; one device alone is a candidate too, so a plan is never slower
-    than not splitting the work. ``forward_rows_s`` holds whole forwards timed together by row
-    count, two rows (the serial CFG step) at least; without it (custom models) the estimate
-    assumes that rows cost in proportion. Without one row in it, one row is timed here.
-    ``calibrate`` measures the per-step costs of a 2-device plan before meshes are compared.
-    """
-    if batch < 1:
-        raise HybridiffError(f"--batch {batch}: need at least one image")
+    ``forward_rows_s`` holds whole forwards timed together by row count, two rows (the serial
+    CFG step) at least; without it (custom models) the estimate assumes that rows cost in
+    proportion. Without one row in it, one row is timed here."""
     if forward_rows_s and 1 in forward_rows_s:
         forward = forward_rows_s[1]
     elif cost == "roofline":
         forward = sum(m.cost_s for m in profile_nodes(graph, branch_inputs, 1, cost, device_model).values())
     else:
         forward = forward_time(graph, branch_inputs, repeats)
-    costed = _Costed(
+    return CostedModel(
         graph, latent, branch_inputs, forward, forward_rows_s or {2: 2 * forward},
-        link_gbps * 1e9 / 8, repeats, cost, device_model,
+        model, link_gbps, device, repeats, cost, device_model,
     )
-    assemble = partial(_assemble, costed, model=model, schedule=schedule, link_gbps=link_gbps, device=device)
-    step_costs = StepCosts()
-    if calibrate is not None and gpus > 1:
-        probe = Mesh(world_size=2, dp=1, cfg=2 if schedule.guided else 1, pp=1 if schedule.guided else 2)
-        step_costs = calibrate(assemble(probe, costed.workload(2, step_costs), {}))
-    candidates = [parse_mesh(mesh, gpus, schedule.guided, batch)] if mesh else _candidates(gpus, schedule.guided, batch)
+
+
+def calibrate_steps(costed: CostedModel, schedule: Schedule, calibrate: Calibrate) -> None:
+    """Measure what a step costs besides compute with a 2-device plan, for every later plan."""
+    guided = schedule.guided
+    probe = Mesh(world_size=2, dp=1, cfg=2 if guided else 1, pp=1 if guided else 2)
+    costed.step_costs = calibrate(_assemble(costed, probe, costed.workload(2), {}, schedule=schedule))
+
+
+def plan_for(
+    costed: CostedModel,
+    gpus: int,
+    schedule: Schedule,
+    *,
+    mesh: str | None = None,
+    batch: int = 1,
+    strategy: str | None = None,
+    warmup: int | None = None,
+) -> Plan:
+    """The plan for ``gpus`` devices and ``batch`` images.
+
+    Every candidate mesh (or the one ``mesh`` names, or those ``strategy`` allows: see
+    ``hybridiff.compiler.strategies``) is simulated for ``batch`` images and the fastest becomes
+    the plan; one device alone is a candidate too, so a plan is never slower than not splitting
+    the work. ``warmup`` is the pipeline strategy's (default: AsyncDiff's for the family)."""
+    _check_gpus(gpus)
+    if batch < 1:
+        raise HybridiffError(f"--batch {batch}: need at least one image")
+    if strategy is not None:
+        schedule = strategy_schedule(strategy, schedule, warmup or default_warmup(costed.model.denoiser))
+        candidates = [parse_mesh(mesh, gpus, schedule.guided, batch)] if mesh else strategy_meshes(strategy, gpus, batch)
+    else:
+        candidates = [parse_mesh(mesh, gpus, schedule.guided, batch)] if mesh else _candidates(gpus, schedule.guided, batch)
     simulated: dict[str, tuple[float, Mesh, Workload]] = {}
     for candidate in candidates:
         try:
-            work = costed.workload(candidate.replica_size, step_costs)
+            work = costed.workload(candidate.replica_size)
         except ValueError as e:
-            if mesh:
-                raise HybridiffError(f"--mesh {mesh}: {e}; use fewer pipeline stages") from None
+            if mesh or strategy:
+                raise HybridiffError(f"--mesh {candidate.label}: {e}; use fewer pipeline stages") from None
             continue
         simulated[candidate.label] = (simulate(candidate, work, schedule, batch).latency_s, candidate, work)
-    if not any(m.world_size == gpus for _, m, _ in simulated.values()):
+    if not any(m.world_size == gpus for _, m, _ in simulated.values()) and strategy != "serial":
         raise HybridiffError(f"--gpus {gpus}: the graph has too few blocks to mesh {gpus} devices; use fewer devices")
     # Fastest first; on a tie, fewer idle devices, then split guidance branches (cfg = 2).
     _, chosen, work = min(simulated.values(), key=lambda v: (round(v[0], 9), len(v[1].idle_ranks), -v[1].cfg, v[1].dp))
-    return assemble(chosen, work, {label: v[0] for label, v in simulated.items()})
+    plan = _assemble(costed, chosen, work, {label: v[0] for label, v in simulated.items()}, schedule=schedule)
+    return plan.model_copy(update={"strategy": strategy}) if strategy else plan
+
+
+def compile_graph(
+    graph: fx.GraphModule,
+    *,
+    gpus: int,
+    schedule: Schedule,
+    mesh: str | None = None,
+    batch: int = 1,
+    strategy: str | None = None,
+    warmup: int | None = None,
+    calibrate: Calibrate | None = None,
+    **costing: Any,
+) -> Plan:
+    """Cost and partition a traced graph (``cost_graph``'s keywords) into a plan for ``gpus``
+    devices (``plan_for``'s placement keywords); ``calibrate`` measures the per-step costs of a
+    2-device plan before meshes are compared."""
+    costed = cost_graph(graph, **costing)
+    if calibrate is not None and gpus > 1:
+        calibrate_steps(costed, schedule, calibrate)
+    return plan_for(costed, gpus, schedule, mesh=mesh, batch=batch, strategy=strategy, warmup=warmup)
 
 
 def _candidates(gpus: int, guided: bool, batch: int) -> list[Mesh]:
@@ -359,17 +438,7 @@ def _candidates(gpus: int, guided: bool, batch: int) -> list[Mesh]:
     return meshes + [Mesh(world_size=1, dp=1, cfg=1, pp=1, batch=batch)] if gpus > 1 else meshes
 
 
-def _assemble(
-    costed: _Costed,
-    chosen: Mesh,
-    work: Workload,
-    alternatives: dict[str, float],
-    *,
-    model: ModelRef,
-    schedule: Schedule,
-    link_gbps: float,
-    device: str,
-) -> Plan:
+def _assemble(costed: CostedModel, chosen: Mesh, work: Workload, alternatives: dict[str, float], *, schedule: Schedule) -> Plan:
     """The plan for ``chosen``, with its estimates."""
     graph, refined, measures, partition = costed.split(chosen.replica_size)
     batch = chosen.batch
@@ -379,9 +448,9 @@ def _assemble(
     serial = serial_latency(work, schedule, batch)
     doubled = _two_row_values(graph, costed.branch_inputs, [c.node for c in partition.cuts])
     estimates = Estimates(
-        device=device,
+        device=costed.device,
         threads=torch.get_num_threads(),
-        link_gbps=link_gbps,
+        link_gbps=costed.link_gbps,
         forward_s=costed.forward_s,
         forward_batch2_s=costed.forward_rows_s[2],
         forward_rows_s={r: t for r, t in costed.forward_rows_s.items() if r > 2},
@@ -398,7 +467,7 @@ def _assemble(
     )
     return Plan(
         hybridiff_version=hybridiff.__version__,
-        model=model,
+        model=costed.model,
         graph=GraphInfo(
             fingerprint=graph_fingerprint(graph),
             num_nodes=len(graph.graph.nodes),

@@ -36,7 +36,7 @@ from torch import nn
 from hybridiff.compiler.compile import TracedModel
 from hybridiff.errors import HybridiffError
 from hybridiff.execution import GraphRunner
-from hybridiff.plan import CutTensor, Plan
+from hybridiff.plan import CutTensor, Plan, receives_next
 from hybridiff.runtime.phases import Phase, PhaseController, discrepancy
 from hybridiff.runtime.spans import Spans
 from hybridiff.runtime.transport import Transport
@@ -236,32 +236,33 @@ class HybridDenoiser(_DenoiserProxy):
             if self.guided:
                 self._guidance = eps_c - eps_u  # kept for --window-guidance cached
             self.transport.phase = Phase.PIPELINE.value  # the hand-off is the window's traffic
-            self._hand_off(rows)
+            self._hand_off(rows, next_is_last=self.controller.is_last_window_step(step + 1))
         return out
 
     def _window_rows(self, position: int, rows: int) -> range:
         return self.mesh.window_rows(position, rows, self.plan.schedule.window_guidance)
 
-    def _hand_off(self, rows: int) -> None:
+    def _hand_off(self, rows: int, next_is_last: bool) -> None:
         """After tau1's full step: each position sends, for every stage, the cut tensors of the
         rows it just computed whole that the stage's consumers will read on the first window step.
         Receives are posted first: gloo moves a message once both ends have posted it, so a
         send posted before its receive would wait for the sender's busy core to notice."""
         for s in self.hosted:
-            self._expect_cuts(s, rows, first=True)
+            self._expect_cuts(s, rows, first=True, next_is_last=next_is_last)
         for s in self.hosted:
             if s not in self._last_full:
                 continue
             mine, values = self.mesh.full_rows(s, rows), self._last_full[s]
             for (producer, consumer), cuts in self._links.items():
                 part = _overlap(mine, self._window_rows(producer, rows))
-                if part:
+                if part and receives_next(consumer, self._output_stage, next_is_last):
                     start = part.start - mine.start
                     tensors = [_narrow(values[c.node], c, start, len(part), len(mine)) for c in cuts]
                     self.transport.post(self.ranks[s], self.ranks[consumer], tensors)
 
     def _window_step(self, step: int, inputs: dict[str, Any], rows: int) -> torch.Tensor:
         last = self.controller.is_last_window_step(step)
+        next_is_last = self.controller.is_last_window_step(step + 1)
         first = self.controller.tau1 == step - 1
         prediction = None
         for s in self.hosted:
@@ -275,11 +276,11 @@ class HybridDenoiser(_DenoiserProxy):
                 for i, cut in enumerate(cuts):
                     env[cut.node] = parts[0][i] if len(parts) == 1 else torch.cat([p[i] for p in parts], cut.batch_dim)
             if not last:
-                self._expect_cuts(s, rows, first=False)
+                self._expect_cuts(s, rows, first=False, next_is_last=next_is_last)
             with self.spans.span("compute", f"stage {s}"):
                 values = self.runner.run(self._stage_programs[s], env)
             if not last:
-                self._post_cuts(s, values)
+                self._post_cuts(s, values, next_is_last)
             if owns_output:
                 prediction = values["output"]
         out_rows = len(self._window_rows(self._output_stage, rows))
@@ -319,15 +320,17 @@ class HybridDenoiser(_DenoiserProxy):
         device = self._latent.device
         return [torch.empty(c.row_shape(rows), dtype=getattr(torch, c.dtype), device=device) for c in cuts]
 
-    def _expect_cuts(self, position: int, rows: int, first: bool) -> None:
-        """Pre-post the receives of the next window step's cut tensors."""
+    def _expect_cuts(self, position: int, rows: int, first: bool, next_is_last: bool) -> None:
+        """Pre-post the receives of the next window step's cut tensors (if it reads any)."""
+        if not receives_next(position, self._output_stage, next_is_last):
+            return
         for cuts, sources in self._incoming(position, rows, first):
             for src, n in sources:
                 self.transport.expect(src, self.ranks[position], self._templates(cuts, n))
 
-    def _post_cuts(self, position: int, values: dict[str, torch.Tensor]) -> None:
+    def _post_cuts(self, position: int, values: dict[str, torch.Tensor], next_is_last: bool) -> None:
         for (producer, consumer), cuts in self._links.items():
-            if producer == position:
+            if producer == position and receives_next(consumer, self._output_stage, next_is_last):
                 self.transport.post(self.ranks[position], self.ranks[consumer], [values[c.node] for c in cuts])
 
 
