@@ -15,7 +15,7 @@ def render(result: dict[str, Any], workers: int, breakdown: bool = True) -> str:
     """The side-by-side table (markdown), the per-step breakdown and a one-line summary."""
     entries = result["entries"]
     digits = "digit_accuracy" in entries[0]
-    head = "| strategy | k | mesh | latency s (median call) | denoise s | speed-up | predicted (error) | bound | of bound | images/s | MB sent / image | PSNR dB | SSIM |"
+    head = "| strategy | k | tau1 | mesh | latency s (median call) | denoise s | speed-up | predicted (error) | bound | of bound | images/s | MB sent / image | PSNR dB | SSIM |"
     head += " digit acc | digit FID |" if digits else ""
     floor = f"; digit FID of {result['images']} real digits: {entries[0]['digit_fid_real']:.1f}" if digits else ""
     lines = [
@@ -26,7 +26,7 @@ def render(result: dict[str, Any], workers: int, breakdown: bool = True) -> str:
     ]
     for e in entries:
         row = (
-            f"| {e['label']} | {e['k'] if e['k'] is not None else '-'} | {e['mesh']} | {e['latency_s']:.3f} | {e['denoise_s']:.3f} | "
+            f"| {e['label']} | {_dash(e['k'])} | {_dash(e['tau1'])} | {e['mesh']} | {e['latency_s']:.3f} | {e['denoise_s']:.3f} | "
             f"{e['speedup']:.2f}x | {e['predicted_speedup']:.2f}x ({e['speedup_error']:+.1%}) | {e['bound']:.2f}x | "
             f"{e['of_bound']:.0%} | {e['images_per_s']:.2f} | {e['comm_bytes_per_image'] / 1e6:.3f} | "
             f"{_db(e['psnr'])} | {e['ssim']:.4f} |"
@@ -37,6 +37,10 @@ def render(result: dict[str, Any], workers: int, breakdown: bool = True) -> str:
     if breakdown:
         lines += ["", *_breakdown(entries)]
     return "\n".join(lines + ["", _summary(entries, workers)])
+
+
+def _dash(value: int | None) -> str:
+    return "-" if value is None else str(value)
 
 
 def _db(psnr: float | None) -> str:
