@@ -222,13 +222,8 @@ def model_entries(
     warmup: int | None, threads: int, calibrate: bool, out: Path,
 ) -> list[Entry]:
     """Cost ``model`` once (calibrated, as ``compile`` does) and plan every strategy from it."""
-    from functools import partial
-
-    from hybridiff.calibrate import measure_step_costs
+    from hybridiff.calibrate import calibration
     from hybridiff.compiler.compile import cost_model
 
-    costed = cost_model(
-        model, gpus, schedule, batch=batch, threads=threads,
-        calibrate=partial(measure_step_costs, threads=threads) if calibrate else None,
-    )
+    costed = cost_model(model, gpus, schedule, batch=batch, threads=threads, calibrate=calibration(calibrate, threads))
     return strategy_entries(costed, gpus, schedule, strategies, ks or [schedule.k], out, batch, warmup)

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import json
 import tempfile
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from hybridiff.plan import Plan, StepCosts
 from hybridiff.runtime.launch import launch_local
@@ -77,3 +78,9 @@ def _step_costs(profile: dict[str, Any], setup: str) -> StepCosts:
         full_sync_s=max(overhead_ms("cond-partition")) / 1e3,
         window_sync_s=min(overhead_ms("pipeline")) / 1e3,
     )
+
+
+def calibration(enabled: bool, threads: int | None) -> Callable[[Plan], StepCosts] | None:
+    """What ``compile`` and ``bench`` hand the compiler: this measurement with ``threads`` per
+    worker, or None to assume no per-step costs."""
+    return partial(measure_step_costs, threads=threads) if enabled else None

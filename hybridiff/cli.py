@@ -57,39 +57,41 @@ def compile_command(
     ),
 ) -> None:
     """Trace, profile and partition MODEL (or a published --arch) into an execution plan."""
-    if dtype not in ("float32", "float16", "bfloat16"):
-        report_and_exit(HybridiffError(f"--dtype {dtype!r}: use float32, float16 or bfloat16"))
-    if cost not in ("time", "flops"):
-        report_and_exit(HybridiffError(f"--cost {cost!r} is not a cost method; use 'time' or 'flops'"))
-    if (model is None) == (arch is None):
-        report_and_exit(HybridiffError("give either MODEL or --arch NAME (not both, not neither)"))
     from hybridiff.compiler.schedule import model_schedule
 
     given = {"steps": steps, "guidance_scale": guidance_scale, "L": L, "g_slope": g_slope, "tau_cap": tau_cap, "k": k}
     placement = {"mesh": mesh, "batch": batch, "strategy": strategy, "warmup": warmup}
     try:
-        if strategy is not None:
-            from hybridiff.compiler.strategies import parse_strategies
-
-            parse_strategies(strategy, "--strategy")
+        _check_compile_options(model, arch, dtype, cost, strategy)
         schedule = model_schedule(model, given, window_guidance)
         if arch is not None:
             plan = _compile_arch(arch, resolution, gpus, schedule, device_tflops, device_mem_gbps, profile, link_gbps, repeats, placement)
         else:
-            from functools import partial
-
-            from hybridiff.calibrate import measure_step_costs
+            from hybridiff.calibrate import calibration
             from hybridiff.compiler.compile import compile_model
 
             plan = compile_model(
                 model, gpus, schedule, height, width, link_gbps=link_gbps, repeats=repeats, threads=threads, dtype=dtype,
-                cost=cost, calibrate=partial(measure_step_costs, threads=threads) if calibrate and cost == "time" else None,
-                **placement,
+                cost=cost, calibrate=calibration(calibrate and cost == "time", threads), **placement,
             )
         plan.save(out)
     except HybridiffError as e:
         report_and_exit(e)
     _report_plan(plan, out, gpus)
+
+
+def _check_compile_options(model: str | None, arch: str | None, dtype: str, cost: str, strategy: str | None) -> None:
+    """Refuse option values ``compile`` has no use for before anything is loaded."""
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise HybridiffError(f"--dtype {dtype!r}: use float32, float16 or bfloat16")
+    if cost not in ("time", "flops"):
+        raise HybridiffError(f"--cost {cost!r} is not a cost method; use 'time' or 'flops'")
+    if (model is None) == (arch is None):
+        raise HybridiffError("give either MODEL or --arch NAME (not both, not neither)")
+    if strategy is not None:
+        from hybridiff.compiler.strategies import parse_strategies
+
+        parse_strategies(strategy, "--strategy")
 
 
 def _compile_arch(
