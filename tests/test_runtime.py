@@ -44,7 +44,7 @@ PER_IMAGE = ("tau1", "tau2", "phases", "discrepancy", "comm_bytes", "comm_bytes_
 
 
 def test_two_workers_produce_exactly_the_emulated_image(plan_path, tmp_path):
-    hybrid = _hybrid(plan_path, tmp_path / "hybrid")
+    hybrid = _hybrid(plan_path, tmp_path / "hybrid", "--trace", str(tmp_path / "trace"))  # tracing changes nothing
     emulated = _in_process(plan_path, tmp_path / "emulate", "emulate")
     _same_images(tmp_path / "hybrid", tmp_path / "emulate", 1)
     image = hybrid["images"][0]
@@ -61,6 +61,23 @@ def test_two_workers_produce_exactly_the_emulated_image(plan_path, tmp_path):
     assert image["tau1"] == plan.estimates.expected_tau1  # random weights: the rule falls back to tau_cap
     assert image["comm_bytes"] == plan.estimates.comm_bytes_per_image
     assert image["latency_s"] > 0 and image["phases"].count("pipeline") == 3  # k
+    _check_trace(hybrid, tmp_path / "trace")
+
+
+def _check_trace(report, folder):
+    """Each rank's trace shows every category of every step, and the report sums them up."""
+    phases = report["images"][0]["phases"]
+    for rank in ("0", "1"):
+        events = json.loads((folder / f"rank-{rank}.json").read_text())["traceEvents"]
+        spans = [e for e in events if e.get("ph") == "X"]
+        assert {e["cat"] for e in spans} >= {"step", "compute", "wait", "send-recv", "pipeline", "glue"}
+        steps = [e for e in spans if e["cat"] == "step"]
+        assert [e["name"] for e in steps] == [f"call 0 step {i} ({p})" for i, p in enumerate(phases)]
+        assert all(e["dur"] >= 0 and set(e["args"]) == {"compute", "wait", "send-recv", "pipeline", "glue"} for e in steps)
+        profile = report["profile_ms"][rank]
+        assert set(profile) == {"cond-partition", "pipeline"}
+        assert profile["cond-partition"]["steps"] == phases.count("cond-partition")
+        assert profile["cond-partition"]["median"]["compute"] > 0
 
 
 # Every kind of mesh for 1, 2, 3, 4 and 8 devices; ``images`` > 1 splits rows across a group's
@@ -273,22 +290,6 @@ def test_saved_model_folder_compiles_to_the_same_plan(tmp_path, plan):
     assert from_folder.graph == plan.graph
     assert [s.nodes for s in from_folder.stages] == [s.nodes for s in plan.stages]
     assert from_folder.cut_tensors == plan.cut_tensors
-
-
-def test_a_trace_shows_every_category_of_every_step_on_both_ranks(plan_path, tmp_path):
-    report = _hybrid(plan_path, tmp_path / "out", "--trace", str(tmp_path / "trace"))
-    phases = report["images"][0]["phases"]
-    for rank in ("0", "1"):
-        events = json.loads((tmp_path / "trace" / f"rank-{rank}.json").read_text())["traceEvents"]
-        spans = [e for e in events if e.get("ph") == "X"]
-        assert {e["cat"] for e in spans} >= {"step", "compute", "wait", "send-recv", "pipeline", "glue"}
-        steps = [e for e in spans if e["cat"] == "step"]
-        assert [e["name"] for e in steps] == [f"call 0 step {i} ({p})" for i, p in enumerate(phases)]
-        assert all(e["dur"] >= 0 and set(e["args"]) == {"compute", "wait", "send-recv", "pipeline", "glue"} for e in steps)
-        profile = report["profile_ms"][rank]
-        assert set(profile) == {"cond-partition", "pipeline"}
-        assert profile["cond-partition"]["steps"] == phases.count("cond-partition")
-        assert profile["cond-partition"]["median"]["compute"] > 0
 
 
 def test_bench_prints_measured_next_to_predicted_and_the_step_breakdown(plan_path, tmp_path):
