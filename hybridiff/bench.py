@@ -23,7 +23,8 @@ from typing import Any
 
 from hybridiff.compiler.compile import CostedModel, plan_for
 from hybridiff.compiler.strategies import WINDOWED
-from hybridiff.plan import Plan, Schedule, StepCosts, load_plan, write_atomic
+from hybridiff.files import strict_json, write_atomic
+from hybridiff.plan import Plan, Schedule, StepCosts, load_plan
 from hybridiff.runtime.launch import launch_local
 from hybridiff.models import TRAINED
 from hybridiff.runtime.requests import ImageRequest, expand, read_prompts
@@ -105,7 +106,7 @@ def run_bench(entries: list[Entry], opts: BenchOptions, out: Path) -> dict[str, 
         "threads": opts.threads,
         "entries": [_entry_result(e, runs, reports, serial, opts) for e in entries],
     }
-    write_atomic(out / "bench.json", json.dumps(result, indent=2, allow_nan=False) + "\n")
+    write_atomic(out / "bench.json", strict_json(result))
     return result
 
 

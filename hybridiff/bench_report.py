@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridiff.images import save_grid
-from hybridiff.plan import write_atomic
+from hybridiff.files import write_atomic
 from hybridiff.runtime.spans import CATEGORIES
 
 

@@ -8,13 +8,17 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 from hybridiff import quiet_libraries
-from hybridiff.errors import HybridiffError, report_and_exit
+from hybridiff.errors import HybridiffError, report_and_exit, run_cli
+from hybridiff.files import check_output_file
 from hybridiff.plan import load_plan
 from hybridiff.summary import imbalance
 from hybridiff.runtime.worker import run_command
 
 if TYPE_CHECKING:
     from hybridiff.plan import Plan, Schedule
+
+#: The most images ``simulate`` and ``compile`` plan for: the simulator's timeline grows with them.
+MAX_BATCH = 4096
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.command("run")(run_command)
@@ -29,7 +33,7 @@ def compile_command(
     device_mem_gbps: float = typer.Option(1500.0, help="with --arch: device memory bandwidth, GB/s"),
     profile: bool = typer.Option(False, "--profile", help="with --arch: random weights on this device, time every node"),
     gpus: int = typer.Option(2, help="number of devices"),
-    batch: int = typer.Option(1, min=1, help="images generated together: the mesh is chosen for this batch"),
+    batch: int = typer.Option(1, min=1, max=MAX_BATCH, help="images generated together: the mesh is chosen for this batch"),
     mesh: Optional[str] = typer.Option(None, help="force a mesh, e.g. dp=1,cfg=2,pp=2 [default: the fastest predicted]"),
     out: Path = typer.Option(Path("plan.json"), "-o", "--out", help="where to write the plan"),
     steps: Optional[int] = typer.Option(None, min=1, help="denoising steps [50]"),
@@ -63,6 +67,8 @@ def compile_command(
     placement = {"mesh": mesh, "batch": batch, "strategy": strategy, "warmup": warmup}
     try:
         _check_compile_options(model, arch, dtype, cost, strategy)
+        _check_sizes(height, width, resolution if arch else None)
+        check_output_file(out, "-o")
         schedule = model_schedule(model, given, window_guidance)
         if arch is not None:
             plan = _compile_arch(arch, resolution, gpus, schedule, device_tflops, device_mem_gbps, profile, link_gbps, repeats, placement)
@@ -92,6 +98,13 @@ def _check_compile_options(model: str | None, arch: str | None, dtype: str, cost
         from hybridiff.compiler.strategies import parse_strategies
 
         parse_strategies(strategy, "--strategy")
+
+
+def _check_sizes(*pixels: int | None) -> None:
+    """Image sizes the models accept: latents are 1/8 of the image, and SD3 patches pairs of them."""
+    for size in pixels:
+        if size is not None and (size <= 0 or size % 16 or size > 8192):
+            raise HybridiffError(f"image size {size}: give a multiple of 16 from 16 to 8192 pixels, e.g. {max(16, round(size / 16) * 16)}")
 
 
 def _compile_arch(
@@ -157,6 +170,8 @@ def inspect_command(
 
     try:
         loaded = load_plan(plan)
+        if plot is not None:
+            check_output_file(plot, "--plot")
     except HybridiffError as e:
         report_and_exit(e)
     typer.echo(json.dumps(summary(loaded), indent=2) if as_json else render_text(loaded))
@@ -167,7 +182,7 @@ def inspect_command(
 @app.command("simulate")
 def simulate_command(
     plan: Path = typer.Argument(..., help="plan.json"),
-    batch: Optional[int] = typer.Option(None, min=1, help="images to generate [default: the plan's batch]"),
+    batch: Optional[int] = typer.Option(None, min=1, max=MAX_BATCH, help="images to generate [default: the plan's batch]"),
     plot: Optional[Path] = typer.Option(None, help="draw the per-rank timeline to this PNG"),
     as_json: bool = typer.Option(False, "--json", help="print the prediction as JSON"),
 ) -> None:
@@ -178,6 +193,8 @@ def simulate_command(
 
     try:
         loaded = load_plan(plan)
+        if plot is not None:
+            check_output_file(plot, "--plot")
     except HybridiffError as e:
         report_and_exit(e)
     images = batch or loaded.mesh.batch
@@ -287,4 +304,4 @@ def _window_lengths(text: str) -> list[int]:
 
 def main() -> None:
     quiet_libraries()
-    app()
+    run_cli(app)

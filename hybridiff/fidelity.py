@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from hybridiff.errors import HybridiffError
+from hybridiff.files import strict_json
 
 
 def read_report(folder: Path) -> dict[str, Any]:
@@ -154,10 +155,4 @@ def compare_runs(run: Path, reference: Path) -> dict[str, Any]:
 
 def as_json(result: dict[str, Any]) -> str:
     """``compare_runs``'s result as strict JSON: an infinite PSNR becomes ``null``."""
-
-    def finite(value: Any) -> Any:
-        return None if isinstance(value, float) and math.isinf(value) else value
-
-    safe = {k: finite(v) for k, v in result.items() if k != "per_image"}
-    safe["per_image"] = [{k: finite(v) for k, v in s.items()} for s in result["per_image"]]
-    return json.dumps(safe, indent=2, allow_nan=False)
+    return strict_json(result)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from hybridiff.plan import write_atomic
+from hybridiff.files import write_atomic
 
 
 def save_grid(paths: list[Path], out: Path, columns: int = 10, gap: int = 2) -> None:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hybridiff.errors import HybridiffError
+from hybridiff.files import write_atomic
 
 FORMAT_VERSION = 2
 
@@ -34,8 +34,9 @@ class ModelRef(_Strict):
 
     source: str
     denoiser: Literal["unet", "sd3-transformer", "custom"] = "unet"
-    height: int | None = Field(default=None, gt=0, description="image height in pixels the plan was costed for")
-    width: int | None = Field(default=None, gt=0)
+    #: Pixels; latents are 1/8 of the image, so both are multiples of 8.
+    height: int | None = Field(default=None, gt=0, multiple_of=8, description="image height in pixels the plan was costed for")
+    width: int | None = Field(default=None, gt=0, multiple_of=8)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     #: Extra arguments of every pipeline call, from the model's card (e.g. SD3's
     #: ``max_sequence_length``): they fix input shapes the plan was costed for.
@@ -306,6 +307,8 @@ def load_plan(path: str | os.PathLike) -> Plan:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise HybridiffError(f"plan {path} is not JSON ({e.msg} at line {e.lineno}); recompile it") from None
+    except RecursionError:
+        raise HybridiffError(f"plan {path} is nested too deeply to be a plan; recompile it") from None
     if isinstance(data, dict) and data.get("format_version") != FORMAT_VERSION:
         raise HybridiffError(
             f"plan {path} has format_version {data.get('format_version')!r}, this hybridiff reads "
@@ -319,20 +322,3 @@ def load_plan(path: str | os.PathLike) -> Plan:
         raise HybridiffError(
             f"invalid plan {path}: {where}: {first['msg']} ({e.error_count()} problem(s)); recompile it"
         ) from None
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write to a temporary file beside ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hybridiff.compiler.schedule import expected_tau1, window_steps
-from hybridiff.plan import Mesh, Plan, Schedule, StepCosts, receives_next, write_atomic
+from hybridiff.files import write_atomic
+from hybridiff.plan import Mesh, Plan, Schedule, StepCosts, receives_next
 
 #: Phases of one image as the paper names them, and the traffic classes the runtime counts.
 PHASES = ("warm-up", "window", "fully-connecting")

@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hybridiff.plan import Plan, write_atomic
+from hybridiff.files import write_atomic
+from hybridiff.plan import Plan
 
 
 def imbalance(plan: Plan) -> float:

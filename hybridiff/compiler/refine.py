@@ -19,6 +19,7 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from hybridiff.compiler.trace import BlockTracer, default_leaves
+from hybridiff.errors import HybridiffError
 
 
 class _BlockCall(nn.Module):
@@ -95,5 +96,10 @@ def _replace_uses(node: fx.Node, value: Any) -> None:
 def apply_refinements(graph: fx.GraphModule, refined: Iterable[str]) -> fx.GraphModule:
     """Re-open the blocks a plan lists, reproducing the compiler's graph."""
     for target in refined:
+        if target not in refinable(graph):
+            raise HybridiffError(
+                f"the plan opens block {target!r}, which this model's graph does not have as a block; "
+                "the plan was edited or compiled for another model: recompile it"
+            )
         graph = refine(graph, target)
     return graph

@@ -63,11 +63,28 @@ def load_pipeline(model: str, dtype: str = "float32", device: str | torch.device
         absent = {k: None for k, v in index.items() if not k.startswith("_") and v == [None, None]}
         diffusers_logging.disable_progress_bar()  # per-component loading bars, from every worker
         transformers_logging.disable_progress_bar()
-        pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch_dtype, local_files_only=True, **absent).to(device)
+        pipe = _from_folder(folder, torch_dtype, absent).to(device)
     if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is None:
         raise HybridiffError(f"model {model!r} has no unet or transformer denoiser; hybridiff drives denoising pipelines")
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _from_folder(folder: Path, dtype: torch.dtype, absent: dict[str, None]) -> DiffusionPipeline:
+    """A stock diffusers pipeline from ``folder``: safetensors weights only (nothing is
+    unpickled) and no custom code; whatever diffusers refuses becomes one line."""
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # it logs what it then raises
+    try:
+        return DiffusionPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True, use_safetensors=True, **absent)
+    except (AttributeError, ImportError, OSError, ValueError, TypeError, KeyError, EnvironmentError) as e:
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise HybridiffError(
+            f"cannot load the pipeline in {folder} ({type(e).__name__}: {first}); hybridiff loads diffusers "
+            "pipelines of stock classes with safetensors weights, never custom code or pickled weights"
+        ) from None
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def model_card(model: str) -> dict[str, Any]:

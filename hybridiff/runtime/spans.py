@@ -158,6 +158,6 @@ class Spans:
         return {"traceEvents": events, "displayTimeUnit": "ms"}
 
     def write(self, path: Path, process: str) -> None:
-        from hybridiff.plan import write_atomic
+        from hybridiff.files import write_atomic
 
         write_atomic(path, json.dumps(self.chrome_trace(process)))

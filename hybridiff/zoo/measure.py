@@ -29,7 +29,7 @@ from hybridiff import quiet_libraries
 from hybridiff.compiler.schedule import DEFAULT_SCHEDULE
 from hybridiff.compiler.trace import denoiser_attr
 from hybridiff.models import CARD, TRAINED, load_pipeline, model_card
-from hybridiff.plan import write_atomic
+from hybridiff.files import write_atomic
 from hybridiff.runtime.phases import detect_tau1, discrepancy
 from hybridiff.zoo import digits
 from hybridiff.zoo.classifier import classify
