@@ -46,7 +46,7 @@ def device_kind() -> str:
 
 def worker_device(local_rank: int) -> torch.device:
     if device_kind() == "cuda":
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cuda", local_rank)  # check_fits has refused more workers than GPUs
     return torch.device("cpu")
 
 
@@ -56,7 +56,7 @@ def check_fits(local_workers: int) -> None:
     if device_kind() == "cuda" and local_workers > torch.cuda.device_count():
         gpus = torch.cuda.device_count()
         raise HybridiffError(
-            f"the plan needs {local_workers} workers on this machine but it has {gpus} visible GPU(s); run it with "
+            f"{local_workers} workers on this machine but {gpus} visible GPU(s): NCCL needs a GPU per worker; run with "
             f"--emulate, compile a plan for {gpus} GPU(s) (--gpus {gpus}), or run on CPU workers with --device cpu"
         )
 

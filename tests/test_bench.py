@@ -9,7 +9,7 @@ import json
 import pytest
 from PIL import Image
 
-from tests.conftest import cli
+from tests.conftest import cli, invoke
 
 
 @pytest.fixture(scope="module")
@@ -77,5 +77,5 @@ def test_bench_draws_the_plot_and_the_image_grid(bench):
     ],
 )
 def test_bench_refuses_bad_options_in_one_line(tmp_path, args, message):
-    result = cli("bench", "builtin:digits-sd3", *args, "-o", str(tmp_path / "out"))
+    result = invoke("bench", "builtin:digits-sd3", *args, "-o", str(tmp_path / "out"))
     assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1

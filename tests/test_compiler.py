@@ -14,7 +14,7 @@ from hybridiff.compiler.schedule import DEFAULT_SCHEDULE
 from hybridiff.compiler.strategies import STRATEGIES
 from hybridiff.errors import HybridiffError
 from hybridiff.summary import imbalance
-from tests.conftest import cli
+from tests.conftest import invoke
 
 torch.manual_seed(0)
 
@@ -180,9 +180,9 @@ def test_real_size_plans_compile_without_weights(arch):
 
 def test_cli_compiles_an_arch_and_inspects_it(tmp_path):
     plan_path = tmp_path / "sd3.json"
-    result = cli("compile", "--arch", "sd3-medium", "--resolution", "1024", "--gpus", "4", "-o", str(plan_path))
+    result = invoke("compile", "--arch", "sd3-medium", "--resolution", "1024", "--gpus", "4", "-o", str(plan_path))
     assert result.returncode == 0, result.stderr
-    result = cli("inspect", str(plan_path), "--json", "--plot", str(tmp_path / "plan.png"))
+    result = invoke("inspect", str(plan_path), "--json", "--plot", str(tmp_path / "plan.png"))
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["imbalance"] <= 1.25
@@ -190,16 +190,16 @@ def test_cli_compiles_an_arch_and_inspects_it(tmp_path):
     assert [s["ranks"] for s in summary["stages"]] == [[0], [1], [2], [3]]
     assert all(s["cost"] > 0 and s["nodes"] for s in summary["stages"])
     assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
-    text = cli("inspect", str(plan_path))
+    text = invoke("inspect", str(plan_path))
     assert "imbalance" in text.stdout and "stage 3 (cond) on ranks [3]" in text.stdout
     assert "dp=1,cfg=2,pp=2" in text.stdout
 
 
 def test_cli_simulates_a_plan_with_a_timeline(tmp_path):
     plan_path = tmp_path / "sdxl.json"
-    assert cli("compile", "--arch", "sd3-medium", "--gpus", "8", "--batch", "4", "-o", str(plan_path)).returncode == 0
+    assert invoke("compile", "--arch", "sd3-medium", "--gpus", "8", "--batch", "4", "-o", str(plan_path)).returncode == 0
     plan = hybridiff.load_plan(plan_path)
-    result = cli("simulate", str(plan_path), "--json", "--plot", str(tmp_path / "timeline.png"))
+    result = invoke("simulate", str(plan_path), "--json", "--plot", str(tmp_path / "timeline.png"))
     assert result.returncode == 0, result.stderr
     sim = json.loads(result.stdout)
     assert sim["mesh"] == plan.mesh.label and sim["images"] == 4
@@ -209,16 +209,16 @@ def test_cli_simulates_a_plan_with_a_timeline(tmp_path):
     assert all(0 < b <= sim["latency_s"] for b in sim["busy_s"].values())
     assert (tmp_path / "timeline.png").read_bytes()[:4] == b"\x89PNG"
     # A bigger batch: more images per call never lowers the predicted latency.
-    more = json.loads(cli("simulate", str(plan_path), "--json", "--batch", "8").stdout)
+    more = json.loads(invoke("simulate", str(plan_path), "--json", "--batch", "8").stdout)
     assert more["images"] == 8 and more["latency_s"] >= sim["latency_s"]
 
 
 def test_cli_refuses_unknown_arch_and_runtime_refuses_compile_only_plans(tmp_path, plan_path):
-    result = cli("compile", "--arch", "sd9", "-o", str(tmp_path / "p.json"))
+    result = invoke("compile", "--arch", "sd9", "-o", str(tmp_path / "p.json"))
     assert result.returncode == 2 and "unknown architecture 'sd9'" in result.stderr
     arch_plan = tmp_path / "sd15.json"
-    assert cli("compile", "--arch", "sd15", "--resolution", "512", "-o", str(arch_plan)).returncode == 0
-    result = cli("run", str(arch_plan), "--prompt", "x", "--emulate")
+    assert invoke("compile", "--arch", "sd15", "--resolution", "512", "-o", str(arch_plan)).returncode == 0
+    result = invoke("run", str(arch_plan), "--prompt", "x", "--emulate")
     assert result.returncode == 2 and "compile-only" in result.stderr
 
 

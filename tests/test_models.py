@@ -18,7 +18,7 @@ from hybridiff.runtime.requests import ImageRequest
 from hybridiff.runtime.session import RunOptions, execute
 from hybridiff.zoo.classifier import classifier_card, classify
 from hybridiff.zoo.digits import PROMPTS, prompt_digit
-from tests.conftest import TEST_SCHEDULE, cli
+from tests.conftest import TEST_SCHEDULE, cli, invoke
 
 MODELS = {"digits-sdxl": StableDiffusionXLPipeline, "digits-sd3": StableDiffusion3Pipeline}
 
@@ -71,13 +71,13 @@ def test_two_workers_equal_the_emulation_and_score_as_digits(name, tmp_path):
 
 
 def test_eval_accuracy_refuses_a_folder_without_a_report(tmp_path):
-    result = cli("eval", "accuracy", str(tmp_path), "--digits")
+    result = invoke("eval", "accuracy", str(tmp_path), "--digits")
     assert result.returncode == 2 and "report.json is missing" in result.stderr
 
 
 def test_compile_takes_schedule_defaults_from_the_model_card(tmp_path):
     out = tmp_path / "plan.json"
-    result = cli("compile", "builtin:digits-sd3", "--cost", "flops", "--repeats", "1", "-k", "3", "-o", str(out))
+    result = invoke("compile", "builtin:digits-sd3", "--cost", "flops", "--repeats", "1", "-k", "3", "-o", str(out))
     assert result.returncode == 0, result.stderr
     plan = json.loads(out.read_text())
     card = model_card("builtin:digits-sd3")

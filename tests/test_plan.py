@@ -1,7 +1,6 @@
 """Plans round-trip through JSON, and broken plans are refused with one line, exit code 2."""
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ from hybridiff.compiler.compile import trace_pipeline
 
 from hybridiff.errors import HybridiffError
 from hybridiff.plan import Plan, load_plan
-from tests.conftest import cli
+from tests.conftest import invoke
 
 
 def test_plan_round_trips_through_json(plan, plan_path):
@@ -88,14 +87,14 @@ def _assert_one_line_error(result, fragment):
 def test_cli_refuses_a_malformed_plan(plan_path, tmp_path, mode):
     bad = _broken(plan_path, tmp_path, _duplicate_node)
     args = ["run", str(bad), "--prompt", "x", "-o", str(tmp_path / "out")] + ([mode] if mode else [])
-    _assert_one_line_error(cli(*args), "more than one stage")
+    _assert_one_line_error(invoke(*args), "more than one stage")
     assert not (tmp_path / "out").exists()
 
 
 def test_cli_refuses_text_that_is_not_json(tmp_path):
     bad = tmp_path / "plan.json"
     bad.write_text("{not json")
-    _assert_one_line_error(cli("run", str(bad), "--prompt", "x", "--emulate"), "is not JSON")
+    _assert_one_line_error(invoke("run", str(bad), "--prompt", "x", "--emulate"), "is not JSON")
 
 
 def test_runtime_refuses_a_plan_for_another_graph(plan_path, tmp_path):
@@ -103,9 +102,10 @@ def test_runtime_refuses_a_plan_for_another_graph(plan_path, tmp_path):
         d["graph"]["fingerprint"] = "0123456789abcdef"
 
     bad = _broken(plan_path, tmp_path, other_graph)
-    result = cli("run", str(bad), "--prompt", "x", "-o", str(tmp_path / "out"), "--threads", "1")
+    result = invoke("run", str(bad), "--prompt", "x", "-o", str(tmp_path / "out"), "--threads", "1", "--emulate")
     _assert_one_line_error(result, "does not match the model's graph")
-    assert not (tmp_path / "out").exists()
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["status"] == "failed" and "does not match" in report["error"] and not report["images"]
 
 
 @pytest.mark.parametrize(
@@ -123,7 +123,7 @@ def test_runtime_refuses_a_plan_for_another_graph(plan_path, tmp_path):
 )
 def test_compile_refuses_unknown_models_and_meshes(tmp_path, args, message):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    result = cli("compile", *args, "--cost", "flops", "--repeats", "1", "-o", str(tmp_path / "p.json"))
+    result = invoke("compile", *args, "--cost", "flops", "--repeats", "1", "-o", str(tmp_path / "p.json"))
     _assert_one_line_error(result, message)
     assert not (tmp_path / "p.json").exists()
 
@@ -148,18 +148,9 @@ def test_run_refuses_more_workers_than_visible_gpus_before_starting_any(plan_pat
     result = CliRunner().invoke(app, ["run", str(plan_path), "--prompt", "x", "-o", str(tmp_path / "out")])
     assert result.exit_code == 2
     assert result.output.strip() == (
-        "error: the plan needs 2 workers on this machine but it has 1 visible GPU(s); run it with --emulate, "
+        "error: 2 workers on this machine but 1 visible GPU(s): NCCL needs a GPU per worker; run with --emulate, "
         "compile a plan for 1 GPU(s) (--gpus 1), or run on CPU workers with --device cpu"
     )
     assert not (tmp_path / "out").exists()
 
 
-def test_a_worker_that_crashes_is_named_with_its_own_last_error_line(plan_path, tmp_path):
-    def unknown_node(d):
-        d["stages"][1]["nodes"].append("no_such_node")
-
-    bad = _broken(plan_path, tmp_path, unknown_node)
-    result = cli("run", str(bad), "--prompt", "x", "--threads", "1", "-o", str(tmp_path / "out"))
-    assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
-    assert re.match(r"error: worker rank [01] failed: KeyError: .*no_such_node", last), result.stderr

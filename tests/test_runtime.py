@@ -16,7 +16,7 @@ from hybridiff.runtime.requests import ImageRequest
 from hybridiff.runtime.session import RunOptions, execute
 from hybridiff.runtime.transport import LocalTransport
 from hybridiff.simulate import Workload, simulate
-from tests.conftest import MODEL, TEST_SCHEDULE, cli
+from tests.conftest import MODEL, TEST_SCHEDULE, cli, invoke
 
 PROMPT = "a red cube on a table"
 
@@ -283,7 +283,7 @@ def test_window_uses_one_step_stale_cut_tensors(traced, unet_call, plans_by_devi
 
 
 def test_saved_model_folder_compiles_to_the_same_plan(tmp_path, plan):
-    result = cli("save-model", MODEL, str(tmp_path / "model"))
+    result = invoke("save-model", MODEL, str(tmp_path / "model"))
     assert result.returncode == 0, result.stderr
     from_folder = compile_model(str(tmp_path / "model"), schedule=plan.schedule, repeats=2, threads=1, cost="flops")
     assert from_folder.model.source == str((tmp_path / "model").resolve())

@@ -14,7 +14,7 @@ from PIL import Image
 from hybridiff.compiler.compile import compile_model
 from hybridiff.runtime.requests import ImageRequest
 from hybridiff.runtime.session import RunOptions, execute
-from tests.conftest import TEST_SCHEDULE, cli
+from tests.conftest import TEST_SCHEDULE, cli, invoke
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_each_scheduler_runs_distributed_like_its_emulation(scheduler, plan_path
 
 
 def test_a_sampler_of_the_wrong_family_is_refused_in_one_line(plan_path, tmp_path):
-    result = cli("run", str(plan_path), "--prompt", "x", "--scheduler", "flow-euler", "--emulate", "-o", str(tmp_path / "o"))
+    result = invoke("run", str(plan_path), "--prompt", "x", "--scheduler", "flow-euler", "--emulate", "-o", str(tmp_path / "o"))
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "error: --scheduler 'flow-euler' does not fit this noise-prediction model; use one of ddim, euler, euler-a, dpm++"
     ]

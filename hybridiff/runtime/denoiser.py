@@ -224,6 +224,8 @@ class HybridDenoiser(_DenoiserProxy):
             if mine:
                 with self.spans.span("compute", f"forward {len(mine)} row(s)"):
                     self._last_full[s] = self.runner.run(self._full, _rows(inputs, mine, rows))
+                if step == 0:
+                    self._check_cuts(self._last_full[s], len(mine))
         sizes = [len(self.mesh.full_rows(s, rows)) for s in range(len(self.ranks))]
         chunks = {self.ranks[s]: values["output"] for s, values in self._last_full.items()}
         out = self.transport.gather_rows(chunks, sizes, self.group, self._like(1))
@@ -238,6 +240,23 @@ class HybridDenoiser(_DenoiserProxy):
             self.transport.phase = Phase.PIPELINE.value  # the hand-off is the window's traffic
             self._hand_off(rows, next_is_last=self.controller.is_last_window_step(step + 1))
         return out
+
+    def _check_cuts(self, values: dict[str, torch.Tensor], rows: int) -> None:
+        """The cut tensors the model computes have the shapes and dtypes the plan gives them, so
+        every receive buffer fits its message. Checked on each call's first step, before any
+        cut tensor is sent: an edited plan (a cut's shape, dtype or the image size) stops here."""
+        for c in self.plan.cut_tensors:
+            value = values.get(c.node)
+            if c.constant is not None or not isinstance(value, torch.Tensor):
+                continue
+            expected = (c.row_shape(rows), c.dtype)
+            found = (list(value.shape), str(value.dtype).removeprefix("torch."))
+            if found != expected:
+                size = f"{self.plan.model.height}x{self.plan.model.width}"
+                raise HybridiffError(
+                    f"cut tensor {c.node} is {found[1]} {found[0]} for {rows} row(s) at {size}, but the plan says "
+                    f"{expected[1]} {expected[0]}: the plan was edited or compiled for another size or dtype; recompile it"
+                )
 
     def _window_rows(self, position: int, rows: int) -> range:
         return self.mesh.window_rows(position, rows, self.plan.schedule.window_guidance)

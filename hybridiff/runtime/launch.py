@@ -1,69 +1,175 @@
-"""Start one worker per device on this machine with torch's elastic launcher.
+"""Start one worker per device on this machine with torch's elastic launcher, and end the run
+with one line whatever happens to them.
 
-Workers report user errors (a plan that does not fit the model, say) through small files so
-the launching command prints each distinct message once instead of a traceback per worker.
+- Every store binds nothing to the network: the rendezvous and the process group meet in
+  files of a private temporary folder, and gloo/NCCL pair sockets use the loopback
+  interface. Nothing a remote host sends is ever unpickled.
+- A worker that fails writes one line (its rank and the exception's last line, or a user
+  error's message) to that folder, and its traceback to ``OUT/logs/rank-<r>.log``; nothing
+  reaches the terminal as a traceback. The launcher prints the line that explains the failure.
+- A heartbeat watchdog names a stopped rank within half of ``HYBRIDIFF_TIMEOUT_S``.
+- A signal to the launcher stops the workers, closes ``report.json`` as ``interrupted`` and
+  ends with 128 + the signal.
+
 Multi-node jobs skip this module: ``torchrun ... -m hybridiff.runtime.worker`` runs on each node.
+Only ``launch_local`` imports torch; the worker side starts its heartbeat before it imports
+anything heavy, so a worker stopped while it loads is found too.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
+import signal
 import tempfile
+import traceback
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+from hybridiff.errors import HybridiffError, Interrupted, one_line, raise_on_signals
+from hybridiff.runtime import watchdog
+from hybridiff.runtime.options import STORE_ENV, RunOptions
+from hybridiff.runtime.report import end_report
 
-from hybridiff.errors import HybridiffError
-from hybridiff.runtime.session import RunOptions, execute
+#: Environment the workers get unless the user set it: pair sockets on the loopback interface,
+#: and no note from multiprocessing's tracker about the semaphores of a killed worker.
+WORKER_ENV = {
+    "GLOO_SOCKET_IFNAME": "lo",
+    "NCCL_SOCKET_IFNAME": "lo",
+    "PYTHONWARNINGS": "ignore::UserWarning:multiprocessing.resource_tracker",
+}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker_entry(opts: RunOptions, error_dir: str) -> None:
-    rank = os.environ.get("RANK", "0")
+def failure_line(error: BaseException, rank: int, out: Path) -> str:
+    """What the user reads about a failed worker; a non-user error's traceback goes to a log."""
+    if isinstance(error, HybridiffError):
+        return str(error)
+    where = out / "logs" / f"rank-{rank}.log"
     try:
+        where.parent.mkdir(parents=True, exist_ok=True)
+        where.write_text("".join(traceback.format_exception(error)))
+    except OSError:
+        where = None
+    line = f"worker rank {rank} failed: {one_line(error)}"
+    if "timed out" in line.lower() or "timeout" in line.lower():
+        line += f" (it waited longer than {watchdog.TIMEOUT_ENV}={watchdog.timeout_s()} s for a peer)"
+    return line + (f" (traceback: {where})" if where else "")
+
+
+def _worker_entry(opts: RunOptions, run_dir: str) -> None:
+    """A launched worker: heartbeat first, then the run; a failure leaves one line in run_dir."""
+    rank = int(os.environ["RANK"])
+    # Ctrl-C reaches every worker: die at once, as on SIGTERM, even inside a blocking gloo wait;
+    # the launcher closes the report.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    watchdog.start_heartbeat(Path(run_dir, "heartbeat"), rank)
+    try:
+        from hybridiff.runtime.session import execute
+
         execute(opts)
-    except HybridiffError as e:
-        Path(error_dir, f"rank{rank}.err").write_text(str(e))
-        raise SystemExit(2) from None
-    except Exception as e:  # a bug or a fault: its traceback goes to stderr, its last line to the user
-        last = (str(e).strip().splitlines() or [""])[-1]
-        Path(error_dir, f"rank{rank}.err").write_text(f"worker rank {rank} failed: {type(e).__name__}: {last}")
-        raise
+    except BaseException as e:  # noqa: BLE001 - every failure becomes one line for the launcher
+        kind = "user" if isinstance(e, HybridiffError) else "fault"
+        Path(run_dir, "errors", f"rank-{rank}.{kind}").write_text(failure_line(e, rank, opts.out))
+        raise SystemExit(2 if kind == "user" else 1) from None
+
+
+@contextmanager
+def _environment(values: dict[str, str], override: bool) -> Iterator[None]:
+    """Set environment variables (the workers inherit them) for the duration of a launch."""
+    saved = {k: os.environ.get(k) for k in values}
+    for key, value in values.items():
+        if override or key not in os.environ:
+            os.environ[key] = value
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def launch_local(opts: RunOptions, world_size: int) -> None:
-    """Run ``opts`` on ``world_size`` local workers; raises HybridiffError if any fails."""
-    with tempfile.TemporaryDirectory(prefix="hybridiff-") as error_dir:
-        config = LaunchConfig(
-            min_nodes=1,
-            max_nodes=1,
-            nproc_per_node=world_size,
-            run_id=f"hybridiff-{uuid.uuid4().hex[:8]}",
-            rdzv_backend="c10d",
-            rdzv_endpoint=f"127.0.0.1:{_free_port()}",
-            max_restarts=0,
-            monitor_interval=0.1,
-            start_method="spawn",
-        )
-        # Elastic logs every failed or stopped worker with a traceback, from loggers created at
-        # any time; the workers' error files say what matters in one line.
-        logging.disable(logging.CRITICAL)
-        try:
-            elastic_launch(config, _worker_entry)(opts, error_dir)
-        except ChildFailedError as e:
-            messages = sorted({p.read_text() for p in Path(error_dir).glob("*.err")})
-            if messages:
-                raise HybridiffError("; ".join(messages)) from None
-            failed = ", ".join(f"rank {r} (exit code {f.exitcode})" for r, f in sorted(e.failures.items()))
-            raise HybridiffError(f"worker {failed} failed; its output above says why") from None
-        finally:
-            logging.disable(logging.NOTSET)
+    """Run ``opts`` on ``world_size`` local workers; raises HybridiffError if any fails and
+    ``Interrupted`` if the launcher is signalled, after closing the run's report."""
+    with tempfile.TemporaryDirectory(prefix="hybridiff-") as run_dir:
+        for sub in ("heartbeat", "errors", "elastic"):
+            Path(run_dir, sub).mkdir()
+        dog = watchdog.Watchdog(Path(run_dir, "heartbeat"), world_size, watchdog.timeout_s())
+        private = {STORE_ENV: str(Path(run_dir, "group.store")), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+        with _environment(private, override=True), _environment(WORKER_ENV, override=False):
+            dog.start()
+            try:
+                _elastic(opts, world_size, run_dir, dog)
+            except HybridiffError as e:
+                end_report(opts.out, "failed", str(e))
+                raise
+            except Interrupted as e:
+                end_report(opts.out, "interrupted", f"interrupted by {e}")
+                raise
+            finally:
+                dog.stop()
+                raise_on_signals()  # elastic replaced the command's handlers with its own
+
+
+def _elastic(opts: RunOptions, world_size: int, run_dir: str, dog: watchdog.Watchdog) -> None:
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=world_size,
+        run_id=f"hybridiff-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=str(Path(run_dir, "rendezvous.store")),
+        rdzv_configs={"store_type": "file"},
+        max_restarts=0,
+        monitor_interval=0.1,
+        start_method="spawn",
+        logs_specs=DefaultLogsSpecs(log_dir=str(Path(run_dir, "elastic"))),
+    )
+    # Elastic logs every failed or stopped worker with a traceback, from loggers created at
+    # any time; the workers' error files say what matters in one line.
+    logging.disable(logging.CRITICAL)
+    try:
+        elastic_launch(config, _worker_entry)(opts, run_dir)
+    except ChildFailedError as e:
+        raise HybridiffError(_explain(e.failures, Path(run_dir, "errors"), dog)) from None
+    except SignalException as e:
+        raise Interrupted(int(e.sigval)) from None
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _explain(failures: dict, errors: Path, dog: watchdog.Watchdog) -> str:
+    """The line that explains a failed run, most telling first: a rank the watchdog found
+    stopped; user errors; ranks killed from outside; a rank that fell behind before its peers
+    timed out; the workers' own last lines, a peer's lost connection last."""
+    if dog.verdict:
+        return dog.verdict
+    said = {int(p.stem.split("-")[1]): (p.suffix, p.read_text()) for p in errors.glob("rank-*")}
+    user = sorted({line for kind, line in said.values() if kind == ".user"})
+    if user:
+        return "; ".join(user)
+    killed = [
+        f"worker rank {r} was killed by {f.signal_name()} (from outside, or out of memory)"
+        for r, f in sorted(failures.items())
+        if f.exitcode < 0 and r not in said
+    ]
+    if killed:
+        return "; ".join(killed)
+    faults = [line for _, (_, line) in sorted(said.items())]
+    laggards = dog.laggards()
+    if laggards and any("waited longer than" in line for line in faults):
+        return f"{laggards}; its peers timed out waiting for it"
+    lost = ("connection closed", "connection reset", "broken pipe")
+    primary = [line for line in faults if not any(w in line.lower() for w in lost)] or faults
+    if primary:
+        return "; ".join(primary)
+    codes = ", ".join(f"rank {r} (exit code {f.exitcode})" for r, f in sorted(failures.items()))
+    return f"worker {codes} failed without saying why"

@@ -7,81 +7,55 @@ another, and ``hybrid`` runs this process's rank under torch.distributed.
 
 Images are shared out as the plan's mesh says (``Mesh.replica_images``): round-robin over
 the mesh's replicas, ``images_per_call`` at a time through one stock pipeline call. The first
-rank of each replica decodes its images; at the end rank 0 gathers everything and writes
-``image-<i>.png`` per image and ``report.json``.
+rank of each replica decodes its images and writes ``image-<i>.png`` as soon as its call
+ends (a decoder on another machine hands its PNGs to rank 0 at the end instead). Rank 0
+keeps ``report.json`` (``hybridiff.runtime.report``) from the start to the end of the run.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
 import time
-from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from hybridiff import device as devices
-from hybridiff.compiler.compile import trace_pipeline
-from hybridiff.errors import HybridiffError
+from hybridiff.compiler.compile import TracedModel, trace_pipeline
+from hybridiff.errors import HybridiffError, Interrupted, one_line
+from hybridiff.files import write_atomic
 from hybridiff.models import load_pipeline
-from hybridiff.plan import Plan, load_plan, write_atomic
+from hybridiff.plan import Plan, load_plan
+from hybridiff.runtime import shared, watchdog
+from hybridiff.runtime.checks import check_plan_graph, check_run, warn_truncated_prompts
 from hybridiff.runtime.denoiser import HybridDenoiser, ObservedDenoiser
+from hybridiff.runtime.options import STORE_ENV, Mode, RunOptions
+from hybridiff.runtime.report import Call, RunReport
 from hybridiff.runtime.requests import ImageRequest
-from hybridiff.runtime import shared
 from hybridiff.runtime.schedulers import use_scheduler
 from hybridiff.runtime.spans import Spans
 from hybridiff.runtime.transport import DistTransport, LocalTransport, Transport
 
-Mode = Literal["hybrid", "emulate", "serial"]
-
-#: How long a collective may wait for a peer before the run fails instead of hanging.
-TIMEOUT_S = int(os.environ.get("HYBRIDIFF_TIMEOUT_S", "300"))
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    plan: Path
-    requests: tuple[ImageRequest, ...]
-    out: Path
-    mode: Mode = "hybrid"
-    steps: int | None = None
-    guidance_scale: float | None = None
-    threads: int | None = None
-    repeats: int = 1
-    window_guidance: Literal["mixed", "cached"] | None = None
-    scheduler: str | None = None
-    #: Folder for per-rank step traces (``rank-<r>.json``) and the report's ``profile_ms``.
-    trace: Path | None = None
-
-
-@dataclass
-class _Call:
-    """One pipeline call of a replica: which images, what it took, what it sent."""
-
-    replica: int
-    index: int
-    images: list[int]
-    latency_runs_s: list[float]
-    record: dict[str, Any]
-    comm: dict[str, int]
-    pngs: dict[int, bytes]
-
 
 def _init_distributed(plan: Plan, device: torch.device) -> int:
-    """Join the process group torchrun/elastic set up; returns this process's rank."""
+    """Join the process group torchrun or the local launcher set up; returns this process's
+    rank. The local launcher hands over a file store: nothing listens on the network."""
     if not dist.is_initialized():
+        timeout = timedelta(seconds=watchdog.timeout_s())
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        joined: dict[str, Any] = {"timeout": timeout}
+        if os.environ.get(STORE_ENV):
+            world = int(os.environ["WORLD_SIZE"])
+            joined.update(store=dist.FileStore(os.environ[STORE_ENV], world), rank=int(os.environ["RANK"]), world_size=world)
         if device.type == "cuda":
             torch.cuda.set_device(device)
             # device_id binds NCCL's communicator to this GPU instead of a guess from the rank
-            dist.init_process_group("nccl", timeout=timedelta(seconds=TIMEOUT_S), device_id=device)
-        else:
-            dist.init_process_group("gloo", timeout=timedelta(seconds=TIMEOUT_S))
+            joined["device_id"] = device
+        dist.init_process_group(backend, **joined)
     if dist.get_world_size() != plan.mesh.world_size:
         raise HybridiffError(
             f"the plan is for {plan.mesh.world_size} devices but {dist.get_world_size()} workers were "
@@ -97,27 +71,25 @@ def _placement(opts: RunOptions, plan: Plan) -> devices.Placement:
         raise HybridiffError("hybrid mode needs launched workers; use `hybridiff run` or torchrun")
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if opts.mode == "hybrid" else 0
     local_workers = int(os.environ.get("LOCAL_WORLD_SIZE", plan.mesh.world_size))
+    if opts.mode == "hybrid":
+        devices.check_fits(local_workers)  # torchrun may start more ranks than the machine has GPUs
     return devices.placement(local_rank, local_workers, opts.threads)
 
 
-def _load(opts: RunOptions) -> Plan:
+def load_run_plan(opts: RunOptions) -> Plan:
+    """The plan ``opts`` runs, with the user's overrides, checked against ``opts``."""
     plan = load_plan(opts.plan)
     if opts.window_guidance is not None:  # the user's explicit override of the plan's choice
         schedule = plan.schedule.model_copy(update={"window_guidance": opts.window_guidance})
         plan = plan.model_copy(update={"schedule": schedule})
-    if plan.model.source.startswith(("arch:", "python:")):
-        raise HybridiffError(
-            f"{opts.plan} is a plan for {plan.model.source}, which is compile-only: the runtime executes plans "
-            "of pipelines it can load (builtin:NAME or a diffusers pipeline folder)"
-        )
-    if not opts.requests:
-        raise HybridiffError("nothing to generate: give --prompt or --prompts FILE")
+    check_run(opts, plan)
     return plan
 
 
 def execute(opts: RunOptions) -> dict[str, Any] | None:
     """Run the plan; returns the report on the rank that writes outputs, else None."""
-    plan = _load(opts)
+    watchdog.timeout_s()  # a bad value fails here, not at the first collective
+    plan = load_run_plan(opts)
     where = _placement(opts, plan)
     with devices.placed(where):
         try:
@@ -128,8 +100,56 @@ def execute(opts: RunOptions) -> dict[str, Any] | None:
 
 
 def _execute(opts: RunOptions, plan: Plan, where: devices.Placement) -> dict[str, Any] | None:
-    device = where.device
-    rank = _init_distributed(plan, device) if opts.mode == "hybrid" else 0
+    rank = _init_distributed(plan, where.device) if opts.mode == "hybrid" else 0
+    steps = opts.steps or plan.schedule.steps
+    guidance = opts.guidance_scale if opts.guidance_scale is not None else plan.schedule.guidance_scale
+    report = RunReport(opts.out, opts.requests, _header(opts, plan, steps, guidance, where.device)) if rank == 0 else None
+    if report is not None:
+        report.write("running")
+    try:
+        traced = _load_model(opts, plan, where.device, report is not None)
+        spans = Spans(enabled=opts.trace is not None)
+        transport = _dist_transport(plan, where, spans) if opts.mode == "hybrid" else None
+        calls = _generate_share(opts, plan, traced, transport, spans, rank, report, steps, guidance, where.device)
+        if opts.trace is not None:
+            spans.write(opts.trace / f"rank-{rank}.json", f"rank {rank} ({opts.mode})")
+        everything = _gather((calls, spans.breakdown()), opts.mode)
+        result = None
+        if report is not None:
+            profile = {"profile_ms": {str(r): p for r, (_, p) in enumerate(everything)}} if opts.trace else {}
+            result = report.complete([c for share, _ in everything for c in share], **profile)
+    except BaseException as e:
+        if report is not None:
+            report.write("interrupted" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "failed", error=one_line(e))
+        raise
+    if transport is not None:
+        transport.close()
+    if opts.mode == "hybrid":
+        # Leave together: a rank that exits while its peer still holds the gloo group open can
+        # abort at teardown, which leaves a torchrun peer waiting at its exit.
+        dist.barrier()
+    return result
+
+
+def _header(opts: RunOptions, plan: Plan, steps: int, guidance: float, device: torch.device) -> dict[str, Any]:
+    return {
+        "mode": opts.mode,
+        "world_size": 1 if opts.mode == "serial" else plan.mesh.world_size,
+        "mesh": "serial" if opts.mode == "serial" else plan.mesh.label,
+        "plan_fingerprint": plan.graph.fingerprint,
+        "model": plan.model.source,
+        "steps": steps,
+        "guidance_scale": guidance,
+        "scheduler": opts.scheduler or "default",
+        "window_guidance": plan.schedule.window_guidance,
+        "threads": torch.get_num_threads(),
+        "device": devices.describe(device),
+        "requested_images": len(opts.requests),
+    }
+
+
+def _load_model(opts: RunOptions, plan: Plan, device: torch.device, writer: bool) -> TracedModel:
+    """Load, swap the scheduler, trace and check the model against the plan."""
     pipe = load_pipeline(plan.model.source, plan.model.dtype, device)
     if opts.scheduler:
         use_scheduler(pipe, opts.scheduler)
@@ -139,18 +159,33 @@ def _execute(opts: RunOptions, plan: Plan, where: devices.Placement) -> dict[str
             f"plan fingerprint {plan.graph.fingerprint} does not match the model's graph "
             f"({traced.fingerprint}): the model changed since the plan was compiled; recompile it"
         )
-    steps = opts.steps or plan.schedule.steps
-    guidance = opts.guidance_scale if opts.guidance_scale is not None else plan.schedule.guidance_scale
-    images = len(opts.requests)
-
-    spans = Spans(enabled=opts.trace is not None)
-    transport = _dist_transport(plan, where, spans) if opts.mode == "hybrid" else None
-    work = _work(opts, plan, rank)
-    writer = rank == 0
-    show = writer and images > 1
+    check_plan_graph(plan, traced.graph)
+    if writer:
+        warn_truncated_prompts(pipe, opts)
     pipe.set_progress_bar_config(disable=None if writer else True, leave=False)
-    calls: list[_Call] = []
-    with tqdm(total=sum(len(c) for _, share in work for c in share), desc="images", unit="img", disable=None if show else True) as bar:
+    return traced
+
+
+def _generate_share(
+    opts: RunOptions,
+    plan: Plan,
+    traced: TracedModel,
+    transport: DistTransport | None,
+    spans: Spans,
+    rank: int,
+    report: RunReport | None,
+    steps: int,
+    guidance: float,
+    device: torch.device,
+) -> list[Call]:
+    """Generate this process's share of the images, writing each call's images as it ends."""
+    work = _work(opts, plan, rank)
+    show = report is not None and len(opts.requests) > 1
+    # A decoder on rank 0's machine writes its images itself; one elsewhere hands them over.
+    writes_here = opts.mode != "hybrid" or os.environ.get("GROUP_RANK", "0") == "0"
+    calls: list[Call] = []
+    total = sum(len(c) for _, share in work for c in share)
+    with tqdm(total=total, desc="images", unit="img", disable=None if show else True) as bar:
         for replica, share in work:
             if opts.mode == "serial":
                 proxy: Any = ObservedDenoiser(traced.denoiser, traced.attr, spans)
@@ -159,20 +194,16 @@ def _execute(opts: RunOptions, plan: Plan, where: devices.Placement) -> dict[str
                 proxy = HybridDenoiser(traced, plan, local, replica)
             decoder = opts.mode != "hybrid" or proxy.ranks[0] == rank  # a replica's first rank decodes
             for index, chosen in enumerate(share):
-                calls.append(_run_call(pipe, proxy, opts, plan, replica, index, chosen, steps, guidance, decoder, device))
+                call = _run_call(traced.pipe, proxy, opts, plan, replica, index, chosen, steps, guidance, decoder, device)
+                if writes_here:
+                    for i, png in call.pngs.items():
+                        write_atomic(opts.out / f"image-{i}.png", png)
+                    call.pngs = {}
+                if report is not None:
+                    report.add(call)
+                calls.append(call)
                 bar.update(len(chosen))
-
-    if opts.trace is not None:
-        spans.write(opts.trace / f"rank-{rank}.json", f"rank {rank} ({opts.mode})")
-    everything = _gather((calls, spans.breakdown()), opts.mode)
-    report = _write_outputs(opts, plan, everything, steps, guidance, device) if writer else None
-    if transport is not None:
-        transport.close()
-    if opts.mode == "hybrid":
-        # Leave together: a rank that exits while its peer still holds the gloo group open can
-        # abort at teardown, which leaves a torchrun peer waiting at its exit.
-        dist.barrier()
-    return report
+    return calls
 
 
 def _work(opts: RunOptions, plan: Plan, rank: int) -> list[tuple[int, list[list[int]]]]:
@@ -199,7 +230,7 @@ def _dist_transport(plan: Plan, where: devices.Placement, spans: Spans) -> DistT
         spans,
         spin=own_cores,
         shared=own_cores and one_machine and shared.supported(),
-        timeout_s=TIMEOUT_S,
+        timeout_s=watchdog.timeout_s(),
     )
 
 
@@ -215,7 +246,7 @@ def _run_call(
     guidance: float,
     decode: bool,
     device: torch.device,
-) -> _Call:
+) -> Call:
     """Generate the images ``chosen`` in one pipeline call, ``opts.repeats`` times."""
     transport: Transport | None = getattr(proxy, "transport", None)
     latencies, result, comm = [], None, {}
@@ -237,7 +268,7 @@ def _run_call(
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
             pngs[i] = buffer.getvalue()
-    return _Call(replica, index, chosen, latencies, record, comm, pngs)
+    return Call(replica, index, chosen, latencies, record, comm, pngs)
 
 
 def _generate(
@@ -257,6 +288,7 @@ def _generate(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         ends.append(time.perf_counter())
+        watchdog.advance()
         proxy.spans.end_step(ends[-1], proxy.phase_name(step))
         return kwargs
 
@@ -280,7 +312,7 @@ def _generate(
 
 
 #: What each process hands rank 0: its calls and its step breakdown (empty unless traced).
-_Share = tuple[list[_Call], dict[str, dict[str, Any]]]
+_Share = tuple[list[Call], dict[str, dict[str, Any]]]
 
 
 def _gather(share: _Share, mode: Mode) -> list[_Share]:
@@ -290,80 +322,3 @@ def _gather(share: _Share, mode: Mode) -> list[_Share]:
     gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(share, gathered, dst=0)
     return gathered or []
-
-
-def _median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
-
-
-def _entry(request: ImageRequest, index: int, call: _Call, comm: dict[str, int]) -> dict[str, Any]:
-    """The report's entry for image ``index``, generated by ``call``."""
-    return {
-        "index": index,
-        "image": f"image-{index}.png",
-        "prompt": request.prompt,
-        "negative_prompt": request.negative_prompt,
-        "seed": request.seed,
-        "replica": call.replica,
-        "call": call.index,
-        "images_in_call": len(call.images),
-        "latency_s": _median(call.latency_runs_s),
-        "latency_runs_s": call.latency_runs_s,
-        **call.record,
-        "comm_bytes": sum(comm.values()),
-        "comm_bytes_by_phase": comm,
-    }
-
-
-def _write_outputs(
-    opts: RunOptions, plan: Plan, everything: list[_Share], steps: int, guidance: float, device: torch.device
-) -> dict[str, Any]:
-    """Write every image and ``report.json`` atomically; returns the report."""
-    merged: dict[tuple[int, int], _Call] = {}
-    comm: dict[tuple[int, int], dict[str, int]] = {}
-    for calls, _ in everything:
-        for call in calls:
-            key = (call.replica, call.index)
-            counted = comm.setdefault(key, {})
-            for phase, n in call.comm.items():
-                counted[phase] = counted.get(phase, 0) + n
-            if call.pngs or key not in merged:
-                merged[key] = call
-    entries: dict[int, dict[str, Any]] = {}
-    busy: dict[int, float] = {}
-    for key, call in sorted(merged.items()):
-        busy[call.replica] = busy.get(call.replica, 0.0) + _median(call.latency_runs_s)
-        for i in call.images:
-            write_atomic(opts.out / f"image-{i}.png", call.pngs[i])
-            entries[i] = _entry(opts.requests[i], i, call, comm[key])
-    by_phase: dict[str, int] = {}
-    for counted in comm.values():
-        for phase, n in counted.items():
-            by_phase[phase] = by_phase.get(phase, 0) + n
-    denoise_s = max(busy.values())
-    report = {
-        "mode": opts.mode,
-        "world_size": 1 if opts.mode == "serial" else plan.mesh.world_size,
-        "mesh": "serial" if opts.mode == "serial" else plan.mesh.label,
-        "plan_fingerprint": plan.graph.fingerprint,
-        "model": plan.model.source,
-        "steps": steps,
-        "guidance_scale": guidance,
-        "scheduler": opts.scheduler or "default",
-        "window_guidance": plan.schedule.window_guidance,
-        "threads": torch.get_num_threads(),
-        "device": devices.describe(device),
-        "images": [entries[i] for i in sorted(entries)],
-        "totals": {
-            "images": len(entries),
-            "calls": len(merged),
-            "denoise_s": denoise_s,
-            "images_per_s": len(entries) / denoise_s if denoise_s else None,
-            "comm_bytes": sum(by_phase.values()),
-            "comm_bytes_by_phase": by_phase,
-        },
-    }
-    if opts.trace is not None:
-        report["profile_ms"] = {str(rank): profile for rank, (_, profile) in enumerate(everything)}
-    write_atomic(opts.out / "report.json", json.dumps(report, indent=2) + "\n")
-    return report

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 from hybridiff import quiet_libraries
-from hybridiff.errors import HybridiffError, report_and_exit
-from hybridiff.plan import load_plan
+from hybridiff.errors import HybridiffError, Interrupted, report_and_exit, run_cli
+from hybridiff.files import check_output_folder
 
 if TYPE_CHECKING:
-    from hybridiff.runtime.session import RunOptions
+    from hybridiff.runtime.options import RunOptions
 
 
 def run_command(
@@ -27,7 +27,7 @@ def run_command(
     prompts: Optional[Path] = typer.Option(
         None, help="file of prompts: one per line, or JSONL with prompt, negative_prompt, seed"
     ),
-    num_images_per_prompt: int = typer.Option(1, min=1, help="images per prompt (seeds seed, seed+1, ...)"),
+    num_images_per_prompt: int = typer.Option(1, min=1, max=10_000, help="images per prompt (seeds seed, seed+1, ...)"),
     negative_prompt: Optional[str] = typer.Option(None, help="negative prompt (the uncond branch)"),
     seed: int = typer.Option(0, help="seed of the initial latent"),
     steps: Optional[int] = typer.Option(None, min=1, help="denoising steps [default: the plan's]"),
@@ -37,10 +37,13 @@ def run_command(
     emulate: bool = typer.Option(False, "--emulate", help="run the hybrid schedule of all ranks in one process"),
     serial: bool = typer.Option(False, "--serial", help="run the stock pipeline in one process (baseline)"),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads per worker [default: cores / workers]"),
-    repeats: int = typer.Option(1, min=1, help="generate every image this many times; latency is the median"),
+    repeats: int = typer.Option(1, min=1, max=1000, help="generate every image this many times; latency is the median"),
     window_guidance: Optional[str] = typer.Option(None, help="override the plan: 'mixed' or 'cached'"),
     trace: Optional[Path] = typer.Option(
         None, help="write a per-step trace per rank to this folder (rank-<r>.json: open in Perfetto or chrome://tracing)"
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="replace a previous run's images and report in --out (refused without it)"
     ),
     device: Optional[str] = typer.Option(
         None, help="cpu, cuda or auto: what the workers compute on [default: $HYBRIDIFF_DEVICE, else auto: CUDA where it exists]"
@@ -55,46 +58,67 @@ def run_command(
         report_and_exit(HybridiffError("give either --prompt TEXT or --prompts FILE"))
     mode = "emulate" if emulate else "serial" if serial else "hybrid"
     from hybridiff import device as devices  # heavy: torch
+    from hybridiff.runtime.options import RunOptions
     from hybridiff.runtime.requests import ImageRequest, expand, read_prompts
-    from hybridiff.runtime.session import RunOptions  # heavy: torch, diffusers
 
     if device is not None:
         os.environ[devices.DEVICE_ENV] = device  # the launched workers inherit it
     try:
         given = read_prompts(prompts, seed, negative_prompt) if prompts else [ImageRequest(prompt, negative_prompt, seed)]
-        opts = RunOptions(
-            plan=plan,
-            requests=tuple(expand(given, num_images_per_prompt)),
-            out=out,
-            mode=mode,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            threads=threads,
-            repeats=repeats,
-            window_guidance=window_guidance,
-            scheduler=scheduler,
-            trace=trace,
-        )
-        _start(opts)
     except HybridiffError as e:
         report_and_exit(e)
+    opts = RunOptions(
+        plan=plan, requests=tuple(expand(given, num_images_per_prompt)), out=out, mode=mode, steps=steps,
+        guidance_scale=guidance_scale, threads=threads, repeats=repeats, window_guidance=window_guidance,
+        scheduler=scheduler, trace=trace,
+    )
+    _run_to_one_line(opts, overwrite)
     if mode != "hybrid" or os.environ.get("RANK", "0") == "0":
         count = len(opts.requests)
         typer.echo(f"wrote {count} image{'s' if count > 1 else ''} (image-0.png ...) and report.json to {out}")
 
 
-def _start(opts: "RunOptions") -> None:
-    """Hybrid mode from a shell launches one local worker per device of the plan (refused
-    before any starts if there are fewer GPUs); otherwise this process runs its part."""
-    from hybridiff import device as devices
-    from hybridiff.runtime.session import execute
+def _run_to_one_line(opts: "RunOptions", overwrite: bool) -> None:
+    """Run, and end any failure with one line: 2 for user errors and failed workers, 1 for a
+    fault in this process (its traceback in a log), 128 + the signal when interrupted."""
+    try:
+        _start(opts, overwrite)
+    except HybridiffError as e:
+        report_and_exit(e)
+    except Interrupted as e:
+        written = len(list(opts.out.glob("image-*.png")))
+        where = f"; {written} image(s) and report.json ('interrupted') in {opts.out}" if (opts.out / "report.json").exists() else ""
+        typer.echo(f"error: interrupted by {e}{where}", err=True)
+        raise SystemExit(e.exit_code) from None
+    except Exception as e:  # noqa: BLE001 - a fault in this process: one line, the traceback in a log
+        from hybridiff.runtime.launch import failure_line
 
-    if opts.mode == "hybrid" and "RANK" not in os.environ:
+        typer.echo(f"error: {failure_line(e, int(os.environ.get('RANK', '0')), opts.out)}", err=True)
+        raise SystemExit(1) from None
+
+
+def _start(opts: "RunOptions", overwrite: bool) -> None:
+    """Check everything that can be checked without the model, then run: hybrid mode from a
+    shell launches one local worker per device of the plan; otherwise this process runs its part."""
+    from hybridiff import device as devices
+    from hybridiff.runtime import watchdog
+    from hybridiff.runtime.report import prepare_run_folder, start_report
+    from hybridiff.runtime.session import execute, load_run_plan
+
+    plan = load_run_plan(opts)
+    watchdog.timeout_s()
+    launching = opts.mode == "hybrid" and "RANK" not in os.environ
+    if launching:
+        devices.check_fits(plan.mesh.world_size)
+    if os.environ.get("RANK", "0") == "0":
+        prepare_run_folder(opts.out, overwrite)
+        start_report(opts.out, {"mode": opts.mode, "model": plan.model.source, "requested_images": len(opts.requests)})
+        if opts.trace is not None:
+            check_output_folder(opts.trace, "--trace")
+    if launching:
         from hybridiff.runtime.launch import launch_local
 
-        world = load_plan(opts.plan).mesh.world_size
-        devices.check_fits(world)
-        launch_local(opts, world)
+        launch_local(opts, plan.mesh.world_size)
     else:
         execute(opts)
 
@@ -103,7 +127,7 @@ def main() -> None:
     quiet_libraries()
     app = typer.Typer(add_completion=False)
     app.command()(run_command)
-    app()
+    run_cli(app)
 
 
 if __name__ == "__main__":

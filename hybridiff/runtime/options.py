@@ -1,0 +1,33 @@
+"""What one ``run`` asks for. Standard library only: the launcher hands it to every worker,
+and a worker unpickles it before it has imported torch or diffusers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from hybridiff.runtime.requests import ImageRequest
+
+Mode = Literal["hybrid", "emulate", "serial"]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    plan: Path
+    requests: tuple[ImageRequest, ...]
+    out: Path
+    mode: Mode = "hybrid"
+    steps: int | None = None
+    guidance_scale: float | None = None
+    threads: int | None = None
+    repeats: int = 1
+    window_guidance: Literal["mixed", "cached"] | None = None
+    scheduler: str | None = None
+    #: Folder for per-rank step traces (``rank-<r>.json``) and the report's ``profile_ms``.
+    trace: Path | None = None
+
+
+#: Set by the local launcher: the file store through which its workers join their process
+#: group (so no store listens on the network).
+STORE_ENV = "HYBRIDIFF_STORE_FILE"
