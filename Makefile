@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 DEMO := out/demo
 
-.PHONY: install demo test bench strategies clean
+.PHONY: install demo lint test bench strategies clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV_ARGS) $(VENV)
@@ -23,7 +23,11 @@ demo: install
 	$(VENV)/bin/hybridiff bench $(DEMO)/plan.json --prompts examples/digits.txt --rounds 1 --repeats 1 --grid $(DEMO)/digits.png -o $(DEMO)
 	$(VENV)/bin/hybridiff eval accuracy $(DEMO)/hybrid --digits
 
-test: install
+# ruff (pyproject.toml: pyflakes, pycodestyle, import order, bugbear), then the whole suite.
+lint: install
+	$(VENV)/bin/ruff check hybridiff tests
+
+test: lint
 	$(PY) -m pytest -q
 
 # docs/benchmarks.md: one image of each built-in model, the ten digits, tiny-sdxl's batch of 8.

@@ -21,7 +21,7 @@ _API = {
     "check_plan": ("hybridiff.compiler.check", "check_plan"),
     "load_plan": ("hybridiff.plan", "load_plan"),
     "Plan": ("hybridiff.plan", "Plan"),
-    "register_adapter": ("hybridiff.compiler.trace", "register_adapter"),
+    "register_adapter": ("hybridiff.graph.trace", "register_adapter"),
     "HybridiffError": ("hybridiff.errors", "HybridiffError"),
 }
 

@@ -24,13 +24,13 @@ from typing import Any
 from hybridiff.compiler.compile import CostedModel, plan_for
 from hybridiff.compiler.strategies import WINDOWED
 from hybridiff.files import strict_json, write_atomic
+from hybridiff.models import TRAINED
 from hybridiff.plan import Plan, Schedule, StepCosts, load_plan
 from hybridiff.runtime.launch import launch_local
-from hybridiff.models import TRAINED
 from hybridiff.runtime.requests import ImageRequest, expand, read_prompts
-from hybridiff.zoo.digits import PROMPTS as DIGIT_PROMPTS
 from hybridiff.runtime.session import RunOptions
 from hybridiff.simulate import Workload, serial_latency, simulate
+from hybridiff.zoo.digits import PROMPTS as DIGIT_PROMPTS
 
 
 @dataclass(frozen=True)

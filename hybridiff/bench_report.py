@@ -6,8 +6,8 @@ import io
 from pathlib import Path
 from typing import Any
 
-from hybridiff.images import save_grid
 from hybridiff.files import write_atomic
+from hybridiff.images import save_grid
 from hybridiff.runtime.spans import CATEGORIES
 
 
@@ -15,7 +15,10 @@ def render(result: dict[str, Any], workers: int, breakdown: bool = True) -> str:
     """The side-by-side table (markdown), the per-step breakdown and a one-line summary."""
     entries = result["entries"]
     digits = "digit_accuracy" in entries[0]
-    head = "| strategy | k | tau1 | mesh | latency s (median call) | denoise s | speed-up | predicted (error) | bound | of bound | images/s | MB sent / image | PSNR dB | SSIM |"
+    head = (
+        "| strategy | k | tau1 | mesh | latency s (median call) | denoise s | speed-up | predicted (error) | bound | of bound "
+        "| images/s | MB sent / image | PSNR dB | SSIM |"
+    )
     head += " digit acc | digit FID |" if digits else ""
     floor = f"; digit FID of {result['images']} real digits: {entries[0]['digit_fid_real']:.1f}" if digits else ""
     lines = [

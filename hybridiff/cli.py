@@ -11,8 +11,8 @@ from hybridiff import quiet_libraries
 from hybridiff.errors import HybridiffError, report_and_exit, run_cli
 from hybridiff.files import check_output_file
 from hybridiff.plan import load_plan
-from hybridiff.summary import imbalance
 from hybridiff.runtime.worker import run_command
+from hybridiff.summary import imbalance
 
 if TYPE_CHECKING:
     from hybridiff.plan import Plan, Schedule
@@ -206,7 +206,8 @@ def simulate_command(
         typer.echo(f"{loaded.model.source}, mesh {sim.mesh} on {loaded.mesh.world_size} device(s), {images} image(s)")
         typer.echo(f"latency    {sim.latency_s:.4f} s ({d['images_per_s']:.3f} images/s)")
         typer.echo("phases     " + ", ".join(f"{p} {t:.4f} s" for p, t in sim.phase_s.items()))
-        typer.echo(f"traffic    {sim.comm_bytes / 1e6:.3f} MB: " + ", ".join(f"{p} {n / 1e6:.3f} MB" for p, n in sim.comm_bytes_by_phase.items()))
+        by_phase = ", ".join(f"{p} {n / 1e6:.3f} MB" for p, n in sim.comm_bytes_by_phase.items())
+        typer.echo(f"traffic    {sim.comm_bytes / 1e6:.3f} MB: {by_phase}")
         typer.echo("busy       " + ", ".join(f"rank {r} {t:.4f} s" for r, t in sorted(sim.busy_s.items())))
     if plot is not None:
         plot_timeline(sim, plot, loaded.model.source)
@@ -250,7 +251,9 @@ def bench_command(
     batch: int = typer.Option(1, min=1, help="with MODEL: images per pipeline call (the meshes are chosen for it)"),
     calibrate: bool = typer.Option(True, help="with MODEL: measure what a step costs besides compute (as compile does)"),
     prompt: str = typer.Option("a red cube on a table", help="text prompt, seeds 0..B-1 for the batch B"),
-    prompts: Optional[Path] = typer.Option(None, help="instead of --prompt: a prompts file, as `run` reads it [digit models: the ten digits]"),
+    prompts: Optional[Path] = typer.Option(
+        None, help="instead of --prompt: a prompts file, as `run` reads it [digit models: the ten digits]"
+    ),
     num_images_per_prompt: Optional[int] = typer.Option(None, min=1, help="images per prompt [2 for the digit models' ten digits, else 1]"),
     steps: Optional[int] = typer.Option(None, min=1, help="denoising steps [default: the plan's or the model's]"),
     repeats: int = typer.Option(1, min=1, help="calls per entry and round; the median of all runs counts"),
@@ -273,7 +276,8 @@ def bench_command(
         is_plan = Path(target).is_file()
         source = load_plan(target).model.source if is_plan else target
         digits = bench.is_digit_model(source)
-        requests = bench.requests_for(source, prompt, prompts, num_images_per_prompt, batch if not is_plan else load_plan(target).mesh.batch)
+        per_call = batch if not is_plan else load_plan(target).mesh.batch
+        requests = bench.requests_for(source, prompt, prompts, num_images_per_prompt, per_call)
         if is_plan:
             entries = bench.plan_entries(Path(target), out)
         else:

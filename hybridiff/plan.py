@@ -214,6 +214,17 @@ class Schedule(_Strict):
         """Whether the pipeline runs classifier-free guidance (diffusers: scale > 1)."""
         return self.guidance_scale > 1
 
+    @property
+    def expected_tau1(self) -> int:
+        """Where predictions put the window's start: the latest step the rule allows. Where it
+        starts does not change a step's cost, only how many window steps fit."""
+        return min(self.tau_cap, self.steps - 1)
+
+    def window_steps(self, tau1: int, steps: int | None = None) -> int:
+        """How many window steps follow ``tau1`` before the last of ``steps`` (default: the
+        plan's): the window never reaches past the run's last step."""
+        return max(0, min(self.k, (steps or self.steps) - 1 - tau1))
+
 
 class StepCosts(_Strict):
     """What a denoising step costs besides the denoiser's compute, measured on the machine

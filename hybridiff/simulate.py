@@ -25,7 +25,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hybridiff.compiler.schedule import expected_tau1, window_steps
 from hybridiff.files import write_atomic
 from hybridiff.plan import Mesh, Plan, Schedule, StepCosts, receives_next
 
@@ -214,8 +213,8 @@ def _call(
     """Add one pipeline call of ``images`` images on ``replica`` (its phase times to ``phases``);
     returns its end time."""
     rows = images * (2 if schedule.guided else 1)
-    tau1 = expected_tau1(schedule)
-    k = window_steps(schedule, tau1)
+    tau1 = schedule.expected_tau1
+    k = schedule.window_steps(tau1)
     wg = schedule.window_guidance
     for step in range(schedule.steps):
         phase = "warm-up" if step <= tau1 else "window" if step <= tau1 + k else "fully-connecting"

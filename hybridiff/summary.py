@@ -69,7 +69,8 @@ def render_text(plan: Plan) -> str:
         shown = ", ".join(s.nodes[:3]) + (f", ... ({len(s.nodes)} nodes)" if len(s.nodes) > 3 else "")
         lines.append(
             f"  stage {s.index} ({plan.mesh.branch_of(s.index)}) on ranks "
-            f"{[plan.mesh.rank(d, s.index) for d in range(plan.mesh.dp)]}: {s.cost_s * 1e3:8.3f} ms compute, sends {_mb(s.send_bytes)}; {shown}"
+            f"{[plan.mesh.rank(d, s.index) for d in range(plan.mesh.dp)]}: {s.cost_s * 1e3:8.3f} ms compute, "
+            f"sends {_mb(s.send_bytes)}; {shown}"
         )
     sent = [c for c in plan.cut_tensors if c.constant is None]
     lines.append(f"cut        {len(sent)} tensor(s), {_mb(sum(c.bytes * len(c.consumers) for c in sent))} per window step")

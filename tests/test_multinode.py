@@ -6,11 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from hybridiff.runtime.requests import ImageRequest
-from hybridiff.runtime.session import RunOptions, execute
+from tests.equivalence import assert_workers_equal_emulation
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
@@ -43,8 +40,5 @@ def test_two_nodes_with_torchrun_equal_the_emulation(plan_path, tmp_path):
             node.kill()  # never leave a launcher behind
             logs.append(node.communicate()[0] + "\n(killed after 240 s)")
     assert [node.returncode for node in nodes] == [0, 0], logs
-    request = (ImageRequest("a red cube", None, 0),)
-    emulated = execute(RunOptions(plan=plan_path, requests=request, out=tmp_path / "emu", mode="emulate", threads=1))
-    pixels = [np.asarray(Image.open(folder / "image-0.png")) for folder in (out, tmp_path / "emu")]
-    assert np.array_equal(*pixels)
-    assert "pipeline" in emulated["images"][0]["phases"]
+    hybrid, _ = assert_workers_equal_emulation(plan_path, tmp_path, [ImageRequest("a red cube", None, 0)], launched=out)
+    assert "pipeline" in hybrid["images"][0]["phases"]

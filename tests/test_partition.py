@@ -5,7 +5,7 @@ import torch
 from hybridiff.compiler.check import chain_stages
 from hybridiff.compiler.cost import NodeMeasure
 from hybridiff.compiler.partition import best_partition, classify, dependency_graph
-from hybridiff.compiler.trace import LATENT_INPUT
+from hybridiff.graph.trace import LATENT_INPUT
 
 
 def test_two_stage_chain_equals_model(traced, plan_traced, unet_call, plan):

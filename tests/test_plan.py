@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from hybridiff.compiler.compile import trace_pipeline
-
 from hybridiff.errors import HybridiffError
+from hybridiff.graph.pipeline import trace_pipeline
 from hybridiff.plan import Plan, load_plan
 from tests.conftest import invoke
 

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from hybridiff.compiler.compile import branch_inputs, compile_model, cost_model, plan_for, trace_pipeline
+from hybridiff.compiler.compile import branch_inputs, compile_model, cost_model, plan_for
 from hybridiff.errors import HybridiffError
-from hybridiff.execution import GraphRunner
+from hybridiff.graph.execution import GraphRunner
+from hybridiff.graph.pipeline import trace_pipeline
 from hybridiff.plan import Schedule, load_plan
 from hybridiff.runtime.denoiser import HybridDenoiser
 from hybridiff.runtime.requests import ImageRequest
@@ -17,40 +17,20 @@ from hybridiff.runtime.session import RunOptions, execute
 from hybridiff.runtime.transport import LocalTransport
 from hybridiff.simulate import Workload, simulate
 from tests.conftest import MODEL, TEST_SCHEDULE, cli, invoke
+from tests.equivalence import assert_workers_equal_emulation, pixels
 
 PROMPT = "a red cube on a table"
-
-
-def _pixels(folder, index=0):
-    return np.asarray(Image.open(folder / f"image-{index}.png"), dtype=np.int16)
-
-
-def _hybrid(plan_path, out, *args):
-    result = cli("run", str(plan_path), "--prompt", PROMPT, "--seed", "3", "--threads", "1", "-o", str(out), *args)
-    assert result.returncode == 0, result.stderr
-    return json.loads((out / "report.json").read_text())
 
 
 def _in_process(plan_path, out, mode, requests=(ImageRequest(PROMPT, None, 3),), **options):
     return execute(RunOptions(plan=plan_path, requests=tuple(requests), out=out, mode=mode, threads=1, **options))
 
 
-def _same_images(a, b, count):
-    for i in range(count):
-        assert np.array_equal(_pixels(a, i), _pixels(b, i)), f"image {i}"
-
-
-PER_IMAGE = ("tau1", "tau2", "phases", "discrepancy", "comm_bytes", "comm_bytes_by_phase", "replica", "call", "seed")
-
-
 def test_two_workers_produce_exactly_the_emulated_image(plan_path, tmp_path):
-    hybrid = _hybrid(plan_path, tmp_path / "hybrid", "--trace", str(tmp_path / "trace"))  # tracing changes nothing
-    emulated = _in_process(plan_path, tmp_path / "emulate", "emulate")
-    _same_images(tmp_path / "hybrid", tmp_path / "emulate", 1)
+    requests = [ImageRequest(PROMPT, None, 3)]  # tracing changes nothing:
+    hybrid, emulated = assert_workers_equal_emulation(plan_path, tmp_path, requests, trace=tmp_path / "trace")
     image = hybrid["images"][0]
     assert "pipeline" in image["phases"], "the test schedule must enter the window"
-    for key in PER_IMAGE:
-        assert image[key] == emulated["images"][0][key], key
     assert hybrid["totals"] == {**emulated["totals"], "denoise_s": hybrid["totals"]["denoise_s"],
                                 "images_per_s": hybrid["totals"]["images_per_s"]}
     # full steps: each branch's rank broadcasts one 4x32x32 float32 prediction to the other rank
@@ -124,7 +104,7 @@ def test_every_strategy_produces_exactly_the_emulated_images(model, strategy, tm
     # cfg-parallel: condition partitioning only, which is exact: the stock pipeline's image
     assert phases == ["cond-partition"] * TEST_SCHEDULE.steps
     serial = _in_process(tmp_path / "plan.json", tmp_path / "serial", "serial", [ImageRequest(f"{PROMPT} 0", None, 0)])
-    diff = np.abs(_pixels(tmp_path / "hybrid") - _pixels(tmp_path / "serial"))
+    diff = np.abs(pixels(tmp_path / "hybrid") - pixels(tmp_path / "serial"))
     assert diff.max() <= 1, f"max pixel difference {diff.max()}/255"
     assert hybrid["images"][0]["discrepancy"] == pytest.approx(serial["images"][0]["discrepancy"], rel=1e-4)
 
@@ -140,27 +120,16 @@ def test_an_image_does_not_depend_on_the_calls_before_it(strategy, k, tmp_path):
     second = ImageRequest("a handwritten digit seven", None, 4)
     _in_process(tmp_path / "plan.json", tmp_path / "two", "emulate", [ImageRequest("a handwritten digit three", None, 3), second])
     _in_process(tmp_path / "plan.json", tmp_path / "alone", "emulate", [second])
-    assert np.array_equal(_pixels(tmp_path / "two", 1), _pixels(tmp_path / "alone", 0))
+    assert np.array_equal(pixels(tmp_path / "two", 1), pixels(tmp_path / "alone", 0))
 
 
 def _matches_emulation(plan, tmp_path, images):
-    """Run ``plan`` on its workers and in one process for ``images`` prompts: the images, the
-    per-image schedule and the traffic must agree, and the simulator must predict the traffic.
-    Returns the workers' report."""
+    """``plan`` on its workers equals its emulation for ``images`` prompts, and the simulator
+    predicts the traffic exactly (the window starts at tau_cap here). Returns the workers' report."""
     plan.save(tmp_path / "plan.json")
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("".join(f'{{"prompt": "{PROMPT} {i}", "seed": {i}}}\n' for i in range(images)))
-    result = cli("run", str(tmp_path / "plan.json"), "--prompts", str(prompts), "--threads", "1", "-o", str(tmp_path / "hybrid"))
-    assert result.returncode == 0, result.stderr
-    hybrid = json.loads((tmp_path / "hybrid" / "report.json").read_text())
     requests = [ImageRequest(f"{PROMPT} {i}", None, i) for i in range(images)]
-    emulated = _in_process(tmp_path / "plan.json", tmp_path / "emulate", "emulate", requests)
-    _same_images(tmp_path / "hybrid", tmp_path / "emulate", images)
-    assert hybrid["world_size"] == plan.mesh.world_size and len(hybrid["images"]) == images
-    for mine, theirs in zip(hybrid["images"], emulated["images"]):
-        for key in PER_IMAGE:
-            assert mine[key] == theirs[key], key
-    # The simulator predicts the traffic exactly (the window starts at tau_cap here).
+    hybrid, _ = assert_workers_equal_emulation(tmp_path / "plan.json", tmp_path, requests)
+    assert hybrid["world_size"] == plan.mesh.world_size
     predicted = simulate(plan.mesh, Workload.from_plan(plan), plan.schedule, images)
     assert hybrid["totals"]["comm_bytes_by_phase"] == predicted.comm_bytes_by_phase
     return hybrid
@@ -192,16 +161,15 @@ def test_a_prompts_file_gives_one_image_and_report_entry_per_request(plan, tmp_p
     assert report["totals"]["comm_bytes"] == sum(e["comm_bytes"] for e in report["images"][::2])
     # The same request alone gives the same image: batching shares steps, not randomness.
     single = _in_process(tmp_path / "plan.json", tmp_path / "single", "emulate", [ImageRequest("a blue ball", None, 12)])
-    diff = np.abs(_pixels(tmp_path / "single") - _pixels(tmp_path / "out", 3))
+    diff = np.abs(pixels(tmp_path / "single") - pixels(tmp_path / "out", 3))
     assert single["images"][0]["seed"] == 12 and diff.max() <= 2, diff.max()
 
 
 def test_cached_window_guidance_runs_distributed_like_its_emulation(plan_path, tmp_path):
-    hybrid = _hybrid(plan_path, tmp_path / "hybrid", "--window-guidance", "cached")
-    emulated = _in_process(plan_path, tmp_path / "emulate", "emulate", window_guidance="cached")
+    requests = [ImageRequest(PROMPT, None, 3)]
+    hybrid, emulated = assert_workers_equal_emulation(plan_path, tmp_path, requests, window_guidance="cached")
     assert hybrid["window_guidance"] == emulated["window_guidance"] == "cached"
     assert "pipeline" in hybrid["images"][0]["phases"]
-    _same_images(tmp_path / "hybrid", tmp_path / "emulate", 1)
 
 
 def test_a_split_branch_plan_refuses_an_unguided_run(plan_path, tmp_path):

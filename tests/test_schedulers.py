@@ -5,16 +5,12 @@ both stay identical on every rank only if every rank steps the same scheduler wi
 generator, which equality with the single-process emulation shows.
 """
 
-import json
-
-import numpy as np
 import pytest
-from PIL import Image
 
 from hybridiff.compiler.compile import compile_model
 from hybridiff.runtime.requests import ImageRequest
-from hybridiff.runtime.session import RunOptions, execute
-from tests.conftest import TEST_SCHEDULE, cli, invoke
+from tests.conftest import TEST_SCHEDULE, invoke
+from tests.equivalence import assert_workers_equal_emulation
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +23,8 @@ def sd3_plan_path(tmp_path_factory):
 @pytest.mark.parametrize("scheduler", ["ddim", "euler", "euler-a", "dpm++", "flow-euler"])
 def test_each_scheduler_runs_distributed_like_its_emulation(scheduler, plan_path, sd3_plan_path, tmp_path):
     path = sd3_plan_path if scheduler == "flow-euler" else plan_path
-    args = ["--prompt", "a red cube", "--seed", "5", "--threads", "1", "--scheduler", scheduler]
-    result = cli("run", str(path), *args, "-o", str(tmp_path / "hybrid"))
-    assert result.returncode == 0, result.stderr
-    request = (ImageRequest("a red cube", None, 5),)
-    execute(RunOptions(plan=path, requests=request, out=tmp_path / "emu", mode="emulate", threads=1, scheduler=scheduler))
-    report = json.loads((tmp_path / "hybrid" / "report.json").read_text())
+    report, _ = assert_workers_equal_emulation(path, tmp_path, [ImageRequest("a red cube", None, 5)], scheduler=scheduler)
     assert report["scheduler"] == scheduler and "pipeline" in report["images"][0]["phases"]
-    pixels = [np.asarray(Image.open(d / "image-0.png")) for d in (tmp_path / "hybrid", tmp_path / "emu")]
-    assert np.array_equal(*pixels)
 
 
 def test_a_sampler_of_the_wrong_family_is_refused_in_one_line(plan_path, tmp_path):

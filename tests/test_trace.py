@@ -2,10 +2,10 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from hybridiff.compiler.compile import trace_pipeline
-from hybridiff.compiler.adapters import UNetAdapter
-from hybridiff.compiler.trace import graph_fingerprint
 from hybridiff.errors import HybridiffError
+from hybridiff.graph.adapters import UNetAdapter
+from hybridiff.graph.pipeline import trace_pipeline
+from hybridiff.graph.trace import graph_fingerprint
 from hybridiff.models import load_pipeline
 
 

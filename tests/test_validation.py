@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from hybridiff.runtime.report import RunReport
 from tests.conftest import invoke
 
@@ -50,9 +51,11 @@ def test_run_refuses_an_output_folder_it_cannot_write_before_launching(plan_path
 def test_an_earlier_run_is_refused_unless_overwrite_which_leaves_no_stale_image(plan_path, tmp_path):
     out = tmp_path / "out"
     long_prompt = " ".join(["a red cube on a wooden table"] * 20)
-    first = invoke("run", str(plan_path), "--prompt", long_prompt, "--num-images-per-prompt", "2", "--steps", "2", "--emulate", "-o", str(out))
+    args = ["--prompt", long_prompt, "--num-images-per-prompt", "2", "--steps", "2", "--emulate"]
+    first = invoke("run", str(plan_path), *args, "-o", str(out))
     assert first.returncode == 0, first.stderr
-    assert re.search(r"warning: the prompt of image 0 is \d+ tokens long; the text encoder reads the first 32 and ignores the rest", first.stderr)
+    warning = r"warning: the prompt of image 0 is \d+ tokens long; the text encoder reads the first 32 and ignores the rest"
+    assert re.search(warning, first.stderr)
     _assert_refused(invoke("run", str(plan_path), "--prompt", "x", "--emulate", "-o", str(out)), "holds an earlier run")
     again = invoke("run", str(plan_path), "--prompt", "x", "--steps", "2", "--emulate", "--overwrite", "-o", str(out))
     assert again.returncode == 0, again.stderr

@@ -1,3 +1,1 @@
-"""model -> traced graph -> costed graph -> partition -> plan."""
-
-from hybridiff.compiler import adapters  # noqa: F401  (registers the built-in tracing adapters)
+"""model -> traced graph (``hybridiff.graph``) -> costed graph -> partition -> plan."""

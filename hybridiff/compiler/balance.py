@@ -8,7 +8,7 @@ from torch import fx
 
 from hybridiff.compiler.cost import NodeMeasure
 from hybridiff.compiler.partition import Partition
-from hybridiff.compiler.refine import refinable, refine
+from hybridiff.graph.refine import refinable, refine
 
 #: Refining stops once the slowest stage is within this factor of the mean stage.
 BALANCE_TARGET = 1.05

@@ -8,10 +8,10 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
-from hybridiff.compiler.refine import apply_refinements
-from hybridiff.compiler.trace import Leaf, graph_fingerprint, trace_module
 from hybridiff.errors import HybridiffError
-from hybridiff.execution import GraphRunner
+from hybridiff.graph.execution import GraphRunner
+from hybridiff.graph.refine import apply_refinements
+from hybridiff.graph.trace import Leaf, graph_fingerprint, trace_module
 from hybridiff.plan import Plan
 
 

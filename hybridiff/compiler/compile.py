@@ -13,15 +13,15 @@ from torch import fx, nn
 import hybridiff
 from hybridiff import device as devices
 from hybridiff.compiler import schedule as sched
-from hybridiff.compiler.cost import DeviceModel, NodeMeasure, device_of, forward_time, forward_times, profile_nodes
 from hybridiff.compiler.balance import balance
+from hybridiff.compiler.cost import DeviceModel, NodeMeasure, device_of, forward_time, forward_times, profile_nodes
 from hybridiff.compiler.mesh import candidate_meshes, parse_mesh
 from hybridiff.compiler.partition import CutValue, Partition, best_partition, dependency_graph, replicated_needed
-from hybridiff.compiler.refine import apply_refinements
 from hybridiff.compiler.strategies import default_warmup, strategy_meshes, strategy_schedule
-from hybridiff.compiler.trace import Leaf, adapter_for, capture_denoiser_call, denoiser_attr, graph_fingerprint, trace_module
 from hybridiff.errors import HybridiffError
-from hybridiff.execution import GraphRunner
+from hybridiff.graph.execution import GraphRunner
+from hybridiff.graph.pipeline import trace_pipeline
+from hybridiff.graph.trace import Leaf, capture_denoiser_call, graph_fingerprint, trace_module
 from hybridiff.models import load_pipeline, model_card, resolve_source
 from hybridiff.models.arch import build_on_device
 from hybridiff.plan import CutTensor, Estimates, GraphInfo, Mesh, ModelRef, Plan, Schedule, Stage, StepCosts
@@ -29,31 +29,6 @@ from hybridiff.simulate import Workload, forward_by_rows, serial_latency, simula
 
 #: Default link bandwidth: PCIe 3.0 x16 moves ~15.75 GB/s raw, ~100 Gbit/s in practice.
 DEFAULT_LINK_GBPS = 100.0
-
-
-@dataclass(frozen=True)
-class TracedModel:
-    """A loaded pipeline with its traced denoiser: what both compiler and runtime start from."""
-
-    pipe: Any
-    #: The pipeline attribute holding the denoiser: "unet" or "transformer".
-    attr: str
-    adapter: Any
-    graph: fx.GraphModule
-    fingerprint: str
-
-    @property
-    def denoiser(self) -> nn.Module:
-        return getattr(self.pipe, self.attr)
-
-
-def trace_pipeline(pipe: Any, refined: Iterable[str] = ()) -> TracedModel:
-    attr = denoiser_attr(pipe)
-    adapter = adapter_for(getattr(pipe, attr))
-    graph = apply_refinements(adapter.trace(), refined)
-    return TracedModel(pipe, attr, adapter, graph, graph_fingerprint(graph))
-
-
 
 
 #: Measures a 2-device plan's per-step costs on this machine (``hybridiff.calibrate``).
@@ -459,7 +434,7 @@ def _assemble(costed: CostedModel, chosen: Mesh, work: Workload, alternatives: d
         window_step_s=step_seconds(window),
         window_comm_bytes_per_step=partition.window_comm_bytes_per_step,
         comm_bytes_per_image=one.comm_bytes,
-        expected_tau1=sched.expected_tau1(schedule),
+        expected_tau1=schedule.expected_tau1,
         latency_s=latency,
         serial_latency_s=serial,
         speedup=serial / latency,

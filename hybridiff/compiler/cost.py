@@ -13,11 +13,11 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
-from torch import fx
 import torch.utils._pytree as pytree
+from torch import fx
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from hybridiff.execution import GraphRunner
+from hybridiff.graph.execution import GraphRunner
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def profile_nodes(
         for node in compute:
             out = env[node]
             if method == "time":
-                cost = median_time(lambda: interp.run_node(node), repeats, device)
+                cost = median_time(lambda n=node: interp.run_node(n), repeats, device)
             else:
                 with _flop_counter() as counter:
                     interp.run_node(node)
@@ -153,7 +153,7 @@ def forward_times(gm: fx.GraphModule, inputs: dict[int, dict[str, Any]], repeats
     with torch.inference_mode():
         for _ in range(repeats):
             for key, values in inputs.items():
-                times[key].append(median_time(lambda: runner.run(program, values), 1, device, warmup=0 if times[key] else 1))
+                times[key].append(median_time(lambda v=values: runner.run(program, v), 1, device, warmup=0 if times[key] else 1))
     return {key: statistics.median(t) for key, t in times.items()}
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from torch import fx
 
 from hybridiff.compiler.cost import NodeMeasure
-from hybridiff.compiler.trace import LATENT_INPUT
+from hybridiff.graph.trace import LATENT_INPUT
 
 
 @dataclass(frozen=True)

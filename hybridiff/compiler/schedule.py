@@ -1,9 +1,7 @@
-"""Phase-switching defaults and where the window falls when the rule is not known in advance.
+"""Phase-switching defaults: the paper's, then the model card's, then the user's.
 
 Defaults are the paper's SDXL settings for 50 steps (L=12, g_slope=4e-4, tau_cap=15, k=5).
-Predictions (``hybridiff.simulate``) assume the window starts at the latest step the rule
-allows (tau_cap); where it starts does not change a step's cost, only how many window steps
-fit before the last step.
+Where predictions put the window is the schedule's own (``Schedule.expected_tau1``).
 """
 
 from __future__ import annotations
@@ -16,15 +14,6 @@ from hybridiff.errors import HybridiffError
 from hybridiff.plan import Schedule
 
 DEFAULT_SCHEDULE = Schedule(steps=50, guidance_scale=5.0, L=12, g_slope=4e-4, tau_cap=15, k=5)
-
-
-def window_steps(schedule: Schedule, tau1: int) -> int:
-    """How many window steps follow ``tau1`` before the last step (the runtime clips the same way)."""
-    return max(0, min(schedule.k, schedule.steps - 1 - tau1))
-
-
-def expected_tau1(schedule: Schedule) -> int:
-    return min(schedule.tau_cap, schedule.steps - 1)
 
 
 def model_schedule(model: str | None, given: dict[str, Any], window_guidance: str = "mixed") -> Schedule:

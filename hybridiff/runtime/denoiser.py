@@ -33,9 +33,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from hybridiff.compiler.compile import TracedModel
 from hybridiff.errors import HybridiffError
-from hybridiff.execution import GraphRunner
+from hybridiff.graph.execution import GraphRunner
+from hybridiff.graph.pipeline import TracedModel
 from hybridiff.plan import CutTensor, Plan, receives_next
 from hybridiff.runtime.phases import Phase, PhaseController, discrepancy
 from hybridiff.runtime.spans import Spans

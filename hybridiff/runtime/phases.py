@@ -78,7 +78,7 @@ class PhaseController:
         step = len(self.discrepancy) - 1
         s = self.schedule
         if self.tau1 is None and s.k > 0 and tau1_fires(self.discrepancy, s.L, s.g_slope, s.tau_cap):
-            k = min(s.k, self.num_steps - 1 - step)
+            k = s.window_steps(step, self.num_steps)
             if k > 0:
                 self.tau1, self.tau2 = step, step + k
 

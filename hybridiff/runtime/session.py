@@ -25,9 +25,9 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from hybridiff import device as devices
-from hybridiff.compiler.compile import TracedModel, trace_pipeline
 from hybridiff.errors import HybridiffError, Interrupted, one_line
 from hybridiff.files import write_atomic
+from hybridiff.graph.pipeline import TracedModel, trace_pipeline
 from hybridiff.models import load_pipeline
 from hybridiff.plan import Plan, load_plan
 from hybridiff.runtime import shared, watchdog

@@ -104,7 +104,9 @@ class SharedExchange:
         self._counters = np.ndarray((members,), dtype=np.int64, buffer=self._memory, strides=(_LINE,))
         self._slots = [
             [
-                torch.frombuffer(self._memory, dtype=torch.uint8, count=self._capacity, offset=_LINE * members + (b * members + m) * self._capacity)
+                torch.frombuffer(
+                    self._memory, dtype=torch.uint8, count=self._capacity, offset=_LINE * members + (b * members + m) * self._capacity
+                )
                 for m in range(members)
             ]
             for b in range(2)

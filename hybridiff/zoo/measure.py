@@ -27,9 +27,9 @@ from PIL import Image
 
 from hybridiff import quiet_libraries
 from hybridiff.compiler.schedule import DEFAULT_SCHEDULE
-from hybridiff.compiler.trace import denoiser_attr
-from hybridiff.models import CARD, TRAINED, load_pipeline, model_card
 from hybridiff.files import write_atomic
+from hybridiff.graph.trace import denoiser_attr
+from hybridiff.models import CARD, TRAINED, load_pipeline, model_card
 from hybridiff.runtime.phases import detect_tau1, discrepancy
 from hybridiff.zoo import digits
 from hybridiff.zoo.classifier import classify

@@ -21,8 +21,8 @@ import torch
 from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 from torch import fx, nn
 
-from hybridiff.compiler.trace import LATENT_INPUT, BlockTracer, default_leaves, drop_concrete_inputs, register_adapter
 from hybridiff.errors import HybridiffError
+from hybridiff.graph.trace import LATENT_INPUT, BlockTracer, default_leaves, drop_concrete_inputs, register_adapter
 
 
 class _UNetForward(nn.Module):

@@ -1,7 +1,7 @@
 """Trace a denoiser into a torch.fx graph whose nodes are its blocks.
 
 The graph is what the compiler costs and partitions and what the runtime executes piecewise.
-Models of a known class go through a registered adapter (``hybridiff.compiler.adapters``);
+Models of a known class go through a registered adapter (``hybridiff.graph.adapters``);
 anything else is traced with torch.fx, keeping its children (or user-named modules) opaque,
 or failing that through torch.export. The fingerprint identifies a graph across processes so
 the runtime can refuse a plan compiled for another model.
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import inspect
+import io
 import logging
 import traceback
 from dataclasses import dataclass

@@ -18,8 +18,8 @@ from typing import Any, Iterable
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
-from hybridiff.compiler.trace import BlockTracer, default_leaves
 from hybridiff.errors import HybridiffError
+from hybridiff.graph.trace import BlockTracer, default_leaves
 
 
 class _BlockCall(nn.Module):

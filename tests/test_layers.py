@@ -1,0 +1,71 @@
+"""Data flows one way: model -> graph -> costed graph -> partition -> plan -> runtime. Every
+import in the package, lazy ones inside functions included, is read from the source and
+checked against what its layer may use, so a shortcut from a lower layer to a higher one
+fails here instead of slowly turning the layers into one."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import hybridiff
+
+PACKAGE = Path(hybridiff.__file__).parent
+
+#: What each lower layer may import (prefixes of module names). The compiler, simulator,
+#: calibration, bench and command line stand above them and may import them all.
+ALLOWED = {
+    "hybridiff.errors": ("hybridiff.errors",),
+    "hybridiff.files": ("hybridiff.errors",),
+    "hybridiff.plan": ("hybridiff.errors", "hybridiff.files"),
+    "hybridiff.device": ("hybridiff.errors",),
+    "hybridiff.graph": ("hybridiff.errors", "hybridiff.graph"),
+    "hybridiff.models": ("hybridiff.errors", "hybridiff.models"),
+    "hybridiff.simulate": ("hybridiff.errors", "hybridiff.files", "hybridiff.plan"),
+    "hybridiff.runtime": (
+        "hybridiff.errors", "hybridiff.files", "hybridiff.plan", "hybridiff.device", "hybridiff.graph",
+        "hybridiff.models", "hybridiff.runtime", "hybridiff.quiet_libraries",
+    ),
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every hybridiff module ``path`` imports; ``from hybridiff import x`` names hybridiff.x."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("hybridiff"))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("hybridiff") and node.level == 0:
+            if node.module == "hybridiff":
+                found.update(f"hybridiff.{a.name}" for a in node.names)
+            else:
+                found.add(node.module)
+    return found
+
+
+def _violations() -> list[str]:
+    bad = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = _module_name(path)
+        layer = next((name for name in ALLOWED if module == name or module.startswith(name + ".")), None)
+        if layer is None:
+            continue
+        for target in sorted(_imports(path)):
+            if not any(target == a or target.startswith(a + ".") for a in ALLOWED[layer]):
+                bad.append(f"{module} imports {target}")
+    return bad
+
+
+def test_no_layer_imports_a_layer_above_it():
+    assert _violations() == []
+
+
+def test_the_check_sees_lazy_imports_and_from_package_imports(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("from hybridiff import device\ndef f():\n    from hybridiff.compiler.compile import plan_for\n")
+    assert _imports(source) == {"hybridiff.device", "hybridiff.compiler.compile"}
