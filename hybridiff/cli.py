@@ -12,7 +12,6 @@ from hybridiff.errors import HybridiffError, report_and_exit, run_cli
 from hybridiff.files import check_output_file
 from hybridiff.plan import load_plan
 from hybridiff.runtime.worker import run_command
-from hybridiff.summary import imbalance
 
 if TYPE_CHECKING:
     from hybridiff.plan import Plan, Schedule
@@ -150,7 +149,7 @@ def _report_plan(plan: "Plan", out: Path, gpus: int) -> None:
             err=True,
         )
     typer.echo(
-        f"wrote {out}: mesh {plan.mesh.label}, {len(plan.stages)} stages, imbalance {imbalance(plan):.3f}, "
+        f"wrote {out}: mesh {plan.mesh.label}, {len(plan.stages)} stages, imbalance {plan.imbalance:.3f}, "
         f"predicted {est.latency_s:.3f} s for {plan.mesh.batch} image(s) vs {est.serial_latency_s:.3f} s serial "
         f"({est.speedup:.2f}x)"
     )

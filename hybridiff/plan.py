@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -19,6 +19,11 @@ from hybridiff.errors import HybridiffError
 from hybridiff.files import write_atomic
 
 FORMAT_VERSION = 2
+
+
+def imbalance(stage_costs: Sequence[float]) -> float:
+    """Slowest stage compute over mean stage compute (1.0 is perfect balance)."""
+    return max(stage_costs) / (sum(stage_costs) / len(stage_costs))
 
 #: What a mesh position computes: one guidance branch (cfg = 2) or the whole CFG batch (cfg = 1).
 Branch = Literal["uncond", "cond", "both"]
@@ -220,6 +225,10 @@ class Schedule(_Strict):
         starts does not change a step's cost, only how many window steps fit."""
         return min(self.tau_cap, self.steps - 1)
 
+    def rows(self, images: int) -> int:
+        """Rows of a denoiser call for ``images`` images: both CFG branches when guided."""
+        return images * (2 if self.guided else 1)
+
     def window_steps(self, tau1: int, steps: int | None = None) -> int:
         """How many window steps follow ``tau1`` before the last of ``steps`` (default: the
         plan's): the window never reaches past the run's last step."""
@@ -295,12 +304,34 @@ class Plan(_Strict):
             if dup:
                 raise ValueError(f"nodes {sorted(dup)} are assigned to more than one stage")
             seen.update(stage.nodes)
+        if sum("output" in s.nodes for s in self.stages) != 1:
+            raise ValueError("exactly one stage must hold the node 'output'")
         for cut in self.cut_tensors:
             if cut.producer >= len(self.stages) or cut.node not in self.stages[cut.producer].nodes:
                 raise ValueError(f"cut tensor {cut.node!r} is not produced by stage {cut.producer}")
             if any(c >= len(self.stages) or c == cut.producer for c in cut.consumers):
                 raise ValueError(f"cut tensor {cut.node!r} has invalid consumers {cut.consumers}")
         return self
+
+    @property
+    def output_stage(self) -> int:
+        """The stage whose last node is the prediction: it broadcasts each window step's output."""
+        return next(s.index for s in self.stages if "output" in s.nodes)
+
+    @property
+    def imbalance(self) -> float:
+        return imbalance([s.cost_s for s in self.stages])
+
+    def links(self) -> dict[tuple[int, int], list[CutTensor]]:
+        """(producing stage, consuming stage) -> the cut tensors sent along it each window step,
+        in plan order (the order they travel in). Static shape arithmetic (``constant``) never
+        travels: it is in the plan."""
+        found: dict[tuple[int, int], list[CutTensor]] = {}
+        for c in self.cut_tensors:
+            if c.constant is None:
+                for consumer in c.consumers:
+                    found.setdefault((c.producer, consumer), []).append(c)
+        return found
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the plan as JSON atomically (a crash never leaves half a plan)."""

@@ -52,10 +52,8 @@ class Workload:
         return cls(
             forward_by_rows=forward_by_rows(est.forward_s, est.forward_batch2_s, est.forward_rows_s),
             stage_costs=tuple(s.cost_s for s in plan.stages),
-            links=tuple(
-                (c.producer, consumer, c.bytes) for c in plan.cut_tensors if c.constant is None for consumer in c.consumers
-            ),
-            output_stage=next(s.index for s in plan.stages if "output" in s.nodes),
+            links=tuple((p, c, sum(t.bytes for t in cuts)) for (p, c), cuts in plan.links().items()),
+            output_stage=plan.output_stage,
             prediction_bytes=est.prediction_bytes,
             link_bytes_per_s=est.link_gbps * 1e9 / 8,
             step_costs=est.step_costs,
@@ -141,7 +139,7 @@ def simulate(mesh: Mesh, work: Workload, schedule: Schedule, images: int = 1) ->
 
 def serial_latency(work: Workload, schedule: Schedule, images: int) -> float:
     """The stock pipeline on one device denoising all ``images`` in one call."""
-    step = work.compute(work.forward_s, images * (2 if schedule.guided else 1)) + work.step_costs.pipeline_s
+    step = work.compute(work.forward_s, schedule.rows(images)) + work.step_costs.pipeline_s
     return schedule.steps * step
 
 
@@ -212,7 +210,7 @@ def _call(
 ) -> float:
     """Add one pipeline call of ``images`` images on ``replica`` (its phase times to ``phases``);
     returns its end time."""
-    rows = images * (2 if schedule.guided else 1)
+    rows = schedule.rows(images)
     tau1 = schedule.expected_tau1
     k = schedule.window_steps(tau1)
     wg = schedule.window_guidance

@@ -12,12 +12,6 @@ from hybridiff.files import write_atomic
 from hybridiff.plan import Plan
 
 
-def imbalance(plan: Plan) -> float:
-    """Slowest stage compute over mean stage compute (1.0 is perfect balance)."""
-    costs = [s.cost_s for s in plan.stages]
-    return max(costs) / (sum(costs) / len(costs))
-
-
 def summary(plan: Plan) -> dict[str, Any]:
     """The machine-readable summary printed by ``hybridiff inspect --json``."""
     return {
@@ -28,7 +22,7 @@ def summary(plan: Plan) -> dict[str, Any]:
         "world_size": plan.mesh.world_size,
         "mesh": plan.mesh.model_dump(),
         "idle_ranks": plan.mesh.idle_ranks,
-        "imbalance": imbalance(plan),
+        "imbalance": plan.imbalance,
         "window_comm_bytes_per_step": plan.estimates.window_comm_bytes_per_step,
         "stages": [
             {
@@ -63,7 +57,7 @@ def render_text(plan: Plan) -> str:
         f"{len(plan.graph.refined)} block(s) opened, {len(plan.graph.replicated)} replicated",
         f"mesh       {plan.mesh.label} on {plan.mesh.world_size} device(s), costed for {plan.mesh.batch} image(s)"
         + (f"; ranks {plan.mesh.idle_ranks} idle" if plan.mesh.idle_ranks else ""),
-        f"stages     imbalance {imbalance(plan):.3f} (slowest / mean compute)",
+        f"stages     imbalance {plan.imbalance:.3f} (slowest / mean compute)",
     ]
     for s in plan.stages:
         shown = ", ".join(s.nodes[:3]) + (f", ... ({len(s.nodes)} nodes)" if len(s.nodes) > 3 else "")
@@ -116,11 +110,7 @@ def plot(plan: Plan, path: Path) -> None:
         ax.text(x + width / 2, 0, f"stage {s.index}\nposition {s.index} ({plan.mesh.branch_of(s.index)})\n"
                 f"{s.cost_s * 1e3:.2f} ms\n{len(s.nodes)} nodes", ha="center", va="center", fontsize=8)
         x += width
-    links: dict[tuple[int, int], int] = {}
-    for c in plan.cut_tensors:
-        if c.constant is None:
-            for consumer in c.consumers:
-                links[(c.producer, consumer)] = links.get((c.producer, consumer), 0) + c.bytes
+    links = {link: sum(c.bytes for c in cuts) for link, cuts in plan.links().items()}
     for (producer, consumer), nbytes in sorted(links.items()):
         a = starts[producer][0] + starts[producer][1] * 0.9
         b = starts[consumer][0] + starts[consumer][1] * 0.1
@@ -134,7 +124,7 @@ def plot(plan: Plan, path: Path) -> None:
     ax.set_ylim(-0.5, 2.0)
     ax.set_yticks([])
     ax.set_xlabel("share of one forward's compute")
-    ax.set_title(f"{plan.model.source}: {len(plan.stages)} stages, imbalance {imbalance(plan):.3f}, "
+    ax.set_title(f"{plan.model.source}: {len(plan.stages)} stages, imbalance {plan.imbalance:.3f}, "
                  f"{_mb(plan.estimates.window_comm_bytes_per_step)} per window step", fontsize=10)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")

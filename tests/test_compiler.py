@@ -13,7 +13,6 @@ from hybridiff.compiler.compile import cost_arch, plan_for
 from hybridiff.compiler.schedule import DEFAULT_SCHEDULE
 from hybridiff.compiler.strategies import STRATEGIES
 from hybridiff.errors import HybridiffError
-from hybridiff.summary import imbalance
 from tests.conftest import invoke
 
 torch.manual_seed(0)
@@ -175,7 +174,7 @@ def test_real_size_plans_compile_without_weights(arch):
         assert plan.model.source == f"arch:{arch}" and len(plan.stages) == gpus
         assert plan.estimates.speedup > 1.5
         if arch in ("sdxl", "sd3-medium"):
-            assert imbalance(plan) <= target, (arch, gpus, imbalance(plan))
+            assert plan.imbalance <= target, (arch, gpus, plan.imbalance)
 
 
 def test_cli_compiles_an_arch_and_inspects_it(tmp_path):

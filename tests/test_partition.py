@@ -66,4 +66,4 @@ def test_partition_is_the_best_contiguous_or_folded_split(traced):
     expected = min(better)[0] if better else best[0]
     broadcast = costs[heavy[-1]].bytes / link
     assert part.window_step_s == pytest.approx(expected + broadcast, rel=1e-9)
-    assert part.window_comm_bytes_per_step - costs[heavy[-1]].bytes <= best[1]
+    assert part.row_bytes_per_window_step - costs[heavy[-1]].bytes <= best[1]

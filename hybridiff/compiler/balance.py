@@ -9,16 +9,11 @@ from torch import fx
 from hybridiff.compiler.cost import NodeMeasure
 from hybridiff.compiler.partition import Partition
 from hybridiff.graph.refine import refinable, refine
+from hybridiff.plan import imbalance
 
 #: Refining stops once the slowest stage is within this factor of the mean stage.
 BALANCE_TARGET = 1.05
 MAX_REFINE_ROUNDS = 6
-
-
-def imbalance(partition: Partition) -> float:
-    """Slowest stage compute over mean stage compute (1.0 is perfect balance)."""
-    costs = partition.stage_costs
-    return max(costs) / (sum(costs) / len(costs))
 
 
 def balance(
@@ -36,7 +31,7 @@ def balance(
     measures, partition = costed_split(graph)
     best = (partition.window_step_s, graph, list(refined), measures, partition)
     for _ in range(MAX_REFINE_ROUNDS):
-        if imbalance(partition) <= BALANCE_TARGET:
+        if imbalance(partition.stage_costs) <= BALANCE_TARGET:
             break
         ideal = sum(partition.stage_costs) / len(partition.stage_costs)
         heavy = {name for stage in partition.stages for name in stage}

@@ -420,7 +420,8 @@ def _assemble(costed: CostedModel, chosen: Mesh, work: Workload, alternatives: d
     batch = chosen.batch
     latency = simulate(chosen, work, schedule, batch).latency_s
     one = simulate(chosen.model_copy(update={"batch": 1}), work, schedule, 1)
-    window = window_step(chosen, work, 2 if schedule.guided else 1, schedule.window_guidance)
+    # One mid-window step of one image: its time and the bytes it moves come from one place.
+    window = window_step(chosen, work, schedule.rows(1), schedule.window_guidance)
     serial = serial_latency(work, schedule, batch)
     doubled = _two_row_values(graph, costed.branch_inputs, [c.node for c in partition.cuts])
     estimates = Estimates(
@@ -432,7 +433,7 @@ def _assemble(costed: CostedModel, chosen: Mesh, work: Workload, alternatives: d
         forward_rows_s={r: t for r, t in costed.forward_rows_s.items() if r > 2},
         prediction_bytes=partition.output_bytes,
         window_step_s=step_seconds(window),
-        window_comm_bytes_per_step=partition.window_comm_bytes_per_step,
+        window_comm_bytes_per_step=window[2],
         comm_bytes_per_image=one.comm_bytes,
         expected_tau1=schedule.expected_tau1,
         latency_s=latency,

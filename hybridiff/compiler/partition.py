@@ -50,8 +50,10 @@ class Partition:
     stage_sent_bytes: tuple[int, ...]
     cuts: tuple[CutValue, ...]
     output_bytes: int
+    #: One window step of ONE row: what the partition search compares. The plan's estimates
+    #: take the simulator's step at the rows a call really has (``simulate.window_step``).
     window_step_s: float
-    window_comm_bytes_per_step: int
+    row_bytes_per_window_step: int
 
 
 def dependency_graph(gm: fx.GraphModule) -> nx.DiGraph:
@@ -229,7 +231,7 @@ class _Chain:
             cuts=tuple(cuts),
             output_bytes=self.output_bytes,
             window_step_s=max(c + b / link_bytes_per_s for c, b in zip(costs, sent)) + broadcast / link_bytes_per_s,
-            window_comm_bytes_per_step=sum(sent) + broadcast,
+            row_bytes_per_window_step=sum(sent) + broadcast,
         )
 
 

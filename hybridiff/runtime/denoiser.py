@@ -141,14 +141,10 @@ class HybridDenoiser(_DenoiserProxy):
             for s in plan.stages
         }
         #: (producer stage, consumer stage) -> cut tensors, in plan order (the wire order).
-        self._links: dict[tuple[int, int], list[CutTensor]] = {}
+        self._links = plan.links()
         #: Shape arithmetic crossing cuts: static, taken from the plan instead of the wire.
         self._constants = [c for c in cuts if c.constant is not None]
-        for c in cuts:
-            if c.constant is None:
-                for consumer in c.consumers:
-                    self._links.setdefault((c.producer, consumer), []).append(c)
-        self._output_stage = next(s.index for s in plan.stages if "output" in s.nodes)
+        self._output_stage = plan.output_stage
         self._incoming_cache: dict[tuple[int, int, bool], list[tuple[list[CutTensor], list[tuple[int, int]]]]] = {}
 
     def begin_call(self, num_steps: int, guided: bool) -> None:
