@@ -155,6 +155,17 @@ def _report_plan(plan: "Plan", out: Path, gpus: int) -> None:
     )
 
 
+def _plan_and_plot(plan: Path, plot: Path | None) -> "Plan":
+    """The plan a reading command works on, and its --plot path checked before any work."""
+    try:
+        loaded = load_plan(plan)
+        if plot is not None:
+            check_output_file(plot, "--plot")
+    except HybridiffError as e:
+        report_and_exit(e)
+    return loaded
+
+
 @app.command("inspect")
 def inspect_command(
     plan: Path = typer.Argument(..., help="plan.json"),
@@ -167,12 +178,7 @@ def inspect_command(
     from hybridiff.summary import plot as draw
     from hybridiff.summary import render_text, summary
 
-    try:
-        loaded = load_plan(plan)
-        if plot is not None:
-            check_output_file(plot, "--plot")
-    except HybridiffError as e:
-        report_and_exit(e)
+    loaded = _plan_and_plot(plan, plot)
     typer.echo(json.dumps(summary(loaded), indent=2) if as_json else render_text(loaded))
     if plot is not None:
         draw(loaded, plot)
@@ -190,12 +196,7 @@ def simulate_command(
 
     from hybridiff.simulate import Workload, plot_timeline, simulate
 
-    try:
-        loaded = load_plan(plan)
-        if plot is not None:
-            check_output_file(plot, "--plot")
-    except HybridiffError as e:
-        report_and_exit(e)
+    loaded = _plan_and_plot(plan, plot)
     images = batch or loaded.mesh.batch
     sim = simulate(loaded.mesh, Workload.from_plan(loaded), loaded.schedule, images)
     if as_json:

@@ -8,14 +8,28 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import typer
 
 from hybridiff.errors import HybridiffError, report_and_exit
+from hybridiff.files import strict_json
 
 eval_app = typer.Typer(help="Score the images a run generated.", no_args_is_help=True)
 RUN_FOLDER = "the -o folder of a `hybridiff run` (report.json and images)"
+
+
+def _digit_score(score: Callable[[Path], dict[str, Any]], folder: Path, digits: bool, what: str, as_json: bool) -> dict[str, Any]:
+    """Run a digit-model score on ``folder``; with ``--json`` print it. Only digit scores exist."""
+    if not digits:
+        report_and_exit(HybridiffError(f"only --digits {what} exists: pass --digits (images of the digit models)"))
+    try:
+        result = score(folder)
+    except HybridiffError as e:
+        report_and_exit(e)
+    if as_json:
+        typer.echo(strict_json(result), nl=False)
+    return result
 
 
 @eval_app.command("accuracy")
@@ -25,19 +39,10 @@ def accuracy_command(
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Fraction of generated images recognised as what their prompt asked for."""
-    import json
-
-    if not digits:
-        report_and_exit(HybridiffError("only --digits accuracy exists: pass --digits (images of the digit models)"))
     from hybridiff.zoo.evaluate import digit_accuracy
 
-    try:
-        result = digit_accuracy(folder)
-    except HybridiffError as e:
-        report_and_exit(e)
-    if as_json:
-        typer.echo(json.dumps(result, indent=2))
-    else:
+    result = _digit_score(digit_accuracy, folder, digits, "accuracy", as_json)
+    if not as_json:
         typer.echo(f"accuracy {result['accuracy']:.3f} over {result['images']} image(s)")
         typer.echo("per digit  " + ", ".join(f"{k} {v:.2f}" for k, v in result["per_digit"].items()))
 
@@ -49,19 +54,10 @@ def fid_command(
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Domain FID of the run's images against real digits (not Inception FID: not comparable with published FIDs)."""
-    import json
-
-    if not digits:
-        report_and_exit(HybridiffError("only --digits FID exists: pass --digits (images of the digit models)"))
     from hybridiff.zoo.evaluate import digit_fid
 
-    try:
-        result = digit_fid(folder)
-    except HybridiffError as e:
-        report_and_exit(e)
-    if as_json:
-        typer.echo(json.dumps(result, indent=2))
-    else:
+    result = _digit_score(digit_fid, folder, digits, "FID", as_json)
+    if not as_json:
         typer.echo(
             f"FID {result['fid']:.2f}: {result['images']} image(s) against {result['real_images']} held-out real digits "
             f"({result['images']} real training digits score {result['real_fid']:.2f}); features: {result['features']}"
