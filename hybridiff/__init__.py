@@ -18,6 +18,7 @@ def quiet_libraries() -> None:
 
 _API = {
     "compile": ("hybridiff.compiler.compile", "compile_module"),
+    "CompileOptions": ("hybridiff.compiler.options", "CompileOptions"),
     "check_plan": ("hybridiff.compiler.check", "check_plan"),
     "load_plan": ("hybridiff.plan", "load_plan"),
     "Plan": ("hybridiff.plan", "Plan"),

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridiff.compiler.compile import CostedModel, plan_for
+from hybridiff.compiler.options import CompileOptions
 from hybridiff.compiler.strategies import WINDOWED
 from hybridiff.files import strict_json, write_atomic
 from hybridiff.models import TRAINED
@@ -78,7 +79,8 @@ def strategy_entries(
         for k in ks if strategy in WINDOWED else [schedule.k]:
             label = f"{strategy} k={k}" if strategy in WINDOWED and len(ks) > 1 else strategy
             folder = out / label.replace(" k=", "-k")
-            plan = plan_for(costed, gpus, schedule.model_copy(update={"k": k}), batch=batch, strategy=strategy, warmup=warmup)
+            windowed = schedule.model_copy(update={"k": k})
+            plan = plan_for(costed, CompileOptions(gpus=gpus, schedule=windowed, batch=batch, strategy=strategy, warmup=warmup))
             plan.save(folder / "plan.json")
             entries.append(Entry(label, strategy, folder / "plan.json", folder))
     return entries
@@ -226,5 +228,6 @@ def model_entries(
     from hybridiff.calibrate import calibration
     from hybridiff.compiler.compile import cost_model
 
-    costed = cost_model(model, gpus, schedule, batch=batch, threads=threads, calibrate=calibration(calibrate, threads))
+    options = CompileOptions(gpus=gpus, schedule=schedule, batch=batch, threads=threads)
+    costed = cost_model(model, options, calibrate=calibration(calibrate, threads))
     return strategy_entries(costed, gpus, schedule, strategies, ks or [schedule.k], out, batch, warmup)

@@ -14,7 +14,8 @@ from hybridiff.plan import load_plan
 from hybridiff.runtime.worker import run_command
 
 if TYPE_CHECKING:
-    from hybridiff.plan import Plan, Schedule
+    from hybridiff.compiler.options import CompileOptions
+    from hybridiff.plan import Plan
 
 #: The most images ``simulate`` and ``compile`` plan for: the simulator's timeline grows with them.
 MAX_BATCH = 4096
@@ -60,25 +61,26 @@ def compile_command(
     ),
 ) -> None:
     """Trace, profile and partition MODEL (or a published --arch) into an execution plan."""
+    from hybridiff.compiler.options import CompileOptions
     from hybridiff.compiler.schedule import model_schedule
 
     given = {"steps": steps, "guidance_scale": guidance_scale, "L": L, "g_slope": g_slope, "tau_cap": tau_cap, "k": k}
-    placement = {"mesh": mesh, "batch": batch, "strategy": strategy, "warmup": warmup}
     try:
         _check_compile_options(model, arch, dtype, cost, strategy)
         _check_sizes(height, width, resolution if arch else None)
         check_output_file(out, "-o")
-        schedule = model_schedule(model, given, window_guidance)
+        options = CompileOptions(
+            gpus=gpus, schedule=model_schedule(model, given, window_guidance), batch=batch, mesh=mesh, strategy=strategy,
+            warmup=warmup, link_gbps=link_gbps, repeats=repeats, threads=threads, cost=cost,
+        )
         if arch is not None:
-            plan = _compile_arch(arch, resolution, gpus, schedule, device_tflops, device_mem_gbps, profile, link_gbps, repeats, placement)
+            plan = _compile_arch(arch, resolution, options, device_tflops, device_mem_gbps, profile)
         else:
             from hybridiff.calibrate import calibration
             from hybridiff.compiler.compile import compile_model
 
-            plan = compile_model(
-                model, gpus, schedule, height, width, link_gbps=link_gbps, repeats=repeats, threads=threads, dtype=dtype,
-                cost=cost, calibrate=calibration(calibrate and cost == "time", threads), **placement,
-            )
+            measure = calibration(calibrate and cost == "time", threads)
+            plan = compile_model(model, options, height=height, width=width, dtype=dtype, calibrate=measure)
         plan.save(out)
     except HybridiffError as e:
         report_and_exit(e)
@@ -106,10 +108,7 @@ def _check_sizes(*pixels: int | None) -> None:
             raise HybridiffError(f"image size {size}: give a multiple of 16 from 16 to 8192 pixels, e.g. {max(16, round(size / 16) * 16)}")
 
 
-def _compile_arch(
-    arch: str, resolution: int, gpus: int, schedule: Schedule, tflops: float, mem_gbps: float, profile: bool,
-    link_gbps: float, repeats: int, placement: dict,
-) -> Plan:
+def _compile_arch(arch: str, resolution: int, options: "CompileOptions", tflops: float, mem_gbps: float, profile: bool) -> Plan:
     """``compile --arch``: a published architecture, roofline-costed unless ``profile``."""
     import torch
 
@@ -118,10 +117,7 @@ def _compile_arch(
 
     device = DeviceModel(f"{tflops:g} TFLOP/s, {mem_gbps:g} GB/s (roofline)", tflops, mem_gbps)
     dtype = "float16" if torch.cuda.is_available() or not profile else "float32"
-    return compile_arch(
-        arch, resolution, gpus, schedule, link_gbps=link_gbps, dtype=dtype, device_model=device, profile=profile,
-        repeats=repeats, **placement,
-    )
+    return compile_arch(arch, resolution, options, dtype=dtype, device_model=device, profile=profile)
 
 
 def _report_plan(plan: "Plan", out: Path, gpus: int) -> None:

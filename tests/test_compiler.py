@@ -10,6 +10,7 @@ from torch import nn
 
 import hybridiff
 from hybridiff.compiler.compile import cost_arch, plan_for
+from hybridiff.compiler.options import CompileOptions
 from hybridiff.compiler.schedule import DEFAULT_SCHEDULE
 from hybridiff.compiler.strategies import STRATEGIES
 from hybridiff.errors import HybridiffError
@@ -170,7 +171,7 @@ def test_real_size_plans_compile_without_weights(arch):
     resolution = {"sd15": 512, "sd2": 768}.get(arch, 1024)
     costed = cost_arch(arch, resolution)  # costed once, planned for each device count
     for gpus, target in TARGETS.items():
-        plan = plan_for(costed, gpus, DEFAULT_SCHEDULE)
+        plan = plan_for(costed, CompileOptions(gpus=gpus))
         assert plan.model.source == f"arch:{arch}" and len(plan.stages) == gpus
         assert plan.estimates.speedup > 1.5
         if arch in ("sdxl", "sd3-medium"):
@@ -291,7 +292,7 @@ def test_peer_strategies_are_plans_of_the_same_model():
     """Each strategy a user compares against is a mesh and schedule preset, planned from one
     costing; what it cannot do is refused in one line."""
     costed = cost_arch("sd3-medium", 512)
-    plans = {name: plan_for(costed, 4, DEFAULT_SCHEDULE, strategy=name) for name in STRATEGIES}
+    plans = {name: plan_for(costed, CompileOptions(gpus=4, strategy=name)) for name in STRATEGIES}
     assert {n: p.mesh.label for n, p in plans.items()} == {
         "serial": "dp=1,cfg=1,pp=1", "cfg-parallel": "dp=1,cfg=2,pp=1", "pipeline": "dp=1,cfg=1,pp=4",
         "hybrid": "dp=1,cfg=2,pp=2", "hybrid-cached": "dp=1,cfg=2,pp=2",
@@ -310,4 +311,4 @@ def test_peer_strategies_are_plans_of_the_same_model():
         ),
     ]:
         with pytest.raises(HybridiffError, match=re.escape(message)):
-            plan_for(costed, **kwargs)
+            plan_for(costed, CompileOptions(**kwargs))

@@ -50,8 +50,8 @@ def test_trained_models_draw_the_digit_asked_for(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_two_workers_equal_the_emulation_and_draw_the_digit_asked_for(name, tmp_path):
-    plan = compile_model(f"builtin:{name}", 2, TEST_SCHEDULE.model_copy(update={"steps": 20, "tau_cap": 8}),
-                         repeats=1, threads=1, cost="flops")
+    schedule = TEST_SCHEDULE.model_copy(update={"steps": 20, "tau_cap": 8})
+    plan = compile_model(f"builtin:{name}", schedule=schedule, repeats=1, threads=1, cost="flops")
     plan.save(tmp_path / "plan.json")
     hybrid, _ = assert_workers_equal_emulation(tmp_path / "plan.json", tmp_path, [ImageRequest(PROMPTS[3], None, 3)])
     assert "pipeline" in hybrid["images"][0]["phases"]

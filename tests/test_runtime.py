@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hybridiff.compiler.compile import branch_inputs, compile_model, cost_model, plan_for
+from hybridiff.compiler.options import CompileOptions
 from hybridiff.errors import HybridiffError
 from hybridiff.graph.execution import GraphRunner
 from hybridiff.graph.pipeline import trace_pipeline
@@ -79,7 +80,7 @@ MESHES = [
 @pytest.mark.parametrize("devices, mesh, images, guidance", MESHES)
 def test_every_mesh_produces_exactly_the_emulated_images(devices, mesh, images, guidance, tmp_path):
     schedule = TEST_SCHEDULE.model_copy(update={"guidance_scale": guidance})
-    plan = compile_model(MODEL, devices, schedule, repeats=1, threads=1, cost="flops", mesh=mesh, batch=images)
+    plan = compile_model(MODEL, gpus=devices, schedule=schedule, repeats=1, threads=1, cost="flops", mesh=mesh, batch=images)
     if mesh:
         assert plan.mesh.label == mesh
     hybrid = _matches_emulation(plan, tmp_path, images)
@@ -94,8 +95,8 @@ STRATEGY_RUNS = [(MODEL, "cfg-parallel"), ("builtin:tiny-sd3", "pipeline")]
 
 @pytest.mark.parametrize("model, strategy", STRATEGY_RUNS)
 def test_every_strategy_produces_exactly_the_emulated_images(model, strategy, tmp_path):
-    costed = cost_model(model, 2, TEST_SCHEDULE, repeats=1, threads=1, cost="flops")
-    plan = plan_for(costed, 2, TEST_SCHEDULE, strategy=strategy)
+    options = CompileOptions(schedule=TEST_SCHEDULE, repeats=1, threads=1, cost="flops")
+    plan = plan_for(cost_model(model, options), options.but(strategy=strategy))
     hybrid = _matches_emulation(plan, tmp_path, 1)
     phases = hybrid["images"][0]["phases"]
     if strategy == "pipeline":  # whole steps for the warm-up, then the window to the last step
@@ -114,7 +115,8 @@ def test_an_image_does_not_depend_on_the_calls_before_it(strategy, k, tmp_path):
     """A window leaves nothing queued for the next call: the second of two calls draws exactly
     what it draws alone, whether the window is one step, mid-run, or runs to the last step."""
     schedule = TEST_SCHEDULE.model_copy(update={"k": k or TEST_SCHEDULE.k})
-    plan = plan_for(cost_model("builtin:digits-sdxl", 2, schedule, repeats=1, threads=1, cost="flops"), 2, schedule, strategy=strategy)
+    options = CompileOptions(schedule=schedule, repeats=1, threads=1, cost="flops")
+    plan = plan_for(cost_model("builtin:digits-sdxl", options), options.but(strategy=strategy))
     assert any(c.producer != plan.stages[-1].index for c in plan.cut_tensors), "needs a stage that reads another's cuts"
     plan.save(tmp_path / "plan.json")
     second = ImageRequest("a handwritten digit seven", None, 4)
@@ -136,7 +138,7 @@ def _matches_emulation(plan, tmp_path, images):
 
 
 def test_a_prompts_file_gives_one_image_and_report_entry_per_request(plan, tmp_path):
-    batched = compile_model(MODEL, 2, TEST_SCHEDULE, repeats=1, threads=1, cost="flops", batch=2)
+    batched = compile_model(MODEL, schedule=TEST_SCHEDULE, repeats=1, threads=1, cost="flops", batch=2)
     batched.save(tmp_path / "plan.json")
     prompts = tmp_path / "prompts.jsonl"
     lines = [

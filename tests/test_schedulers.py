@@ -16,7 +16,7 @@ from tests.equivalence import assert_workers_equal_emulation
 @pytest.fixture(scope="module")
 def sd3_plan_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("sd3") / "plan.json"
-    compile_model("builtin:tiny-sd3", 2, TEST_SCHEDULE, repeats=1, threads=1, cost="flops").save(path)
+    compile_model("builtin:tiny-sd3", schedule=TEST_SCHEDULE, repeats=1, threads=1, cost="flops").save(path)
     return path
 
 

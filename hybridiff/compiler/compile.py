@@ -12,10 +12,10 @@ from torch import fx, nn
 
 import hybridiff
 from hybridiff import device as devices
-from hybridiff.compiler import schedule as sched
 from hybridiff.compiler.balance import balance
 from hybridiff.compiler.cost import DeviceModel, NodeMeasure, device_of, forward_time, forward_times, profile_nodes
 from hybridiff.compiler.mesh import candidate_meshes, parse_mesh
+from hybridiff.compiler.options import CompileOptions
 from hybridiff.compiler.partition import CutValue, Partition, best_partition, dependency_graph, replicated_needed
 from hybridiff.compiler.strategies import default_warmup, strategy_meshes, strategy_schedule
 from hybridiff.errors import HybridiffError
@@ -26,10 +26,6 @@ from hybridiff.models import load_pipeline, model_card, resolve_source
 from hybridiff.models.arch import build_on_device
 from hybridiff.plan import CutTensor, Estimates, GraphInfo, Mesh, ModelRef, Plan, Schedule, Stage, StepCosts
 from hybridiff.simulate import Workload, forward_by_rows, serial_latency, simulate, step_seconds, window_step
-
-#: Default link bandwidth: PCIe 3.0 x16 moves ~15.75 GB/s raw, ~100 Gbit/s in practice.
-DEFAULT_LINK_GBPS = 100.0
-
 
 #: Measures a 2-device plan's per-step costs on this machine (``hybridiff.calibrate``).
 Calibrate = Callable[[Plan], StepCosts]
@@ -43,16 +39,11 @@ def branch_inputs(inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
 
 def cost_model(
     model: str,
-    gpus: int = 2,
-    schedule: Schedule = sched.DEFAULT_SCHEDULE,
+    options: CompileOptions,
+    *,
     height: int | None = None,
     width: int | None = None,
-    link_gbps: float = DEFAULT_LINK_GBPS,
-    repeats: int = 10,
-    threads: int | None = None,
     dtype: str = "float32",
-    cost: str = "time",
-    batch: int = 1,
     calibrate: Calibrate | None = None,
 ) -> CostedModel:
     """Load, trace and cost ``model`` (``builtin:NAME`` or a diffusers folder) for ``gpus``
@@ -60,10 +51,10 @@ def cost_model(
 
     ``calibrate`` measures what a step costs besides compute on this machine (see
     ``hybridiff.calibrate``); without it plans assume nothing."""
-    _check_gpus(gpus)
+    _check_gpus(options.gpus)
     source = resolve_source(model)
     device = devices.worker_device(0)
-    torch.set_num_threads(threads or devices.default_threads(gpus))
+    torch.set_num_threads(options.threads or devices.default_threads(options.gpus))
     traced = trace_pipeline(load_pipeline(source, dtype, device))
     pipe = traced.pipe
     scale = pipe.vae_scale_factor
@@ -74,12 +65,14 @@ def cost_model(
     args, kwargs = capture_denoiser_call(pipe, height, width, guidance_scale=5.0, **pipeline_kwargs)
     both = traced.adapter.inputs_from_call(*args, **kwargs)
     _, cond = branch_inputs(both)
-    rows = sorted({1, 2, batch, 2 * batch})
+    rows = sorted({1, 2, options.batch, 2 * options.batch})
+    timed = {r: both if r == 2 else _repeat_rows(cond, r) for r in rows}
     costed = cost_graph(
         traced.graph,
+        options,
         latent=traced.adapter.latent,
         branch_inputs=cond,
-        forward_rows_s=forward_times(traced.graph, {r: both if r == 2 else _repeat_rows(cond, r) for r in rows}, repeats),
+        forward_rows_s=forward_times(traced.graph, timed, options.repeats),
         model=ModelRef(
             source=source,
             denoiser="unet" if traced.attr == "unet" else "sd3-transformer",
@@ -88,74 +81,61 @@ def cost_model(
             dtype=dtype,
             pipeline_kwargs=pipeline_kwargs,
         ),
-        link_gbps=link_gbps,
-        repeats=repeats,
-        cost=cost,
         device=devices.describe(device),
     )
-    if calibrate is not None and gpus > 1:
-        calibrate_steps(costed, schedule, calibrate)
+    if calibrate is not None and options.gpus > 1:
+        calibrate_steps(costed, options.schedule, calibrate)
     return costed
 
 
 def compile_model(
     model: str,
-    gpus: int = 2,
-    schedule: Schedule = sched.DEFAULT_SCHEDULE,
+    options: CompileOptions | None = None,
+    *,
     height: int | None = None,
     width: int | None = None,
-    *,
-    mesh: str | None = None,
-    batch: int = 1,
-    strategy: str | None = None,
-    warmup: int | None = None,
-    **costing: Any,
+    dtype: str = "float32",
+    calibrate: Calibrate | None = None,
+    **changes: Any,
 ) -> Plan:
-    """Compile ``model`` into a plan for ``gpus`` devices: ``cost_model`` (whose keywords
-    ``costing`` passes on), then ``plan_for`` with ``mesh``, ``batch`` and ``strategy``."""
-    costed = cost_model(model, gpus, schedule, height, width, batch=batch, **costing)
-    return plan_for(costed, gpus, schedule, mesh=mesh, batch=batch, strategy=strategy, warmup=warmup)
+    """Compile ``model`` (``builtin:NAME`` or a diffusers folder) into a plan: ``cost_model``,
+    then ``plan_for``. ``changes`` are ``CompileOptions`` fields to change, e.g. ``gpus=4``."""
+    options = (options or CompileOptions()).but(**changes)
+    costed = cost_model(model, options, height=height, width=width, dtype=dtype, calibrate=calibrate)
+    return plan_for(costed, options)
 
 
 def compile_module(
     model: nn.Module,
     example_inputs: tuple | dict[str, Any],
-    gpus: int = 2,
+    options: CompileOptions | None = None,
     *,
     leaves: Iterable[Leaf] | None = None,
     latent: str | None = None,
-    schedule: Schedule = sched.DEFAULT_SCHEDULE,
-    link_gbps: float = DEFAULT_LINK_GBPS,
-    repeats: int = 5,
-    cost: str = "time",
-    mesh: str | None = None,
-    batch: int = 1,
+    **changes: Any,
 ) -> Plan:
     """Compile any denoiser ``nn.Module`` from one branch's example inputs (the Python API).
 
     ``latent`` names the forward argument carrying the noisy sample (default: the first one);
-    ``leaves`` lists submodules (objects, qualified names or classes) to keep opaque.
+    ``leaves`` lists submodules (objects, qualified names or classes) to keep opaque;
+    ``changes`` are ``CompileOptions`` fields to change, e.g. ``gpus=4, cost="flops"``.
     """
-    _check_gpus(gpus)
+    options = (options or CompileOptions(repeats=5)).but(**changes)
+    _check_gpus(options.gpus)
     traced = trace_module(model, example_inputs, leaves)
     graph, inputs = traced.graph, traced.inputs
     latent = latent or traced.latent or next(iter(inputs))
     if latent not in inputs:
         raise HybridiffError(f"latent={latent!r} is not one of the traced inputs {sorted(inputs)}")
     dtype = next((str(p.dtype).removeprefix("torch.") for p in model.parameters()), "float32")
+    source = f"python:{type(model).__module__}.{type(model).__qualname__}"
     return compile_graph(
         graph,
+        options,
         latent=latent,
         branch_inputs=inputs,
         forward_rows_s=None,
-        model=ModelRef(source=f"python:{type(model).__module__}.{type(model).__qualname__}", denoiser="custom", dtype=dtype),
-        gpus=gpus,
-        schedule=schedule,
-        link_gbps=link_gbps,
-        repeats=repeats,
-        cost=cost,
-        mesh=mesh,
-        batch=batch,
+        model=ModelRef(source=source, denoiser="custom", dtype=dtype),
         device=devices.describe(device_of(inputs)),
     )
 
@@ -163,29 +143,28 @@ def compile_module(
 def compile_arch(
     arch: str,
     resolution: int,
-    gpus: int = 2,
-    schedule: Schedule = sched.DEFAULT_SCHEDULE,
+    options: CompileOptions | None = None,
     *,
-    mesh: str | None = None,
-    batch: int = 1,
-    strategy: str | None = None,
-    warmup: int | None = None,
-    **costing: Any,
+    dtype: str = "float16",
+    device_model: DeviceModel | None = None,
+    profile: bool = False,
+    **changes: Any,
 ) -> Plan:
-    """Compile a published architecture at ``resolution`` pixels: ``cost_arch`` (whose keywords
-    ``costing`` passes on), then ``plan_for``."""
-    _check_gpus(gpus)
-    return plan_for(cost_arch(arch, resolution, **costing), gpus, schedule, mesh=mesh, batch=batch, strategy=strategy, warmup=warmup)
+    """Compile a published architecture at ``resolution`` pixels: ``cost_arch``, then
+    ``plan_for``. ``changes`` are ``CompileOptions`` fields to change."""
+    options = (options or CompileOptions()).but(**changes)
+    _check_gpus(options.gpus)
+    return plan_for(cost_arch(arch, resolution, options, dtype=dtype, device_model=device_model, profile=profile), options)
 
 
 def cost_arch(
     arch: str,
     resolution: int,
-    link_gbps: float = DEFAULT_LINK_GBPS,
+    options: CompileOptions | None = None,
+    *,
     dtype: str = "float16",
     device_model: DeviceModel | None = None,
     profile: bool = False,
-    repeats: int = 10,
 ) -> CostedModel:
     """Build and cost a published architecture at ``resolution`` pixels, ready for ``plan_for``.
 
@@ -196,17 +175,19 @@ def cost_arch(
     """
     if resolution % 64:
         raise HybridiffError(f"--resolution {resolution} must be a multiple of 64 (latent multiple of 8)")
+    options = options or CompileOptions()
     device = devices.worker_device(0) if profile else torch.device("meta")
     model = build_on_device(arch, device, getattr(torch, dtype))
     device_model = device_model or DeviceModel()
     call = partial(_arch_call, model, resolution // 8)
     traced, both = trace_module(model, call(1)), trace_module(model, call(2)).inputs
     if profile:
-        serial = forward_time(traced.graph, both, repeats)
+        serial = forward_time(traced.graph, both, options.repeats)
     else:
         serial = sum(m.cost_s for m in profile_nodes(traced.graph, both, 1, "roofline", device_model).values())
     return cost_graph(
         traced.graph,
+        options.but(repeats=options.repeats if profile else 1, cost="time" if profile else "roofline"),
         latent=traced.latent,
         branch_inputs=traced.inputs,
         forward_rows_s={2: serial},
@@ -217,9 +198,6 @@ def cost_arch(
             width=resolution,
             dtype=dtype,
         ),
-        link_gbps=link_gbps,
-        repeats=repeats if profile else 1,
-        cost="time" if profile else "roofline",
         device=devices.describe(device) if profile else device_model.name,
         device_model=device_model,
     )
@@ -311,14 +289,12 @@ class CostedModel:
 
 def cost_graph(
     graph: fx.GraphModule,
+    options: CompileOptions,
     *,
     latent: str,
     branch_inputs: dict[str, Any],
     forward_rows_s: dict[int, float] | None,
     model: ModelRef,
-    link_gbps: float,
-    repeats: int,
-    cost: str,
     device: str,
     device_model: DeviceModel | None = None,
 ) -> CostedModel:
@@ -329,13 +305,13 @@ def cost_graph(
     proportion. Without one row in it, one row is timed here."""
     if forward_rows_s and 1 in forward_rows_s:
         forward = forward_rows_s[1]
-    elif cost == "roofline":
-        forward = sum(m.cost_s for m in profile_nodes(graph, branch_inputs, 1, cost, device_model).values())
+    elif options.cost == "roofline":
+        forward = sum(m.cost_s for m in profile_nodes(graph, branch_inputs, 1, options.cost, device_model).values())
     else:
-        forward = forward_time(graph, branch_inputs, repeats)
+        forward = forward_time(graph, branch_inputs, options.repeats)
     return CostedModel(
         graph, latent, branch_inputs, forward, forward_rows_s or {2: 2 * forward},
-        model, link_gbps, device, repeats, cost, device_model,
+        model, options.link_gbps, device, options.repeats, options.cost, device_model,
     )
 
 
@@ -346,27 +322,19 @@ def calibrate_steps(costed: CostedModel, schedule: Schedule, calibrate: Calibrat
     costed.step_costs = calibrate(_assemble(costed, probe, costed.workload(2), {}, schedule=schedule))
 
 
-def plan_for(
-    costed: CostedModel,
-    gpus: int,
-    schedule: Schedule,
-    *,
-    mesh: str | None = None,
-    batch: int = 1,
-    strategy: str | None = None,
-    warmup: int | None = None,
-) -> Plan:
-    """The plan for ``gpus`` devices and ``batch`` images.
+def plan_for(costed: CostedModel, options: CompileOptions) -> Plan:
+    """The plan for ``options.gpus`` devices and ``options.batch`` images.
 
     Every candidate mesh (or the one ``mesh`` names, or those ``strategy`` allows: see
     ``hybridiff.compiler.strategies``) is simulated for ``batch`` images and the fastest becomes
     the plan; one device alone is a candidate too, so a plan is never slower than not splitting
     the work. ``warmup`` is the pipeline strategy's (default: AsyncDiff's for the family)."""
+    gpus, schedule, mesh, batch, strategy = options.gpus, options.schedule, options.mesh, options.batch, options.strategy
     _check_gpus(gpus)
     if batch < 1:
         raise HybridiffError(f"--batch {batch}: need at least one image")
     if strategy is not None:
-        schedule = strategy_schedule(strategy, schedule, warmup or default_warmup(costed.model.denoiser))
+        schedule = strategy_schedule(strategy, schedule, options.warmup or default_warmup(costed.model.denoiser))
         candidates = [parse_mesh(mesh, gpus, schedule.guided, batch)] if mesh else strategy_meshes(strategy, gpus, batch)
     else:
         candidates = [parse_mesh(mesh, gpus, schedule.guided, batch)] if mesh else _candidates(gpus, schedule.guided, batch)
@@ -388,24 +356,15 @@ def plan_for(
 
 
 def compile_graph(
-    graph: fx.GraphModule,
-    *,
-    gpus: int,
-    schedule: Schedule,
-    mesh: str | None = None,
-    batch: int = 1,
-    strategy: str | None = None,
-    warmup: int | None = None,
-    calibrate: Calibrate | None = None,
-    **costing: Any,
+    graph: fx.GraphModule, options: CompileOptions, *, calibrate: Calibrate | None = None, **described: Any
 ) -> Plan:
-    """Cost and partition a traced graph (``cost_graph``'s keywords) into a plan for ``gpus``
-    devices (``plan_for``'s placement keywords); ``calibrate`` measures the per-step costs of a
-    2-device plan before meshes are compared."""
-    costed = cost_graph(graph, **costing)
-    if calibrate is not None and gpus > 1:
-        calibrate_steps(costed, schedule, calibrate)
-    return plan_for(costed, gpus, schedule, mesh=mesh, batch=batch, strategy=strategy, warmup=warmup)
+    """Cost and partition a traced graph into a plan (``described``: what ``cost_graph`` needs
+    besides the options); ``calibrate`` measures the per-step costs of a 2-device plan before
+    meshes are compared."""
+    costed = cost_graph(graph, options, **described)
+    if calibrate is not None and options.gpus > 1:
+        calibrate_steps(costed, options.schedule, calibrate)
+    return plan_for(costed, options)
 
 
 def _candidates(gpus: int, guided: bool, batch: int) -> list[Mesh]:
