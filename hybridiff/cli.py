@@ -11,7 +11,7 @@ from hybridiff import quiet_libraries
 from hybridiff.errors import HybridiffError, report_and_exit, run_cli
 from hybridiff.files import check_output_file
 from hybridiff.plan import load_plan
-from hybridiff.runtime.worker import run_command
+from hybridiff.runtime.run_command import run_command
 
 if TYPE_CHECKING:
     from hybridiff.compiler.options import CompileOptions
@@ -62,7 +62,7 @@ def compile_command(
 ) -> None:
     """Trace, profile and partition MODEL (or a published --arch) into an execution plan."""
     from hybridiff.compiler.options import CompileOptions
-    from hybridiff.compiler.schedule import model_schedule
+    from hybridiff.compiler.schedule_defaults import model_schedule
 
     given = {"steps": steps, "guidance_scale": guidance_scale, "L": L, "g_slope": g_slope, "tau_cap": tau_cap, "k": k}
     try:
@@ -265,7 +265,7 @@ def bench_command(
 
     from hybridiff import bench
     from hybridiff.bench_report import image_grid, plot_speed_quality, render
-    from hybridiff.compiler.schedule import model_schedule
+    from hybridiff.compiler.schedule_defaults import model_schedule
     from hybridiff.compiler.strategies import parse_strategies
 
     try:

@@ -11,7 +11,7 @@ from torch import nn
 import hybridiff
 from hybridiff.compiler.compile import cost_arch, plan_for
 from hybridiff.compiler.options import CompileOptions
-from hybridiff.compiler.schedule import DEFAULT_SCHEDULE
+from hybridiff.compiler.schedule_defaults import DEFAULT_SCHEDULE
 from hybridiff.compiler.strategies import STRATEGIES
 from hybridiff.errors import HybridiffError
 from tests.conftest import invoke

@@ -119,7 +119,7 @@ def test_two_ranks_on_one_gpu_under_torchrun_are_refused_in_one_line(plan, tmp_p
 
 
 def test_a_fault_in_a_worker_is_one_line_with_its_traceback_in_a_log(tmp_path):
-    from hybridiff.runtime.launch import failure_line
+    from hybridiff.runtime.worker import failure_line
 
     try:
         raise ValueError("first line\nthe line that says why")

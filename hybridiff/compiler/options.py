@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from hybridiff.compiler.schedule import DEFAULT_SCHEDULE
+from hybridiff.compiler.schedule_defaults import DEFAULT_SCHEDULE
 from hybridiff.plan import Schedule
 
 #: Default link bandwidth: PCIe 3.0 x16 moves ~15.75 GB/s raw, ~100 Gbit/s in practice.

@@ -13,7 +13,7 @@ from hybridiff.errors import HybridiffError
 from hybridiff.models import resolve_source
 from hybridiff.plan import Plan
 from hybridiff.runtime.options import RunOptions
-from hybridiff.runtime.schedulers import EPSILON, FLOW
+from hybridiff.runtime.samplers import EPSILON, FLOW
 
 #: torch generators take 64-bit unsigned seeds.
 MAX_SEED = 2**64 - 1

@@ -4,34 +4,32 @@ with one line whatever happens to them.
 - Every store binds nothing to the network: the rendezvous and the process group meet in
   files of a private temporary folder, and gloo/NCCL pair sockets use the loopback
   interface. Nothing a remote host sends is ever unpickled.
-- A worker that fails writes one line (its rank and the exception's last line, or a user
-  error's message) to that folder, and its traceback to ``OUT/logs/rank-<r>.log``; nothing
-  reaches the terminal as a traceback. The launcher prints the line that explains the failure.
+- A worker that fails writes one line to that folder (``hybridiff.runtime.worker``), and its
+  traceback to ``OUT/logs/rank-<r>.log``; nothing reaches the terminal as a traceback. The
+  launcher prints the line that explains the failure.
 - A heartbeat watchdog names a stopped rank within half of ``HYBRIDIFF_TIMEOUT_S``.
 - A signal to the launcher stops the workers, closes ``report.json`` as ``interrupted`` and
   ends with 128 + the signal.
 
 Multi-node jobs skip this module: ``torchrun ... -m hybridiff.runtime.worker`` runs on each node.
-Only ``launch_local`` imports torch; the worker side starts its heartbeat before it imports
-anything heavy, so a worker stopped while it loads is found too.
+Only ``launch_local`` imports torch.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import tempfile
-import traceback
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from hybridiff.errors import HybridiffError, Interrupted, one_line, raise_on_signals
+from hybridiff.errors import HybridiffError, Interrupted, raise_on_signals
 from hybridiff.runtime import watchdog
 from hybridiff.runtime.options import STORE_ENV, RunOptions
 from hybridiff.runtime.report import end_report
+from hybridiff.runtime.worker import launched
 
 #: Environment the workers get unless the user set it: pair sockets on the loopback interface,
 #: and no note from multiprocessing's tracker about the semaphores of a killed worker.
@@ -40,39 +38,6 @@ WORKER_ENV = {
     "NCCL_SOCKET_IFNAME": "lo",
     "PYTHONWARNINGS": "ignore::UserWarning:multiprocessing.resource_tracker",
 }
-
-
-def failure_line(error: BaseException, rank: int, out: Path) -> str:
-    """What the user reads about a failed worker; a non-user error's traceback goes to a log."""
-    if isinstance(error, HybridiffError):
-        return str(error)
-    where = out / "logs" / f"rank-{rank}.log"
-    try:
-        where.parent.mkdir(parents=True, exist_ok=True)
-        where.write_text("".join(traceback.format_exception(error)))
-    except OSError:
-        where = None
-    line = f"worker rank {rank} failed: {one_line(error)}"
-    if "timed out" in line.lower() or "timeout" in line.lower():
-        line += f" (it waited longer than {watchdog.TIMEOUT_ENV}={watchdog.timeout_s()} s for a peer)"
-    return line + (f" (traceback: {where})" if where else "")
-
-
-def _worker_entry(opts: RunOptions, run_dir: str) -> None:
-    """A launched worker: heartbeat first, then the run; a failure leaves one line in run_dir."""
-    rank = int(os.environ["RANK"])
-    # Ctrl-C reaches every worker: die at once, as on SIGTERM, even inside a blocking gloo wait;
-    # the launcher closes the report.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    watchdog.start_heartbeat(Path(run_dir, "heartbeat"), rank)
-    try:
-        from hybridiff.runtime.session import execute
-
-        execute(opts)
-    except BaseException as e:  # noqa: BLE001 - every failure becomes one line for the launcher
-        kind = "user" if isinstance(e, HybridiffError) else "fault"
-        Path(run_dir, "errors", f"rank-{rank}.{kind}").write_text(failure_line(e, rank, opts.out))
-        raise SystemExit(2 if kind == "user" else 1) from None
 
 
 @contextmanager
@@ -137,7 +102,7 @@ def _elastic(opts: RunOptions, world_size: int, run_dir: str, dog: watchdog.Watc
     # any time; the workers' error files say what matters in one line.
     logging.disable(logging.CRITICAL)
     try:
-        elastic_launch(config, _worker_entry)(opts, run_dir)
+        elastic_launch(config, launched)(opts, run_dir)
     except ChildFailedError as e:
         raise HybridiffError(_explain(e.failures, Path(run_dir, "errors"), dog)) from None
     except SignalException as e:

@@ -36,7 +36,7 @@ from hybridiff.runtime.denoiser import HybridDenoiser, ObservedDenoiser
 from hybridiff.runtime.options import STORE_ENV, Mode, RunOptions
 from hybridiff.runtime.report import Call, RunReport
 from hybridiff.runtime.requests import ImageRequest
-from hybridiff.runtime.schedulers import use_scheduler
+from hybridiff.runtime.samplers import use_scheduler
 from hybridiff.runtime.spans import Spans
 from hybridiff.runtime.transport import DistTransport, LocalTransport, Transport
 

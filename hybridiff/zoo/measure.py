@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from hybridiff import quiet_libraries
-from hybridiff.compiler.schedule import DEFAULT_SCHEDULE
+from hybridiff.compiler.schedule_defaults import DEFAULT_SCHEDULE
 from hybridiff.files import write_atomic
 from hybridiff.graph.trace import denoiser_attr
 from hybridiff.models import CARD, TRAINED, load_pipeline, model_card
