@@ -112,12 +112,12 @@ def _compile_arch(arch: str, resolution: int, options: "CompileOptions", tflops:
     """``compile --arch``: a published architecture, roofline-costed unless ``profile``."""
     import torch
 
-    from hybridiff.compiler.compile import compile_arch
+    from hybridiff.compiler.compile import cost_arch, plan_for
     from hybridiff.compiler.cost import DeviceModel
 
     device = DeviceModel(f"{tflops:g} TFLOP/s, {mem_gbps:g} GB/s (roofline)", tflops, mem_gbps)
     dtype = "float16" if torch.cuda.is_available() or not profile else "float32"
-    return compile_arch(arch, resolution, options, dtype=dtype, device_model=device, profile=profile)
+    return plan_for(cost_arch(arch, resolution, options, dtype=dtype, device_model=device, profile=profile), options)
 
 
 def _report_plan(plan: "Plan", out: Path, gpus: int) -> None:

@@ -140,23 +140,6 @@ def compile_module(
     )
 
 
-def compile_arch(
-    arch: str,
-    resolution: int,
-    options: CompileOptions | None = None,
-    *,
-    dtype: str = "float16",
-    device_model: DeviceModel | None = None,
-    profile: bool = False,
-    **changes: Any,
-) -> Plan:
-    """Compile a published architecture at ``resolution`` pixels: ``cost_arch``, then
-    ``plan_for``. ``changes`` are ``CompileOptions`` fields to change."""
-    options = (options or CompileOptions()).but(**changes)
-    _check_gpus(options.gpus)
-    return plan_for(cost_arch(arch, resolution, options, dtype=dtype, device_model=device_model, profile=profile), options)
-
-
 def cost_arch(
     arch: str,
     resolution: int,

@@ -1,6 +1,6 @@
 """What ``compile`` decides with, as one frozen object (DistriFusion keeps one config object
-too): the CLI builds it once, and ``compile_model``, ``compile_module``, ``compile_arch``,
-``cost_model`` and ``plan_for`` all read it, instead of a dozen loose keywords travelling
+too): the CLI builds it once, and ``compile_model``, ``compile_module``, ``cost_model``,
+``cost_arch`` and ``plan_for`` all read it, instead of a dozen loose keywords travelling
 through every layer. What only one entry point has (image size, dtype, calibration, leaves,
 the roofline device) stays an argument of that entry point."""
 

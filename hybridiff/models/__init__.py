@@ -24,7 +24,7 @@ from hybridiff.models.tiny_sdxl import build_tiny_sdxl
 
 BUILTINS: dict[str, Callable[[], DiffusionPipeline]] = {"tiny-sdxl": build_tiny_sdxl, "tiny-sd3": build_tiny_sd3}
 #: Trained built-ins: name -> the package folder holding their weights.
-TRAINED = {name: Path(__file__).parents[1] / "zoo" / "weights" / name for name in ("digits-sdxl", "digits-sd3")}
+TRAINED = {name: Path(__file__).parent / "weights" / name for name in ("digits-sdxl", "digits-sd3")}
 BUILTIN_PREFIX = "builtin:"
 CARD = "hybridiff.json"
 

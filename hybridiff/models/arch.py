@@ -51,3 +51,13 @@ def build_on_device(name: str, device: torch.device, dtype: torch.dtype = torch.
         with torch.device(device):
             model = model_class.from_config(config)
     return model.to(dtype=dtype).eval()
+
+
+def denoiser_from_config(name: str) -> torch.nn.Module:
+    """A built-in model's denoiser from ``configs/<name>.json`` with ``from_config``, with the
+    caller's random state (the built-ins seed it so their weights are reproducible)."""
+    path = CONFIG_DIR / f"{name}.json"
+    if not path.is_file():
+        raise HybridiffError(f"no denoiser config {path.name} in {CONFIG_DIR}")
+    config = json.loads(path.read_text(encoding="utf-8"))
+    return _CLASSES[config["_class_name"]].from_config(config)

@@ -15,13 +15,13 @@ Weights are seeded, so every process builds the same model.
 from __future__ import annotations
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from transformers import CLIPTextModelWithProjection
 
-from hybridiff.models.tiny_sdxl import EOS_TOKEN, build_tokenizer, build_vae, build_vocabulary, text_config
+from hybridiff.models.arch import denoiser_from_config
+from hybridiff.models.components import EOS_TOKEN, build_tokenizer, build_vae, build_vocabulary, text_config
 
 LATENT_CHANNELS = 16
-LATENT_SIZE = 32
 TEXT_HIDDEN = (32, 64)
 PROJECTION_DIM = 32
 
@@ -38,19 +38,7 @@ def build_tiny_sd3(seed: int = 0) -> StableDiffusion3Pipeline:
             for tok, hidden in zip((tokenizer, tokenizer_2), TEXT_HIDDEN)
         ]
         torch.manual_seed(seed)
-        transformer = SD3Transformer2DModel(
-            sample_size=LATENT_SIZE,
-            patch_size=2,
-            in_channels=LATENT_CHANNELS,
-            out_channels=LATENT_CHANNELS,
-            num_layers=6,
-            attention_head_dim=32,
-            num_attention_heads=3,
-            joint_attention_dim=sum(TEXT_HIDDEN),
-            caption_projection_dim=96,
-            pooled_projection_dim=2 * PROJECTION_DIM,
-            pos_embed_max_size=LATENT_SIZE // 2,
-        )
+        transformer = denoiser_from_config("tiny-sd3-transformer")
         torch.manual_seed(seed)
         vae = build_vae(LATENT_CHANNELS, 1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
     for model in (*encoders, transformer, vae):

@@ -32,16 +32,16 @@ from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
     FlowMatchEulerDiscreteScheduler,
-    SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionXLPipeline,
-    UNet2DConditionModel,
 )
 from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from hybridiff import quiet_libraries
-from hybridiff.models.tiny_sdxl import EOS_TOKEN, build_tokenizer, build_vocabulary, sdxl_scheduler, text_config
+from hybridiff.models import TRAINED
+from hybridiff.models.arch import denoiser_from_config
+from hybridiff.models.components import EOS_TOKEN, build_tokenizer, build_vocabulary, sdxl_scheduler, text_config
 from hybridiff.zoo import digits
 from hybridiff.zoo.classifier import WEIGHTS as CLASSIFIER_WEIGHTS
 from hybridiff.zoo.classifier import DigitClassifier
@@ -212,7 +212,7 @@ def _fit(
 
 
 def _save(pipe: Any, name: str, card: dict[str, Any]) -> None:
-    folder = WEIGHTS / name
+    folder = TRAINED[name]  # the models package owns the pipelines it loads; zoo writes them there
     pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
     (folder / "hybridiff.json").write_text(json.dumps(card, indent=2) + "\n")
 
@@ -227,23 +227,7 @@ def train_digits_sdxl(steps: int) -> dict[str, Any]:
     vae = _load_vae()
     text_encoder, tokenizer, text_encoder_2, tokenizer_2 = _text_encoders(projected_first=False)
     torch.manual_seed(20)
-    unet = UNet2DConditionModel(
-        sample_size=LATENT_SIZE,
-        in_channels=LATENT_CHANNELS,
-        out_channels=LATENT_CHANNELS,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        mid_block_type="UNetMidBlock2DCrossAttn",
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(64, 128, 128),
-        layers_per_block=1,
-        attention_head_dim=(2, 4, 4),  # heads per block: 32-dim heads
-        norm_num_groups=16,
-        cross_attention_dim=32 + 64,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=32 + 6 * 8,
-    )
+    unet = denoiser_from_config("digits-sdxl-unet")
     scheduler = sdxl_scheduler()
     pipe = StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
@@ -276,19 +260,7 @@ def train_digits_sd3(steps: int) -> dict[str, Any]:
     vae = _load_vae()
     text_encoder, tokenizer, text_encoder_2, tokenizer_2 = _text_encoders(projected_first=True)
     torch.manual_seed(30)
-    transformer = SD3Transformer2DModel(
-        sample_size=LATENT_SIZE,
-        patch_size=1,
-        in_channels=LATENT_CHANNELS,
-        out_channels=LATENT_CHANNELS,
-        num_layers=4,
-        attention_head_dim=32,
-        num_attention_heads=3,
-        joint_attention_dim=32 + 64,
-        caption_projection_dim=96,
-        pooled_projection_dim=64,
-        pos_embed_max_size=LATENT_SIZE,
-    )
+    transformer = denoiser_from_config("digits-sd3-transformer")
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
