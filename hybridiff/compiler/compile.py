@@ -21,7 +21,7 @@ from hybridiff.compiler.strategies import default_warmup, strategy_meshes, strat
 from hybridiff.errors import HybridiffError
 from hybridiff.graph.execution import GraphRunner
 from hybridiff.graph.pipeline import trace_pipeline
-from hybridiff.graph.trace import Leaf, capture_denoiser_call, graph_fingerprint, trace_module
+from hybridiff.graph.trace import Leaf, adapter_for, capture_denoiser_call, graph_fingerprint, trace_module
 from hybridiff.models import load_pipeline, model_card, resolve_source
 from hybridiff.models.arch import build_on_device
 from hybridiff.plan import CutTensor, Estimates, GraphInfo, Mesh, ModelRef, Plan, Schedule, Stage, StepCosts
@@ -162,7 +162,7 @@ def cost_arch(
     device = devices.worker_device(0) if profile else torch.device("meta")
     model = build_on_device(arch, device, getattr(torch, dtype))
     device_model = device_model or DeviceModel()
-    call = partial(_arch_call, model, resolution // 8)
+    call = partial(adapter_for(model).example_call, resolution // 8)
     traced, both = trace_module(model, call(1)), trace_module(model, call(2)).inputs
     if profile:
         serial = forward_time(traced.graph, both, options.repeats)
@@ -184,35 +184,6 @@ def cost_arch(
         device=devices.describe(device) if profile else device_model.name,
         device_model=device_model,
     )
-
-
-def _arch_call(model: nn.Module, latent: int, batch: int) -> dict[str, Any]:
-    """Keyword arguments of one denoiser call of ``batch`` rows on a ``latent``-sized latent, as
-    the model's pipeline makes them: empty tensors on the meta device, random ones elsewhere."""
-    config, device = model.config, model.device
-    gen = torch.Generator().manual_seed(batch)
-
-    def meta(*shape: int, dt: torch.dtype = model.dtype) -> torch.Tensor:
-        if device.type == "meta":
-            return torch.empty(batch, *shape, device=device, dtype=dt)
-        return torch.randn(batch, *shape, generator=gen).to(device, dt)
-
-    if isinstance(model, UNet2DConditionModel):
-        kwargs: dict[str, Any] = {
-            "sample": meta(config.in_channels, latent, latent),
-            "timestep": meta(dt=torch.float32),
-            "encoder_hidden_states": meta(77, config.cross_attention_dim),
-        }
-        if config.addition_embed_type == "text_time":
-            text = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-            kwargs["added_cond_kwargs"] = {"text_embeds": meta(text), "time_ids": meta(6)}
-        return kwargs
-    return {  # SD3: 77 + 77 CLIP tokens and 256 T5 tokens, as the SD3 pipeline builds them
-        "hidden_states": meta(config.in_channels, latent, latent),
-        "encoder_hidden_states": meta(333, config.joint_attention_dim),
-        "pooled_projections": meta(config.pooled_projection_dim),
-        "timestep": meta(dt=torch.float32),
-    }
 
 
 @dataclass

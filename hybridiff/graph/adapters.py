@@ -100,6 +100,19 @@ def _unsupported(field: str, value: Any) -> HybridiffError:
     )
 
 
+def _tensor_maker(model: nn.Module, batch: int) -> Any:
+    """Tensors of ``batch`` rows for an example call: empty on the meta device (no memory),
+    seeded random elsewhere."""
+    device, gen = model.device, torch.Generator().manual_seed(batch)
+
+    def make(*shape: int, dt: torch.dtype = model.dtype) -> torch.Tensor:
+        if device.type == "meta":
+            return torch.empty(batch, *shape, device=device, dtype=dt)
+        return torch.randn(batch, *shape, generator=gen).to(device, dt)
+
+    return make
+
+
 class UNetAdapter:
     """Traces a ``UNet2DConditionModel`` and maps pipeline calls onto the traced graph."""
 
@@ -117,6 +130,20 @@ class UNetAdapter:
         self.uses_added_conditions = config.addition_embed_type == "text_time"
         #: Latent height and width must be multiples of this (the UNet's upsampling factor).
         self.spatial_multiple = 2 ** len([b for b in unet.up_blocks if getattr(b, "upsamplers", None)])
+
+    def example_call(self, latent: int, batch: int) -> dict[str, Any]:
+        """Keyword arguments of a ``batch``-row call on a ``latent``-sized latent, as SD/SDXL
+        pipelines make them (77 text tokens; SDXL's pooled text and 6 time ids)."""
+        config, make = self.unet.config, _tensor_maker(self.unet, batch)
+        kwargs: dict[str, Any] = {
+            "sample": make(config.in_channels, latent, latent),
+            "timestep": make(dt=torch.float32),
+            "encoder_hidden_states": make(77, config.cross_attention_dim),
+        }
+        if self.uses_added_conditions:
+            text = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+            kwargs["added_cond_kwargs"] = {"text_embeds": make(text), "time_ids": make(6)}
+        return kwargs
 
     def trace(self) -> fx.GraphModule:
         """Trace the UNet at block granularity; the graph equals ``unet.forward``."""
@@ -212,6 +239,17 @@ class SD3Adapter:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+
+    def example_call(self, latent: int, batch: int) -> dict[str, Any]:
+        """Keyword arguments of a ``batch``-row call on a ``latent``-sized latent, as the SD3
+        pipeline makes them: 77 + 77 CLIP tokens and 256 T5 tokens."""
+        config, make = self.model.config, _tensor_maker(self.model, batch)
+        return {
+            "hidden_states": make(config.in_channels, latent, latent),
+            "encoder_hidden_states": make(333, config.joint_attention_dim),
+            "pooled_projections": make(config.pooled_projection_dim),
+            "timestep": make(dt=torch.float32),
+        }
 
     def inputs_from_call(
         self,
