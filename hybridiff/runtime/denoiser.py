@@ -36,8 +36,9 @@ from torch import nn
 from hybridiff.errors import HybridiffError
 from hybridiff.graph.execution import GraphRunner
 from hybridiff.graph.pipeline import TracedModel
-from hybridiff.plan import CutTensor, Plan, receives_next
+from hybridiff.plan import CutTensor, Plan
 from hybridiff.runtime.phases import Phase, PhaseController, discrepancy
+from hybridiff.runtime.routing import Routing
 from hybridiff.runtime.spans import Spans
 from hybridiff.runtime.transport import Transport
 
@@ -116,10 +117,6 @@ def _rows(inputs: dict[str, Any], rows: range, total: int) -> dict[str, Any]:
     }
 
 
-def _overlap(a: range, b: range) -> range:
-    return range(max(a.start, b.start), max(max(a.start, b.start), min(a.stop, b.stop)))
-
-
 class HybridDenoiser(_DenoiserProxy):
     """Executes the plan's hybrid schedule for the positions of ``replica`` this process hosts."""
 
@@ -140,12 +137,8 @@ class HybridDenoiser(_DenoiserProxy):
             s.index: self.runner.program(s.recompute + s.nodes, keep=[c.node for c in cuts if c.producer == s.index])
             for s in plan.stages
         }
-        #: (producer stage, consumer stage) -> cut tensors, in plan order (the wire order).
-        self._links = plan.links()
-        #: Shape arithmetic crossing cuts: static, taken from the plan instead of the wire.
-        self._constants = [c for c in cuts if c.constant is not None]
+        self.routing = Routing(plan)
         self._output_stage = plan.output_stage
-        self._incoming_cache: dict[tuple[int, int, bool], list[tuple[list[CutTensor], list[tuple[int, int]]]]] = {}
 
     def begin_call(self, num_steps: int, guided: bool) -> None:
         if self.mesh.cfg == 2 and not guided:
@@ -180,7 +173,7 @@ class HybridDenoiser(_DenoiserProxy):
         if self.guided and rows % 2:
             raise HybridiffError(f"a guided denoiser call must have an even batch, got {rows}")
         if self._step == 0:
-            self._check_rows(rows)
+            self.routing.check_rows(rows)
         self._latent = latent
         step = self._step
         self._step += 1
@@ -198,16 +191,6 @@ class HybridDenoiser(_DenoiserProxy):
         else:
             out = self._full_step(step, inputs, rows)
         return self.adapter.wrap_output(out, return_dict)
-
-    def _check_rows(self, rows: int) -> None:
-        """Cut tensors without a batch dimension (graphs specialised to one row) allow one row
-        per stage only."""
-        fixed = [c.node for cuts in self._links.values() for c in cuts if c.batch_dim is None]
-        if fixed and any(len(self._window_rows(s, rows)) > 1 for s in range(self.mesh.replica_size)):
-            raise HybridiffError(
-                f"cut tensor {fixed[0]} has no batch dimension, so a stage cannot run several rows; "
-                "compile a cfg=2 mesh and generate one image per call (--batch 1)"
-            )
 
     def _like(self, rows: int) -> torch.Tensor:
         """A receive buffer for ``rows`` rows of the prediction."""
@@ -254,9 +237,6 @@ class HybridDenoiser(_DenoiserProxy):
                     f"{expected[1]} {expected[0]}: the plan was edited or compiled for another size or dtype; recompile it"
                 )
 
-    def _window_rows(self, position: int, rows: int) -> range:
-        return self.mesh.window_rows(position, rows, self.plan.schedule.window_guidance)
-
     def _hand_off(self, rows: int, next_is_last: bool) -> None:
         """After tau1's full step: each position sends, for every stage, the cut tensors of the
         rows it just computed whole that the stage's consumers will read on the first window step.
@@ -267,13 +247,10 @@ class HybridDenoiser(_DenoiserProxy):
         for s in self.hosted:
             if s not in self._last_full:
                 continue
-            mine, values = self.mesh.full_rows(s, rows), self._last_full[s]
-            for (producer, consumer), cuts in self._links.items():
-                part = _overlap(mine, self._window_rows(producer, rows))
-                if part and receives_next(consumer, self._output_stage, next_is_last):
-                    start = part.start - mine.start
-                    tensors = [_narrow(values[c.node], c, start, len(part), len(mine)) for c in cuts]
-                    self.transport.post(self.ranks[s], self.ranks[consumer], tensors)
+            computed, values = len(self.mesh.full_rows(s, rows)), self._last_full[s]
+            for consumer, cuts, part in self.routing.hand_off(s, rows, next_is_last):
+                tensors = [_narrow(values[c.node], c, part.start, len(part), computed) for c in cuts]
+                self.transport.post(self.ranks[s], self.ranks[consumer], tensors)
 
     def _window_step(self, step: int, inputs: dict[str, Any], rows: int) -> torch.Tensor:
         last = self.controller.is_last_window_step(step)
@@ -284,10 +261,10 @@ class HybridDenoiser(_DenoiserProxy):
             owns_output = s == self._output_stage
             if last and not owns_output:
                 continue  # nothing it would produce is consumed any more
-            mine = self._window_rows(s, rows)
-            env = {**_rows(inputs, mine, rows), **{c.node: c.runtime_value(len(mine)) for c in self._constants}}
-            for cuts, sources in self._incoming(s, rows, first):
-                parts = [self.transport.take(src, self.ranks[s], self._templates(cuts, n)) for src, n in sources]
+            mine = self.routing.window_rows(s, rows)
+            env = {**_rows(inputs, mine, rows), **{c.node: c.runtime_value(len(mine)) for c in self.routing.constants}}
+            for cuts, sources in self.routing.incoming(s, rows, first):
+                parts = [self.transport.take(self.ranks[src], self.ranks[s], self._templates(cuts, n)) for src, n in sources]
                 for i, cut in enumerate(cuts):
                     env[cut.node] = parts[0][i] if len(parts) == 1 else torch.cat([p[i] for p in parts], cut.batch_dim)
             if not last:
@@ -298,37 +275,10 @@ class HybridDenoiser(_DenoiserProxy):
                 self._post_cuts(s, values, next_is_last)
             if owns_output:
                 prediction = values["output"]
-        out_rows = len(self._window_rows(self._output_stage, rows))
+        out_rows = len(self.routing.window_rows(self._output_stage, rows))
         out = self.transport.broadcast(prediction, self.ranks[self._output_stage], self._like(out_rows), self.group)
         self.transport.flush()  # the cut tensors leave now, not while the next stage computes
         return out
-
-    def _incoming(self, position: int, rows: int, first: bool) -> list[tuple[list[CutTensor], list[tuple[int, int]]]]:
-        """Per link into ``position``'s stage: its cut tensors and the (source rank, rows) of
-        each message carrying them. On the window's first step the sources are the positions
-        whose full forwards computed the producing stage's rows. Asked twice per window step
-        (receive now, pre-post the next), so it is worked out once per case."""
-        key = (position, rows, first)
-        if key not in self._incoming_cache:
-            self._incoming_cache[key] = self._work_out_incoming(position, rows, first)
-        return self._incoming_cache[key]
-
-    def _work_out_incoming(self, position: int, rows: int, first: bool) -> list[tuple[list[CutTensor], list[tuple[int, int]]]]:
-        incoming = []
-        for (producer, consumer), cuts in self._links.items():
-            if consumer != position:
-                continue
-            needed = self._window_rows(producer, rows)
-            if first:
-                sources = [
-                    (self.ranks[m], len(part))
-                    for m in range(self.mesh.replica_size)
-                    if (part := _overlap(self.mesh.full_rows(m, rows), needed))
-                ]
-            else:
-                sources = [(self.ranks[producer], len(needed))]
-            incoming.append((cuts, sources))
-        return incoming
 
     def _templates(self, cuts: list[CutTensor], rows: int) -> list[torch.Tensor]:
         """Receive buffers shaped as the plan records, for ``rows`` rows."""
@@ -337,19 +287,19 @@ class HybridDenoiser(_DenoiserProxy):
 
     def _expect_cuts(self, position: int, rows: int, first: bool, next_is_last: bool) -> None:
         """Pre-post the receives of the next window step's cut tensors (if it reads any)."""
-        if not receives_next(position, self._output_stage, next_is_last):
+        if not self.routing.receives_next(position, next_is_last):
             return
-        for cuts, sources in self._incoming(position, rows, first):
+        for cuts, sources in self.routing.incoming(position, rows, first):
             for src, n in sources:
-                self.transport.expect(src, self.ranks[position], self._templates(cuts, n))
+                self.transport.expect(self.ranks[src], self.ranks[position], self._templates(cuts, n))
 
     def _post_cuts(self, position: int, values: dict[str, torch.Tensor], next_is_last: bool) -> None:
-        for (producer, consumer), cuts in self._links.items():
-            if producer == position and receives_next(consumer, self._output_stage, next_is_last):
+        for (producer, consumer), cuts in self.routing.links.items():
+            if producer == position and self.routing.receives_next(consumer, next_is_last):
                 self.transport.post(self.ranks[position], self.ranks[consumer], [values[c.node] for c in cuts])
 
 
 def _narrow(value: torch.Tensor, cut: CutTensor, start: int, length: int, total: int) -> torch.Tensor:
     """``length`` rows of a cut tensor computed for ``total`` rows, from row ``start``
-    (``_check_rows`` has refused cuts without a batch dimension wherever rows must split)."""
+    (``Routing.check_rows`` has refused cuts without a batch dimension wherever rows must split)."""
     return value if length == total else value.narrow(cut.batch_dim, start, length)
