@@ -102,6 +102,14 @@ class Mesh(_Strict):
         """Ranks per replica, which is also the number of pipeline stages."""
         return self.cfg * self.pp
 
+    def check_guided(self, guided: bool) -> None:
+        """A run without guidance has no branches for a cfg=2 mesh to split: one line, no hang."""
+        if self.cfg == 2 and not guided:
+            raise HybridiffError(
+                f"the plan's mesh {self.label} splits the guidance branches but this run has no "
+                "guidance (guidance_scale <= 1); use a guidance scale > 1 or compile a cfg=1 plan"
+            )
+
     @property
     def idle_ranks(self) -> list[int]:
         return list(range(self.dp * self.replica_size, self.world_size))

@@ -77,7 +77,7 @@ def _from_folder(folder: Path, dtype: torch.dtype, absent: dict[str, None]) -> D
     diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # it logs what it then raises
     try:
         return DiffusionPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True, use_safetensors=True, **absent)
-    except (AttributeError, ImportError, OSError, ValueError, TypeError, KeyError, EnvironmentError) as e:
+    except (AttributeError, ImportError, OSError, ValueError, TypeError, KeyError) as e:
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
         raise HybridiffError(
             f"cannot load the pipeline in {folder} ({type(e).__name__}: {first}); hybridiff loads diffusers "

@@ -13,7 +13,7 @@ from hybridiff.errors import HybridiffError
 from hybridiff.models import resolve_source
 from hybridiff.plan import Plan
 from hybridiff.runtime.options import RunOptions
-from hybridiff.runtime.samplers import EPSILON, FLOW
+from hybridiff.runtime.samplers import sampler_class
 
 #: torch generators take 64-bit unsigned seeds.
 MAX_SEED = 2**64 - 1
@@ -37,20 +37,12 @@ def check_run(opts: RunOptions, plan: Plan) -> None:
     if opts.guidance_scale is not None and not math.isfinite(opts.guidance_scale):
         raise HybridiffError(f"--guidance-scale {opts.guidance_scale}: give a finite number, e.g. 5")
     guidance = opts.guidance_scale if opts.guidance_scale is not None else plan.schedule.guidance_scale
-    if plan.mesh.cfg == 2 and guidance <= 1 and opts.mode != "serial":
-        raise HybridiffError(
-            f"the plan's mesh {plan.mesh.label} splits the guidance branches but this run has no "
-            "guidance (guidance_scale <= 1); use a guidance scale > 1 or compile a cfg=1 plan"
-        )
+    if opts.mode != "serial":
+        plan.mesh.check_guided(guidance > 1)
     if opts.steps is not None and not 1 <= opts.steps <= MAX_STEPS:
         raise HybridiffError(f"--steps {opts.steps}: give 1 to {MAX_STEPS} steps")
     if opts.scheduler is not None:
-        allowed = FLOW if plan.model.denoiser == "sd3-transformer" else EPSILON
-        if opts.scheduler not in allowed:
-            kind = "flow-matching" if allowed is FLOW else "noise-prediction"
-            raise HybridiffError(
-                f"--scheduler {opts.scheduler!r} does not fit this {kind} model; use one of {', '.join(allowed)}"
-            )
+        sampler_class(opts.scheduler, flow=plan.model.denoiser == "sd3-transformer")
 
 
 def check_plan_graph(plan: Plan, graph: Any) -> None:

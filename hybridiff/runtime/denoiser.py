@@ -141,11 +141,7 @@ class HybridDenoiser(_DenoiserProxy):
         self._output_stage = plan.output_stage
 
     def begin_call(self, num_steps: int, guided: bool) -> None:
-        if self.mesh.cfg == 2 and not guided:
-            raise HybridiffError(
-                f"the plan's mesh {self.mesh.label} splits the guidance branches but this run has no "
-                "guidance (guidance_scale <= 1); use a guidance scale > 1 or compile a cfg=1 plan"
-            )
+        self.mesh.check_guided(guided)
         self.guided = guided
         self.controller = PhaseController(self.plan.schedule, num_steps)
         self.loop_start = None

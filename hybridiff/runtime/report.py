@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridiff.errors import HybridiffError
-from hybridiff.files import check_output_folder, remove_temporaries, strict_json, write_atomic
+from hybridiff.files import check_output_folder, finite, remove_temporaries, strict_json, write_atomic
 from hybridiff.runtime.requests import ImageRequest
 
 REPORT = "report.json"
@@ -77,16 +77,15 @@ class RunReport:
         if time.perf_counter() >= self._next_write:
             self.write("running")
 
-    def write(self, status: str, error: str | None = None, **extra: Any) -> None:
+    def write(self, status: str, error: str | None = None, totals: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+        """Write the report as it stands with ``status``; returns what was written."""
         started = time.perf_counter()
-        self._write(status, error, **extra)
+        images = [self.entries[i] for i in sorted(self.entries)]
+        said = {"error": error} if error else {}
+        report = finite({"status": status, **said, **self.header, "images": images, "totals": totals, **extra})
+        write_atomic(self.out / REPORT, strict_json(report))
         self._next_write = started + 10 * (time.perf_counter() - started)
-
-    def _write(self, status: str, error: str | None, **extra: Any) -> None:
-        report = {"status": status, **({"error": error} if error else {}), **self.header}
-        report["images"] = [self.entries[i] for i in sorted(self.entries)]
-        report["totals"] = extra.pop("totals", None)
-        write_atomic(self.out / REPORT, strict_json({**report, **extra}))
+        return report
 
     def complete(self, calls: list[Call], **extra: Any) -> dict[str, Any]:
         """Every rank's calls merged: each call once, its bytes summed over the ranks."""
@@ -119,14 +118,13 @@ class RunReport:
             "comm_bytes": sum(by_phase.values()),
             "comm_bytes_by_phase": by_phase,
         }
-        self.write("complete", totals=totals, **extra)
-        return json.loads((self.out / REPORT).read_text())
+        return self.write("complete", totals=totals, **extra)
 
 
 def start_report(out: Path, header: dict[str, Any]) -> None:
     """The report before any worker runs, so even a run that dies while loading leaves one
     saying so; rank 0 rewrites it with the whole header once it has joined."""
-    write_atomic(out / REPORT, strict_json({"status": "running", **header, "images": [], "totals": None}))
+    RunReport(out, (), header).write("running")
 
 
 def end_report(out: Path, status: str, error: str) -> None:

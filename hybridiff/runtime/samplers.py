@@ -28,11 +28,17 @@ EPSILON = {
 FLOW = {"flow-euler": FlowMatchEulerDiscreteScheduler}
 
 
-def use_scheduler(pipe: Any, name: str) -> None:
-    """Replace ``pipe.scheduler`` with the sampler ``name`` built from its config."""
-    flow = isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+def sampler_class(name: str, flow: bool) -> type:
+    """The sampler ``name`` for a flow-matching (``flow``) or noise-prediction model, or a
+    one-line error naming those that fit."""
     allowed = FLOW if flow else EPSILON
     if name not in allowed:
         kind = "flow-matching" if flow else "noise-prediction"
         raise HybridiffError(f"--scheduler {name!r} does not fit this {kind} model; use one of {', '.join(allowed)}")
-    pipe.scheduler = allowed[name].from_config(pipe.scheduler.config)
+    return allowed[name]
+
+
+def use_scheduler(pipe: Any, name: str) -> None:
+    """Replace ``pipe.scheduler`` with the sampler ``name`` built from its config."""
+    flow = isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    pipe.scheduler = sampler_class(name, flow).from_config(pipe.scheduler.config)

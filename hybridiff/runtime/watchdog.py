@@ -12,6 +12,7 @@ imports torch and diffusers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -112,10 +113,8 @@ class Watchdog(threading.Thread):
         for rank in range(self.world):
             beat = _read(self.folder / f"rank-{rank}")
             if beat is not None:
-                try:
+                with contextlib.suppress(ProcessLookupError):  # it ended on its own meanwhile
                     os.kill(beat[0], signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
 
     def stop(self) -> None:
         self._halt.set()
