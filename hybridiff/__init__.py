@@ -23,12 +23,15 @@ _API = {
     "load_plan": ("hybridiff.plan", "load_plan"),
     "Plan": ("hybridiff.plan", "Plan"),
     "register_adapter": ("hybridiff.graph.trace", "register_adapter"),
+    "parallelize": ("hybridiff.runtime.parallel", "parallelize"),
+    "ParallelPipeline": ("hybridiff.runtime.parallel", "ParallelPipeline"),
     "HybridiffError": ("hybridiff.errors", "HybridiffError"),
 }
 
 
 def __getattr__(name: str):  # noqa: ANN202 - lazy, so `import hybridiff` stays light
-    """The Python API: ``hybridiff.compile``, ``check_plan``, ``load_plan``, ``register_adapter``."""
+    """The Python API: ``hybridiff.compile``, ``check_plan``, ``load_plan``, ``register_adapter``,
+    ``parallelize``."""
     if name not in _API:
         raise AttributeError(f"module 'hybridiff' has no attribute {name!r}")
     import importlib

@@ -1,6 +1,7 @@
 """The runtime against its references: emulation, the stock pipeline, and hand-made staleness."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -200,14 +201,16 @@ def test_window_uses_one_step_stale_cut_tensors(traced, unet_call, plans_by_devi
     denoiser = HybridDenoiser(traced, plan, LocalTransport(plan.mesh.replica_ranks(0)))
     counting = _CountingRunner(traced.graph)
     denoiser.runner = counting
-    denoiser.begin_call(schedule.steps, guided=True)
+    denoiser.begin_call(guided=True)
+    # what the denoiser reads of the pipeline calling it: how many steps the call makes
+    pipe = SimpleNamespace(**{traced.attr: traced.denoiser, "_num_timesteps": schedule.steps})
 
     args, kwargs = unet_call
     kwargs = {**kwargs, "return_dict": False}
     gen = torch.Generator().manual_seed(0)
     samples = [torch.randn(args[0].shape, generator=gen) for _ in range(schedule.steps)]
     outputs = []
-    with torch.inference_mode():
+    with torch.inference_mode(), denoiser.installed(pipe):
         for x in samples:
             outputs.append(denoiser(x, args[1], *args[2:], **kwargs)[0])
 

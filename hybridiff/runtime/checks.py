@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 from hybridiff.errors import HybridiffError
+from hybridiff.graph.pipeline import TracedModel, trace_pipeline
 from hybridiff.models import resolve_source
 from hybridiff.plan import Plan
 from hybridiff.runtime.options import RunOptions
@@ -43,6 +44,19 @@ def check_run(opts: RunOptions, plan: Plan) -> None:
         raise HybridiffError(f"--steps {opts.steps}: give 1 to {MAX_STEPS} steps")
     if opts.scheduler is not None:
         sampler_class(opts.scheduler, flow=plan.model.denoiser == "sd3-transformer")
+
+
+def trace_for_plan(pipe: Any, plan: Plan) -> TracedModel:
+    """``pipe``'s denoiser traced as the plan's compiler traced it, checked against the plan."""
+    traced = trace_pipeline(pipe, plan.graph.refined)
+    if traced.fingerprint != plan.graph.fingerprint:
+        raise HybridiffError(
+            f"plan fingerprint {plan.graph.fingerprint} does not match the model's graph ({traced.fingerprint}): "
+            f"the plan was compiled for another model ({plan.model.source}) or the model changed since; compile a plan "
+            "for this model (hybridiff compile)"
+        )
+    check_plan_graph(plan, traced.graph)
+    return traced
 
 
 def check_plan_graph(plan: Plan, graph: Any) -> None:

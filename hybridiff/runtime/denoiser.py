@@ -52,6 +52,8 @@ class _DenoiserProxy(nn.Module):
         self.attr = attr
         self.spans = spans
         self.loop_start: float | None = None
+        #: Denoiser calls the current pipeline call makes (known from its first).
+        self.num_steps = 0
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -64,10 +66,19 @@ class _DenoiserProxy(nn.Module):
         """Stand in for the pipeline's denoiser for the duration of one pipeline call."""
         original = getattr(pipe, self.attr)
         setattr(pipe, self.attr, self)
+        self._pipe = pipe
         try:
             yield
         finally:
             setattr(pipe, self.attr, original)
+            self._pipe = None
+
+    def _count_steps(self) -> None:
+        """On a call's first denoiser call: how many the pipeline will make. Stock pipelines set
+        ``_num_timesteps`` before their loop (after ``denoising_end`` and second-order schedulers'
+        repeated timesteps), and call the denoiser once per timestep."""
+        steps = getattr(self._pipe, "_num_timesteps", None)
+        self.num_steps = steps if isinstance(steps, int) and steps > 0 else len(self._pipe.scheduler.timesteps)
 
     def _start_clock(self, barrier: Any = None) -> None:
         if self.loop_start is None:
@@ -87,7 +98,7 @@ class ObservedDenoiser(_DenoiserProxy):
     The predictions are kept and the curve is worked out after the call, so the baseline's
     timed loop does nothing the stock pipeline would not do."""
 
-    def begin_call(self, num_steps: int, guided: bool) -> None:
+    def begin_call(self, guided: bool) -> None:
         self.loop_start = None
         self.guided = guided
         self._predictions: list[torch.Tensor] = []
@@ -102,6 +113,8 @@ class ObservedDenoiser(_DenoiserProxy):
         return "serial"
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.loop_start is None:
+            self._count_steps()
         self._start_clock()
         with self.spans.call(), self.spans.span("compute", "forward"):
             out = self.inner(*args, **kwargs)
@@ -127,6 +140,7 @@ class HybridDenoiser(_DenoiserProxy):
         self.mesh = plan.mesh
         self.transport = transport
         self.runner = GraphRunner(traced.graph)
+        self.replica = replica
         self.ranks = self.mesh.replica_ranks(replica)
         self.group = self.ranks
         self.hosted = [s for s, r in enumerate(self.ranks) if r in transport.hosted]
@@ -140,10 +154,10 @@ class HybridDenoiser(_DenoiserProxy):
         self.routing = Routing(plan)
         self._output_stage = plan.output_stage
 
-    def begin_call(self, num_steps: int, guided: bool) -> None:
+    def begin_call(self, guided: bool) -> None:
         self.mesh.check_guided(guided)
         self.guided = guided
-        self.controller = PhaseController(self.plan.schedule, num_steps)
+        self.controller: PhaseController | None = None  # made on the first step, when the steps are known
         self.loop_start = None
         self._step = 0
         #: Per hosted position: the values kept from its last full forward (feed the window).
@@ -170,6 +184,13 @@ class HybridDenoiser(_DenoiserProxy):
             raise HybridiffError(f"a guided denoiser call must have an even batch, got {rows}")
         if self._step == 0:
             self.routing.check_rows(rows)
+            self._count_steps()
+            self.controller = PhaseController(self.plan.schedule, self.num_steps)
+        if self._step >= self.num_steps:
+            raise HybridiffError(
+                f"the pipeline called its denoiser more often than it has timesteps ({self.num_steps}); hybridiff "
+                "runs pipelines that call the denoiser once per timestep"
+            )
         self._latent = latent
         step = self._step
         self._step += 1

@@ -1,0 +1,61 @@
+"""Which device a parallel pipeline computes on, and the process group its ranks meet in."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hybridiff import device as devices
+from hybridiff.errors import HybridiffError
+from hybridiff.plan import Plan
+from hybridiff.runtime import watchdog
+from hybridiff.runtime.options import STORE_ENV, Mode
+
+
+def pipe_device(pipe: Any) -> torch.device:
+    """Where ``pipe``'s denoiser's weights are."""
+    return torch.device(getattr(pipe, "device", torch.device("cpu")))
+
+
+def choose_device(pipe: Any, wanted: str | torch.device | None, mode: Mode) -> torch.device:
+    """``wanted``, else: a torchrun rank's own GPU where CUDA exists (``HYBRIDIFF_DEVICE`` may
+    force cpu), else the pipeline's device."""
+    if wanted is not None:
+        return torch.device(wanted)
+    current = pipe_device(pipe)
+    if mode != "hybrid" or current.type == "cuda":
+        return current
+    if "LOCAL_RANK" in os.environ:
+        devices.check_fits(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return devices.worker_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def join_group(plan: Plan, device: torch.device) -> int:
+    """Join the process group torchrun or the local launcher set up (or use the one the caller
+    initialised); returns this process's rank. The local launcher hands over a file store:
+    nothing listens on the network."""
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            raise HybridiffError(
+                "running a plan on several devices needs one process per device: start the script with "
+                f"`torchrun --nproc-per-node {plan.mesh.world_size} SCRIPT`, or pass emulate=True to run every rank here"
+            )
+        joined: dict[str, Any] = {"timeout": timedelta(seconds=watchdog.timeout_s())}
+        if os.environ.get(STORE_ENV):
+            world = int(os.environ["WORLD_SIZE"])
+            joined.update(store=dist.FileStore(os.environ[STORE_ENV], world), rank=int(os.environ["RANK"]), world_size=world)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            # device_id binds NCCL's communicator to this GPU instead of a guess from the rank
+            joined["device_id"] = device
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **joined)
+    if dist.get_world_size() != plan.mesh.world_size:
+        raise HybridiffError(
+            f"the plan is for {plan.mesh.world_size} devices but {dist.get_world_size()} workers were "
+            f"launched; launch {plan.mesh.world_size} or recompile with --gpus {dist.get_world_size()}"
+        )
+    return dist.get_rank()
