@@ -48,6 +48,19 @@ class ModelRef(_Strict):
     pipeline_kwargs: dict[str, int | float | str | bool] = Field(default_factory=dict)
 
 
+class TokenSplit(_Strict):
+    """Where a transformer denoiser's image tokens form one sequence that only attention mixes:
+    sequence parallelism (``Mesh.sp``) cuts it after ``shard_after`` and joins it after
+    ``gather_after`` (``runtime.sequence``)."""
+
+    shard_after: str = Field(description="the node giving the image tokens [rows, tokens, dim] (patch embedding)")
+    gather_after: str = Field(description="the last per-token node before the tokens are unpatchified")
+    tokens: int = Field(gt=0, description="image tokens per row")
+    text_tokens: int = Field(default=0, ge=0, description="text tokens per row, which every peer computes whole")
+    attentions: int = Field(ge=1, description="attention layers over the image tokens in one forward")
+    kv_bytes_per_row: int = Field(ge=0, description="bytes of the image tokens' keys and values, one row, all attentions")
+
+
 class GraphInfo(_Strict):
     fingerprint: str = Field(min_length=1)
     num_nodes: int = Field(gt=0)
@@ -58,6 +71,8 @@ class GraphInfo(_Strict):
     #: Nodes that do not depend on the latent (time and added-condition embeddings): every
     #: rank recomputes them each step from its own inputs, so they are never stale.
     replicated: list[str]
+    #: Set for transformer denoisers whose tokens can be split (``Mesh.sp``); None otherwise.
+    tokens: TokenSplit | None = None
 
 
 def receives_next(consumer: int, output_stage: int, next_is_last: bool) -> bool:
@@ -86,16 +101,24 @@ class Mesh(_Strict):
     cfg: Literal[1, 2] = Field(description="2: one group per guidance branch; 1: groups serve both")
     pp: int = Field(ge=1, description="devices per branch group = pipeline stages per group")
     batch: int = Field(default=1, ge=1, description="images the plan was costed for")
+    sp: int = Field(default=1, ge=1, description="members of a branch group splitting one row's image tokens on full steps")
 
     @model_validator(mode="after")
     def _fits(self) -> Mesh:
         if self.dp * self.cfg * self.pp > self.world_size:
             raise ValueError(f"mesh {self.label} needs {self.dp * self.cfg * self.pp} devices, more than world_size {self.world_size}")
+        if self.members % self.sp:
+            raise ValueError(f"mesh {self.label}: sp={self.sp} must divide the {self.members} members of a branch group")
         return self
 
     @property
     def label(self) -> str:
-        return f"dp={self.dp},cfg={self.cfg},pp={self.pp}"
+        return f"dp={self.dp},cfg={self.cfg},pp={self.pp}" + (f",sp={self.sp}" if self.sp > 1 else "")
+
+    @property
+    def members(self) -> int:
+        """Positions of one branch group (all of a replica's when ``cfg = 1``)."""
+        return self.pp if self.cfg == 2 else self.replica_size
 
     @property
     def replica_size(self) -> int:
@@ -150,14 +173,36 @@ class Mesh(_Strict):
         half = rows // 2
         return {"both": range(rows), "uncond": range(half), "cond": range(half, rows)}[branch]
 
-    def full_rows(self, position: int, rows: int) -> range:
-        """The rows ``position`` computes whole on a fully connected step (may be empty)."""
+    def computed_rows(self, position: int, rows: int) -> range:
+        """The rows ``position`` works on in a fully connected step (may be empty): a group's rows
+        are split into contiguous chunks, one per ``sp`` consecutive members, which split each
+        row's image tokens among them (each member its ``shard_index``)."""
         group = self.group_rows(position, rows)
-        members = self.pp if self.cfg == 2 else self.replica_size
-        index = position % members
-        size, extra = divmod(len(group), members)
+        chunks = self.members // self.sp
+        index = position % self.members // self.sp
+        size, extra = divmod(len(group), chunks)
         start = group.start + index * size + min(index, extra)
         return range(start, start + size + (index < extra))
+
+    def shard_index(self, position: int) -> int:
+        """Which ``1/sp`` of each row's image tokens ``position`` computes on a full step."""
+        return position % self.members % self.sp
+
+    def shard_peers(self, position: int) -> tuple[int, ...]:
+        """The positions sharing ``position``'s rows token by token, in shard order."""
+        first = position - self.shard_index(position)
+        return tuple(range(first, first + self.sp))
+
+    def shard_groups(self) -> list[tuple[int, ...]]:
+        """Every row chunk's shard peers, as ranks (none unless ``sp > 1``)."""
+        firsts = [s for s in range(self.replica_size) if self.shard_index(s) == 0] if self.sp > 1 else []
+        return [tuple(self.rank(d, p) for p in self.shard_peers(s)) for d in range(self.dp) for s in firsts]
+
+    def full_rows(self, position: int, rows: int) -> range:
+        """The rows whose prediction and cut tensors ``position`` holds whole after a fully
+        connected step: its computed rows, held by the first of their ``sp`` shard peers."""
+        computed = self.computed_rows(position, rows)
+        return computed if self.shard_index(position) == 0 else range(computed.start, computed.start)
 
     def window_rows(self, position: int, rows: int, window_guidance: str) -> range:
         """The rows stage ``position`` runs in the window: its own branch ("mixed", the paper),
@@ -304,6 +349,8 @@ class Plan(_Strict):
             raise ValueError("stages must be numbered 0..S-1 in order")
         if len(self.stages) != self.mesh.replica_size:
             raise ValueError(f"{len(self.stages)} stages for a mesh {self.mesh.label} of {self.mesh.replica_size} positions")
+        if self.mesh.sp > 1 and (self.graph.tokens is None or self.graph.tokens.tokens % self.mesh.sp):
+            raise ValueError(f"mesh {self.mesh.label} splits image tokens, which this graph's tokens do not allow")
         if self.mesh.cfg == 2 and not self.schedule.guided:
             raise ValueError("a cfg=2 mesh splits the guidance branches and needs guidance_scale > 1")
         seen: set[str] = set()

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hybridiff.files import write_atomic
-from hybridiff.plan import Mesh, Plan, Schedule, StepCosts, receives_next
+from hybridiff.plan import Mesh, Plan, Schedule, StepCosts, TokenSplit, receives_next
 
 #: Phases of one image as the paper names them, and the traffic classes the runtime counts.
 PHASES = ("warm-up", "window", "fully-connecting")
@@ -45,6 +45,8 @@ class Workload:
     prediction_bytes: int
     link_bytes_per_s: float
     step_costs: StepCosts = StepCosts()
+    #: The image tokens sequence parallelism splits (``Mesh.sp``), if the graph has them.
+    tokens: TokenSplit | None = None
 
     @classmethod
     def from_plan(cls, plan: Plan) -> Workload:
@@ -57,6 +59,7 @@ class Workload:
             prediction_bytes=est.prediction_bytes,
             link_bytes_per_s=est.link_gbps * 1e9 / 8,
             step_costs=est.step_costs,
+            tokens=plan.graph.tokens,
         )
 
     @property
@@ -170,11 +173,22 @@ def window_step(
 
 def full_step(mesh: Mesh, work: Workload, rows: int) -> _Step:
     """One fully connected step: each position runs the rows it owns whole and broadcasts
-    its predictions to the replica."""
+    its predictions to the replica. With ``sp > 1`` shard peers split the rows' compute, and
+    each attention first gathers the peers' image keys and values (one collective per
+    attention and one for the output tokens, each waited for inside the forward)."""
     busy, tail, sent = {}, work.sync(mesh, window=False) + work.step_costs.pipeline_s, 0
     for s in range(mesh.replica_size):
+        computed = len(mesh.computed_rows(s, rows))
+        compute = work.compute(work.forward_s, computed)
+        if mesh.sp > 1 and computed and work.tokens is not None:
+            image, text = work.tokens.tokens, work.tokens.text_tokens
+            compute *= (image / mesh.sp + text) / (image + text)  # each peer: its image tokens, every text token
+            gathered = computed * (work.tokens.kv_bytes_per_row + work.prediction_bytes) * (mesh.sp - 1) // mesh.sp
+            waits = (work.tokens.attentions + 1) * work.step_costs.full_sync_s * (mesh.sp - 1)
+            compute += work.transfer(gathered) + waits
+            sent += gathered
         mine = len(mesh.full_rows(s, rows))
-        busy[s] = (work.compute(work.forward_s, mine), 0.0)
+        busy[s] = (compute, 0.0)
         tail += work.transfer(mine * work.prediction_bytes)
         sent += mine * work.prediction_bytes * (mesh.replica_size - 1)
     return busy, tail, sent

@@ -176,6 +176,12 @@ def test_real_size_plans_compile_without_weights(arch):
         assert plan.estimates.speedup > 1.5
         if arch in ("sdxl", "sd3-medium"):
             assert plan.imbalance <= target, (arch, gpus, plan.imbalance)
+        if arch in ("sd3-medium", "sd35-large") and gpus == 8:
+            # one image on 8 devices: shard peers split the image tokens, since it predicts a win
+            without = min(t for label, t in plan.estimates.alternatives.items() if ",sp=" not in label)
+            assert plan.mesh.sp > 1 and plan.estimates.latency_s < without, (arch, plan.mesh.label)
+        if arch in ("sd15", "sd2", "sdxl"):
+            assert plan.graph.tokens is None and plan.mesh.sp == 1  # UNets have no token split yet
 
 
 def test_cli_compiles_an_arch_and_inspects_it(tmp_path):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from typing import Any, Callable, Iterable
 
 import torch
@@ -18,13 +18,14 @@ from hybridiff.compiler.mesh import candidate_meshes, parse_mesh
 from hybridiff.compiler.options import CompileOptions
 from hybridiff.compiler.partition import CutValue, Partition, best_partition, dependency_graph, replicated_needed
 from hybridiff.compiler.strategies import default_warmup, strategy_meshes, strategy_schedule
+from hybridiff.compiler.tokens import token_split
 from hybridiff.errors import HybridiffError
 from hybridiff.graph.execution import GraphRunner
 from hybridiff.graph.pipeline import trace_pipeline
 from hybridiff.graph.trace import Leaf, adapter_for, capture_denoiser_call, graph_fingerprint, trace_module
 from hybridiff.models import load_pipeline, model_card, resolve_source
 from hybridiff.models.arch import build_on_device
-from hybridiff.plan import CutTensor, Estimates, GraphInfo, Mesh, ModelRef, Plan, Schedule, Stage, StepCosts
+from hybridiff.plan import CutTensor, Estimates, GraphInfo, Mesh, ModelRef, Plan, Schedule, Stage, StepCosts, TokenSplit
 from hybridiff.simulate import Workload, forward_by_rows, serial_latency, simulate, step_seconds, window_step
 
 #: Measures a 2-device plan's per-step costs on this machine (``hybridiff.calibrate``).
@@ -238,7 +239,13 @@ class CostedModel:
             prediction_bytes=partition.output_bytes,
             link_bytes_per_s=self.link_gbps * 1e9 / 8,
             step_costs=self.step_costs,
+            tokens=self.tokens,
         )
+
+    @cached_property
+    def tokens(self) -> TokenSplit | None:
+        """The graph's image tokens, where sequence parallelism can split them."""
+        return token_split(self.graph, self.branch_inputs)
 
 
 def cost_graph(
@@ -284,14 +291,15 @@ def plan_for(costed: CostedModel, options: CompileOptions) -> Plan:
     the plan; one device alone is a candidate too, so a plan is never slower than not splitting
     the work. ``warmup`` is the pipeline strategy's (default: AsyncDiff's for the family)."""
     gpus, schedule, mesh, batch, strategy = options.gpus, options.schedule, options.mesh, options.batch, options.strategy
+    tokens = costed.tokens.tokens if costed.tokens else None
     _check_gpus(gpus)
     if batch < 1:
         raise HybridiffError(f"--batch {batch}: need at least one image")
     if strategy is not None:
         schedule = strategy_schedule(strategy, schedule, options.warmup or default_warmup(costed.model.denoiser))
-        candidates = [parse_mesh(mesh, gpus, schedule.guided, batch)] if mesh else strategy_meshes(strategy, gpus, batch)
+        candidates = [parse_mesh(mesh, gpus, schedule.guided, batch, tokens)] if mesh else strategy_meshes(strategy, gpus, batch)
     else:
-        candidates = [parse_mesh(mesh, gpus, schedule.guided, batch)] if mesh else _candidates(gpus, schedule.guided, batch)
+        candidates = [parse_mesh(mesh, gpus, schedule.guided, batch, tokens)] if mesh else _candidates(gpus, schedule.guided, batch, tokens)
     simulated: dict[str, tuple[float, Mesh, Workload]] = {}
     for candidate in candidates:
         try:
@@ -321,10 +329,16 @@ def compile_graph(
     return plan_for(costed, options)
 
 
-def _candidates(gpus: int, guided: bool, batch: int) -> list[Mesh]:
+def _candidates(gpus: int, guided: bool, batch: int, tokens: int | None) -> list[Mesh]:
     """Every mesh for ``gpus`` devices, and one device alone (a plan that uses fewer)."""
-    meshes = candidate_meshes(gpus, guided, batch)
+    meshes = candidate_meshes(gpus, guided, batch, tokens)
     return meshes + [Mesh(world_size=1, dp=1, cfg=1, pp=1, batch=batch)] if gpus > 1 else meshes
+
+
+def _tokens_in(graph: fx.GraphModule, tokens: TokenSplit | None) -> TokenSplit | None:
+    """The model's token split, where the (refined) graph kept its two nodes."""
+    names = {n.name for n in graph.graph.nodes}
+    return tokens if tokens and {tokens.shard_after, tokens.gather_after} <= names else None
 
 
 def _assemble(costed: CostedModel, chosen: Mesh, work: Workload, alternatives: dict[str, float], *, schedule: Schedule) -> Plan:
@@ -364,6 +378,7 @@ def _assemble(costed: CostedModel, chosen: Mesh, work: Workload, alternatives: d
             latent=costed.latent,
             refined=refined,
             replicated=list(partition.replicated),
+            tokens=_tokens_in(graph, costed.tokens),
         ),
         mesh=chosen,
         stages=_stages(graph, partition),

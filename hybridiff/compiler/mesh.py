@@ -1,4 +1,4 @@
-"""Which ``dp x cfg x pp`` meshes N devices allow, and parsing a user's ``--mesh``.
+"""Which ``dp x cfg x pp (x sp)`` meshes N devices allow, and parsing a user's ``--mesh``.
 
 The compiler simulates every candidate for the requested batch and keeps the fastest
 (``hybridiff.simulate``); this module only enumerates them. Every device is used when the
@@ -14,8 +14,9 @@ from hybridiff.errors import HybridiffError
 from hybridiff.plan import Mesh
 
 
-def candidate_meshes(gpus: int, guided: bool, batch: int = 1) -> list[Mesh]:
-    """Every mesh worth simulating for ``gpus`` devices and ``batch`` images.
+def candidate_meshes(gpus: int, guided: bool, batch: int = 1, tokens: int | None = None) -> list[Mesh]:
+    """Every mesh worth simulating for ``gpus`` devices and ``batch`` images; with ``tokens``
+    (a graph whose image tokens can be split), also each ``sp`` dividing a branch group.
 
     More replicas than images would only idle, so ``dp <= batch``.
     """
@@ -27,22 +28,34 @@ def candidate_meshes(gpus: int, guided: bool, batch: int = 1) -> list[Mesh]:
         for dp in range(1, min(batch, used // cfg) + 1):
             if used % (dp * cfg) == 0:
                 meshes.append(Mesh(world_size=gpus, dp=dp, cfg=cfg, pp=used // (dp * cfg), batch=batch))
-    return meshes
+    return meshes + [
+        m.model_copy(update={"sp": sp})
+        for m in meshes
+        for sp in range(2, m.members + 1)
+        if tokens and m.members % sp == 0 and tokens % sp == 0
+    ]
 
 
-_MESH = re.compile(r"^\s*dp\s*=\s*(\d+)\s*,\s*cfg\s*=\s*(\d+)\s*,\s*pp\s*=\s*(\d+)\s*$")
+_MESH = re.compile(r"^\s*dp\s*=\s*(\d+)\s*,\s*cfg\s*=\s*(\d+)\s*,\s*pp\s*=\s*(\d+)\s*(?:,\s*sp\s*=\s*(\d+)\s*)?$")
 
 
-def parse_mesh(text: str, gpus: int, guided: bool, batch: int = 1) -> Mesh:
-    """``"dp=1,cfg=2,pp=2"`` as a mesh for ``gpus`` devices, or a one-line error."""
+def parse_mesh(text: str, gpus: int, guided: bool, batch: int = 1, tokens: int | None = None) -> Mesh:
+    """``"dp=1,cfg=2,pp=2"`` (optionally ``,sp=S``) as a mesh for ``gpus`` devices, or a
+    one-line error (``tokens``: the graph's splittable image tokens, if any)."""
     match = _MESH.match(text)
     if not match:
-        raise HybridiffError(f"--mesh {text!r}: write it as dp=D,cfg=C,pp=P, e.g. dp=1,cfg=2,pp=2")
-    dp, cfg, pp = (int(g) for g in match.groups())
+        raise HybridiffError(f"--mesh {text!r}: write it as dp=D,cfg=C,pp=P[,sp=S], e.g. dp=1,cfg=2,pp=2")
+    dp, cfg, pp, sp = (int(g or 1) for g in match.groups())
     if cfg not in (1, 2) or dp < 1 or pp < 1:
         raise HybridiffError(f"--mesh {text!r}: cfg must be 1 or 2, dp and pp at least 1")
     if cfg == 2 and not guided:
         raise HybridiffError(f"--mesh {text!r}: cfg=2 splits the guidance branches; use cfg=1 or a guidance scale > 1")
     if dp * cfg * pp > gpus:
         raise HybridiffError(f"--mesh {text!r} needs {dp * cfg * pp} devices but --gpus is {gpus}; raise --gpus or shrink the mesh")
-    return Mesh(world_size=gpus, dp=dp, cfg=cfg, pp=pp, batch=batch)
+    members = pp if cfg == 2 else cfg * pp
+    if sp > 1 and (not tokens or members % sp or tokens % sp):
+        why = "this model's graph has no image tokens to split (transformer denoisers only)" if not tokens else (
+            f"sp must divide the {members} devices of a branch group and the {tokens} image tokens"
+        )
+        raise HybridiffError(f"--mesh {text!r}: {why}")
+    return Mesh(world_size=gpus, dp=dp, cfg=cfg, pp=pp, batch=batch, sp=sp)

@@ -70,6 +70,9 @@ def check_plan_graph(plan: Plan, graph: Any) -> None:
                 f"stage {stage.index} of the plan names node {missing[0]!r}, which the model's graph does not have; "
                 "the plan was edited or compiled for another model: recompile it"
             )
+    tokens = plan.graph.tokens
+    if tokens is not None and not {tokens.shard_after, tokens.gather_after} <= names:
+        raise HybridiffError("the plan's token split names nodes the model's graph does not have; recompile the plan")
     unknown = [c.node for c in plan.cut_tensors if c.node not in names]
     if unknown:
         raise HybridiffError(f"the plan's cut tensor {unknown[0]!r} is not a node of the model's graph; recompile the plan")

@@ -39,6 +39,7 @@ from hybridiff.graph.pipeline import TracedModel
 from hybridiff.plan import CutTensor, Plan
 from hybridiff.runtime.phases import Phase, PhaseController, discrepancy
 from hybridiff.runtime.routing import Routing
+from hybridiff.runtime.sequence import ShardedForwards
 from hybridiff.runtime.spans import Spans
 from hybridiff.runtime.transport import Transport
 
@@ -153,6 +154,7 @@ class HybridDenoiser(_DenoiserProxy):
         }
         self.routing = Routing(plan)
         self._output_stage = plan.output_stage
+        self._sharded = ShardedForwards(self.runner, plan, transport, self.ranks) if self.mesh.sp > 1 else None
 
     def begin_call(self, guided: bool) -> None:
         self.mesh.check_guided(guided)
@@ -213,17 +215,26 @@ class HybridDenoiser(_DenoiserProxy):
         """A receive buffer for ``rows`` rows of the prediction."""
         return torch.empty_like(self._latent[:rows])
 
+    def _forwards(self, inputs: dict[str, Any], rows: int) -> dict[int, dict[str, Any]]:
+        """Each hosted position's forward on the rows it computes (``Mesh.computed_rows``): whole
+        rows, or with ``sp > 1`` its shard of their tokens (``runtime.sequence``)."""
+        work = {s: mine for s in self.hosted if (mine := self.mesh.computed_rows(s, rows))}
+        if self._sharded is not None:
+            with self.spans.span("compute", "token-parallel forward"):
+                return self._sharded.run({s: _rows(inputs, mine, rows) for s, mine in work.items()})
+        done = {}
+        for s, mine in work.items():
+            with self.spans.span("compute", f"forward {len(mine)} row(s)"):
+                done[s] = self.runner.run(self._full, _rows(inputs, mine, rows))
+        return done
+
     def _full_step(self, step: int, inputs: dict[str, Any], rows: int) -> torch.Tensor:
-        self._last_full = {}
-        for s in self.hosted:
-            mine = self.mesh.full_rows(s, rows)
-            if mine:
-                with self.spans.span("compute", f"forward {len(mine)} row(s)"):
-                    self._last_full[s] = self.runner.run(self._full, _rows(inputs, mine, rows))
-                if step == 0:
-                    self._check_cuts(self._last_full[s], len(mine))
+        self._last_full = self._forwards(inputs, rows)
+        if step == 0:
+            for s, values in self._last_full.items():
+                self._check_cuts(values, len(self.mesh.computed_rows(s, rows)))
         sizes = [len(self.mesh.full_rows(s, rows)) for s in range(len(self.ranks))]
-        chunks = {self.ranks[s]: values["output"] for s, values in self._last_full.items()}
+        chunks = {self.ranks[s]: v["output"] for s, v in self._last_full.items() if self.mesh.full_rows(s, rows)}
         out = self.transport.gather_rows(chunks, sizes, self.group, self._like(1))
         if self.guided:
             eps_u, eps_c = out.chunk(2)
@@ -234,6 +245,8 @@ class HybridDenoiser(_DenoiserProxy):
             if self.guided:
                 self._guidance = eps_c - eps_u  # kept for --window-guidance cached
             self.transport.phase = Phase.PIPELINE.value  # the hand-off is the window's traffic
+            if self._sharded is not None:
+                self._sharded.unshard(self._last_full, rows)
             self._hand_off(rows, next_is_last=self.controller.is_last_window_step(step + 1))
         return out
 
@@ -247,6 +260,9 @@ class HybridDenoiser(_DenoiserProxy):
                 continue
             expected = (c.row_shape(rows), c.dtype)
             found = (list(value.shape), str(value.dtype).removeprefix("torch."))
+            dim = self._sharded.shards.shard_dim(value, expected[0]) if self._sharded is not None else None
+            if dim is not None:
+                found[0][dim] = expected[0][dim]  # one peer's share of the image tokens
             if found != expected:
                 size = f"{self.plan.model.height}x{self.plan.model.width}"
                 raise HybridiffError(

@@ -136,7 +136,7 @@ class ParallelPipeline:
             return {d: HybridDenoiser(traced, self.plan, t, d) for d, t in enumerate(self._transports)}
         one_machine = os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE")
         transport = DistTransport(
-            [mesh.replica_ranks(d) for d in range(mesh.dp)], self.spans, spin=own_cores,
+            [mesh.replica_ranks(d) for d in range(mesh.dp)] + mesh.shard_groups(), self.spans, spin=own_cores,
             shared=own_cores and one_machine and shared.supported(), timeout_s=watchdog.timeout_s(),
         )
         self._transports = [transport]

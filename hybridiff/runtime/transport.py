@@ -12,6 +12,7 @@ replica of the mesh) and count each sender's bytes once per receiver.
 from __future__ import annotations
 
 import os
+import threading
 from abc import ABC, abstractmethod
 from collections import defaultdict, deque
 
@@ -66,6 +67,9 @@ class Transport(ABC):
     def close(self) -> None:
         """Release what the transport holds besides the process group."""
 
+    def release_waiters(self) -> None:
+        """After a hosted peer failed: wake the peers waiting for it in a shard exchange."""
+
     @abstractmethod
     def broadcast(self, value: torch.Tensor | None, src: int, template: torch.Tensor, group: Group) -> torch.Tensor:
         """``src``'s tensor on every hosted rank of ``group`` (``value`` is given where ``src``
@@ -81,9 +85,33 @@ class Transport(ABC):
     @abstractmethod
     def barrier(self, group: Group) -> None: ...
 
+    @abstractmethod
+    def gather_shards(self, rank: int, tensor: torch.Tensor, peers: Group) -> list[torch.Tensor]:
+        """Every shard peer's ``tensor`` (one shape on all), in peer order, for hosted ``rank``
+        (``runtime.sequence``): all peers call it together."""
+
     def _count_gather(self, chunks: dict[int, torch.Tensor], group: Group) -> None:
         for chunk in chunks.values():
             self._count(_nbytes([chunk]) * (len(group) - 1))
+
+
+class _Meeting:
+    """Where the threads of one group of shard peers swap tensors. A peer that fails breaks the
+    meeting, so the others stop waiting and fail too."""
+
+    def __init__(self, parties: int) -> None:
+        self._barrier = threading.Barrier(parties)
+        self._slots: list[torch.Tensor | None] = [None] * parties
+
+    def exchange(self, index: int, tensor: torch.Tensor) -> list[torch.Tensor]:
+        self._slots[index] = tensor
+        self._barrier.wait()
+        gathered = list(self._slots)
+        self._barrier.wait()  # nobody writes the next exchange's slot before all have read
+        return gathered
+
+    def abort(self) -> None:
+        self._barrier.abort()
 
 
 class LocalTransport(Transport):
@@ -92,6 +120,8 @@ class LocalTransport(Transport):
     def __init__(self, hosted: tuple[int, ...], spans: Spans | None = None) -> None:
         super().__init__(hosted, spans)
         self._mailbox: dict[tuple[int, int], deque[list[torch.Tensor]]] = defaultdict(deque)
+        self._meetings: dict[Group, _Meeting] = {}
+        self._lock = threading.Lock()
 
     def post(self, src: int, dst: int, tensors: list[torch.Tensor]) -> None:
         if src != dst:
@@ -113,6 +143,20 @@ class LocalTransport(Transport):
 
     def barrier(self, group: Group) -> None:
         """All ranks are in this process: there is nobody to wait for."""
+
+    def release_waiters(self) -> None:
+        with self._lock:
+            for meeting in self._meetings.values():
+                meeting.abort()
+            self._meetings.clear()
+
+    def gather_shards(self, rank: int, tensor: torch.Tensor, peers: Group) -> list[torch.Tensor]:
+        """Shard peers run in threads of this process (``HybridDenoiser``): each hands its
+        tensor over and waits for the others'."""
+        with self._lock:
+            meeting = self._meetings.setdefault(peers, _Meeting(len(peers)))
+            self._count(_nbytes([tensor]) * (len(peers) - 1))
+        return meeting.exchange(peers.index(rank), tensor)
 
 
 class DistTransport(Transport):
@@ -231,6 +275,14 @@ class DistTransport(Transport):
             work = dist.all_gather(received, padded, group=self._groups[group], async_op=True)
         self._wait(work, "predictions")
         return [part[:n] for part, n in zip(received, sizes) if n]
+
+    def gather_shards(self, rank: int, tensor: torch.Tensor, peers: Group) -> list[torch.Tensor]:
+        received = [torch.empty_like(tensor) for _ in peers]
+        with self.spans.span("send-recv", "shard all-gather"):
+            work = dist.all_gather(received, tensor, group=self._groups[peers], async_op=True)
+        self._wait(work, "shards")
+        self._count(_nbytes([tensor]) * (len(peers) - 1))
+        return received
 
     def close(self) -> None:
         for shared in self._shared.values():

@@ -1,0 +1,157 @@
+"""Displaced patch parallelism on full steps (UNets, DistriFusion's method): ``sp`` shard peers
+each run the whole UNet on a band of ``1/sp`` of the latent's rows.
+
+Three kinds of operation read across bands (``compiler.patches`` lists them):
+
+- a convolution taller than one row reads ``padding`` rows of each neighbour band (halos);
+- a group norm reads the statistics of the whole map;
+- a self-attention reads every band's keys and values.
+
+On *exact* steps each of them first gathers its peers' values of this step, so the band
+computes exactly its rows of the unsplit forward (up to float rounding: group norm is computed
+from gathered sums). On the other full steps it uses what the peers sent at the same operation
+one full step earlier, with this band's own fresh values, and sends this step's values for the
+next: the exchange overlaps the compute (``Transport.gather_shards_async``). The denoiser makes
+the first full steps of every call and the first one after the window exact, since there the
+peers' previous values are missing or several steps old.
+
+The operations are reached through a ``TorchFunctionMode`` (diffusers' blocks run unchanged),
+and each is known by its order in the forward, which is the same on every step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from hybridiff.graph.execution import GraphRunner
+from hybridiff.plan import PatchSplit
+
+#: All-gathers among the shard peers: at once (``Gather``), or handed over later (``Post``,
+#: whose result's ``wait()`` gives every peer's tensor).
+Gather = Callable[[torch.Tensor], list[torch.Tensor]]
+Post = Callable[[torch.Tensor], Any]
+
+
+class _Exchanges:
+    """One band's exchanges of one forward, in order; what it keeps between full steps."""
+
+    def __init__(self, shard: int, gather: Gather, post: Post, exact: bool, kept: dict[int, Any]) -> None:
+        self.shard, self.gather, self.post, self.exact, self.kept = shard, gather, post, exact, kept
+        self.index = 0
+
+    def every_band(self, fresh: torch.Tensor) -> list[torch.Tensor]:
+        """Every band's value of this operation: this step's (exact), or the peers' of the last
+        full step with this band's fresh one."""
+        index, self.index = self.index, self.index + 1
+        if self.exact:
+            self.kept[index] = parts = self.gather(fresh.contiguous())
+            return parts
+        earlier = self.kept[index]
+        parts = list(earlier.wait() if hasattr(earlier, "wait") else earlier)
+        self.kept[index] = self.post(fresh.contiguous())
+        parts[self.shard] = fresh
+        return parts
+
+
+class _Bands(TorchFunctionMode):
+    """While one band's forward runs: the operations that read across bands get the others'."""
+
+    def __init__(self, exchanges: _Exchanges, bands: int) -> None:
+        super().__init__()
+        self.exchanges, self.bands = exchanges, bands
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.conv2d and args[1].shape[2] > 1:
+            return self._conv(func, args, kwargs)
+        if func is F.group_norm:
+            return self._group_norm(*args, **kwargs)
+        if func is F.scaled_dot_product_attention and args[1].shape[-2] == args[0].shape[-2]:
+            query, key, value, *rest = args
+            parts = self.exchanges.every_band(torch.stack([key, value]))
+            key = torch.cat([p[0] for p in parts], dim=-2)
+            value = torch.cat([p[1] for p in parts], dim=-2)
+            return func(query, key, value, *rest, **kwargs)
+        return func(*args, **kwargs)
+
+    def _conv(self, func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+        x, weight, bias, stride, padding, dilation, groups = _conv_arguments(args, kwargs)
+        rows = padding[0]
+        edges = self.exchanges.every_band(torch.stack([x[:, :, :rows], x[:, :, -rows:]]))
+        me = self.exchanges.shard
+        zeros = torch.zeros_like(x[:, :, :rows])
+        above = edges[me - 1][1] if me > 0 else zeros
+        below = edges[me + 1][0] if me + 1 < self.bands else zeros
+        padded = torch.cat([above, x, below], dim=2)
+        return func(padded, weight, bias, stride, (0, padding[1]), dilation, groups)
+
+    def _group_norm(
+        self, x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+        eps: float = 1e-5,
+    ) -> torch.Tensor:
+        grouped = x.reshape(x.shape[0], num_groups, -1).double()
+        sums = torch.stack([grouped.sum(-1), (grouped * grouped).sum(-1)])
+        total = torch.stack(self.exchanges.every_band(sums)).sum(0)
+        count = grouped.shape[-1] * self.bands
+        mean = total[0] / count
+        variance = (total[1] / count - mean * mean).clamp_min(0)
+        normed = ((grouped - mean[..., None]) / torch.sqrt(variance[..., None] + eps)).to(x.dtype).reshape(x.shape)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        if weight is not None:
+            normed = normed * weight.reshape(shape)
+        if bias is not None:
+            normed = normed + bias.reshape(shape)
+        return normed
+
+
+def _conv_arguments(args: tuple, kwargs: dict) -> tuple:
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+    values = {**defaults, **dict(zip(names, args)), **kwargs}
+    padding = values["padding"]
+    padding = tuple(padding) if isinstance(padding, (tuple, list)) else (padding, padding)
+    return (values["input"], values["weight"], values["bias"], values["stride"], padding, values["dilation"], values["groups"])
+
+
+class PatchShards:
+    """The whole graph on one band of the latent's rows, with the bands' exchanges."""
+
+    def __init__(self, runner: GraphRunner, patches: PatchSplit, sp: int, keep: list[str]) -> None:
+        self.runner, self.patches, self.sp = runner, patches, sp
+        self.band = patches.height // sp
+        self.program = runner.program([n.name for n in runner.gm.graph.nodes if n.op != "placeholder"], keep=keep)
+        #: Per band: each exchange's values (or pending handle) from the last full step.
+        self.kept: dict[int, dict[int, Any]] = {}
+
+    def reset(self) -> None:
+        """A new call: let every pending exchange finish, and forget them."""
+        for kept in self.kept.values():
+            for value in kept.values():
+                if hasattr(value, "wait"):
+                    value.wait()
+        self.kept = {}
+
+    def run(self, env: dict[str, Any], shard: int, gather: Gather, post: Post, exact: bool) -> dict[str, Any]:
+        """Band ``shard``'s forward; the output is gathered whole (at once, every step)."""
+        latent = self.patches.latent
+        env = {**env, latent: env[latent][:, :, shard * self.band : (shard + 1) * self.band]}
+        exchanges = _Exchanges(shard, gather, post, exact, self.kept.setdefault(shard, {}))
+        with _Bands(exchanges, self.sp):
+            values = self.runner.run(self.program, env)
+        values["output"] = torch.cat(gather(values["output"].contiguous()), dim=2)
+        return values
+
+    def shard_dim(self, value: Any, whole_shape: list[int]) -> int | None:
+        """The dimension along which a kept value holds one band where the plan records the
+        whole map (rows of a feature map, or tokens of an attention's input), else None."""
+        if not isinstance(value, torch.Tensor) or value.dim() != len(whole_shape):
+            return None
+        differ = [d for d, (a, b) in enumerate(zip(value.shape, whole_shape)) if a != b]
+        return differ[0] if len(differ) == 1 and value.shape[differ[0]] * self.sp == whole_shape[differ[0]] else None
+
+    def join(self, parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+        return torch.cat(parts, dim=dim)

@@ -1,0 +1,156 @@
+"""Sequence parallelism on full steps: ``sp`` shard peers split each row's image tokens.
+
+The peers of a row chunk (``Mesh.shard_peers``) each run the whole graph on the chunk's rows,
+but on ``1/sp`` of every row's image tokens. The token sequence is cut right after the patch
+embedding (``TokenSplit.shard_after``) and put back together after the last per-token layer
+(``TokenSplit.gather_after``). Every attention gathers the image tokens' keys and values of
+all peers, in token order, in front of the text tokens' (which every peer computes whole). In
+these models only attention mixes tokens, so each peer computes exactly its tokens of the
+unsplit forward; only the order of float sums inside matrix products may differ.
+
+Attention is reached through a ``TorchFunctionMode`` that intercepts
+``scaled_dot_product_attention`` while a peer's forward runs: diffusers' attention processors
+run unchanged, and nothing outside the forward (nor another thread) is affected.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from hybridiff.errors import HybridiffError
+from hybridiff.graph.execution import GraphRunner, NodeProgram
+from hybridiff.plan import Plan, TokenSplit
+from hybridiff.runtime.transport import Transport
+
+#: All-gathers a tensor among a row chunk's shard peers: every peer's, in shard order.
+Gather = Callable[[torch.Tensor], list[torch.Tensor]]
+
+
+class _GatheredKeysValues(TorchFunctionMode):
+    """Inside a peer's forward: attention sees every peer's image keys and values."""
+
+    def __init__(self, shard_tokens: int, gather: Gather) -> None:
+        super().__init__()
+        self.shard_tokens, self.gather = shard_tokens, gather
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            query, key, value, *rest = args
+            n = self.shard_tokens
+            if key.shape[-2] < n:
+                raise HybridiffError(f"an attention sees {key.shape[-2]} keys, fewer than a shard's {n} image tokens")
+            parts = self.gather(torch.stack([key[..., :n, :], value[..., :n, :]]).contiguous())
+            key = torch.cat([p[0] for p in parts] + [key[..., n:, :]], dim=-2)
+            value = torch.cat([p[1] for p in parts] + [value[..., n:, :]], dim=-2)
+            args = (query, key, value, *rest)
+        return func(*args, **kwargs)
+
+
+class TokenShards:
+    """The whole graph as three programs: up to the token cut, the token-parallel middle, and
+    the rest after the tokens are put back together."""
+
+    def __init__(self, runner: GraphRunner, tokens: TokenSplit, sp: int, keep: list[str]) -> None:
+        self.runner, self.tokens, self.sp = runner, tokens, sp
+        self.shard_tokens = tokens.tokens // sp
+        compute = [n for n in runner.gm.graph.nodes if n.op != "placeholder"]
+        names = [n.name for n in compute]
+        cuts = (names.index(tokens.shard_after) + 1, names.index(tokens.gather_after) + 1)
+        segments = [compute[: cuts[0]], compute[cuts[0] : cuts[1]], compute[cuts[1] :]]
+        self.programs: list[NodeProgram] = []
+        for i, segment in enumerate(segments):
+            later = {p.name for s in segments[i + 1 :] for n in s for p in n.all_input_nodes}
+            wanted = (later | set(keep) | {tokens.shard_after, tokens.gather_after}) & {n.name for n in segment}
+            self.programs.append(runner.program([n.name for n in segment], keep=wanted))
+
+    def run(self, env: dict[str, Any], shard: int, gather: Gather) -> dict[str, Any]:
+        """Shard ``shard``'s forward on ``env`` (the rows' graph inputs); returns the kept values,
+        the output whole, and the values between the cuts for this shard's tokens only."""
+        first = self.runner.run(self.programs[0], env)
+        n = self.shard_tokens
+        first[self.tokens.shard_after] = first[self.tokens.shard_after][:, shard * n : (shard + 1) * n]
+        with _GatheredKeysValues(n, gather):
+            middle = self.runner.run(self.programs[1], {**env, **first})
+        middle[self.tokens.gather_after] = torch.cat(gather(middle[self.tokens.gather_after].contiguous()), dim=1)
+        last = self.runner.run(self.programs[2], {**env, **first, **middle})
+        return {**first, **middle, **last}
+
+    def shard_dim(self, value: Any, whole_shape: list[int]) -> int | None:
+        """The dimension along which a kept value holds one shard's image tokens where the plan
+        records the whole sequence (image tokens first, then any text tokens), else None."""
+        if not isinstance(value, torch.Tensor) or value.dim() != len(whole_shape):
+            return None
+        differ = [d for d, (a, b) in enumerate(zip(value.shape, whole_shape)) if a != b]
+        missing = self.tokens.tokens - self.shard_tokens
+        return differ[0] if len(differ) == 1 and whole_shape[differ[0]] - value.shape[differ[0]] == missing else None
+
+    def join(self, parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+        """The whole sequence from every peer's shard (in shard order): the image tokens of all,
+        then the text tokens every peer holds."""
+        n = self.shard_tokens
+        rest = parts[0].narrow(dim, n, parts[0].shape[dim] - n)
+        return torch.cat([p.narrow(dim, 0, n) for p in parts] + [rest], dim=dim)
+
+
+class ShardedForwards:
+    """A full step's forwards of the positions a process hosts, each on its shard of its rows'
+    tokens. Shard peers hosted together (the emulation) run in threads of their own, since each
+    waits in every attention for the others' keys and values."""
+
+    def __init__(self, runner: GraphRunner, plan: Plan, transport: Transport, ranks: tuple[int, ...]) -> None:
+        self.mesh, self.transport, self.ranks = plan.mesh, transport, ranks
+        self.cuts = [c for c in plan.cut_tensors if c.constant is None]
+        self.shards = TokenShards(runner, plan.graph.tokens, plan.mesh.sp, keep=[c.node for c in self.cuts])
+
+    def _gather(self, position: int) -> Gather:
+        peers = tuple(self.ranks[p] for p in self.mesh.shard_peers(position))
+        return lambda tensor: self.transport.gather_shards(self.ranks[position], tensor, peers)
+
+    def run(self, envs: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        """Each position's forward on its rows' graph inputs ``envs[position]``."""
+        jobs = {s: partial(self.shards.run, env, self.mesh.shard_index(s), self._gather(s)) for s, env in envs.items()}
+        return self._together(jobs)
+
+    def unshard(self, values: dict[int, dict[str, Any]], rows: int) -> None:
+        """Before the window's hand-off: the first peer of each row chunk gets its cut tensors
+        whole (every peer takes part in each gather)."""
+
+        def join(position: int) -> dict[str, torch.Tensor]:
+            computed = len(self.mesh.computed_rows(position, rows))
+            whole = {}
+            for cut in self.cuts:
+                value = values[position].get(cut.node)
+                dim = self.shards.shard_dim(value, cut.row_shape(computed))
+                if dim is not None:
+                    whole[cut.node] = self.shards.join(self._gather(position)(value.contiguous()), dim)
+            return whole
+
+        for position, whole in self._together({s: partial(join, s) for s in values}).items():
+            if self.mesh.shard_index(position) == 0:
+                values[position].update(whole)
+
+    def _together(self, jobs: dict[int, Callable[[], Any]]) -> dict[int, Any]:
+        """Run ``jobs`` at once (in this thread when there is one), in the caller's grad mode."""
+        if len(jobs) == 1:
+            (position, job), = jobs.items()
+            return {position: job()}
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+        def in_mode(job: Callable[[], Any]) -> Any:
+            try:
+                with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                    return job()
+            except BaseException:
+                self.transport.release_waiters()  # peers waiting for this one fail too, not hang
+                raise
+
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            futures = {s: pool.submit(in_mode, job) for s, job in jobs.items()}
+            return {s: f.result() for s, f in futures.items()}
