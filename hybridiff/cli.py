@@ -34,7 +34,9 @@ def compile_command(
     profile: bool = typer.Option(False, "--profile", help="with --arch: random weights on this device, time every node"),
     gpus: int = typer.Option(2, help="number of devices"),
     batch: int = typer.Option(1, min=1, max=MAX_BATCH, help="images generated together: the mesh is chosen for this batch"),
-    mesh: Optional[str] = typer.Option(None, help="force a mesh, e.g. dp=1,cfg=2,pp=2 [default: the fastest predicted]"),
+    mesh: Optional[str] = typer.Option(
+        None, help="force a mesh, e.g. dp=1,cfg=2,pp=2 or dp=1,cfg=2,pp=4,sp=4 [default: the fastest predicted]"
+    ),
     out: Path = typer.Option(Path("plan.json"), "-o", "--out", help="where to write the plan"),
     steps: Optional[int] = typer.Option(None, min=1, help="denoising steps [50]"),
     guidance_scale: Optional[float] = typer.Option(None, help="CFG scale; <= 1: no guidance, cfg=1 meshes [5.0]"),
@@ -59,6 +61,9 @@ def compile_command(
     warmup: Optional[int] = typer.Option(
         None, min=1, help="with --strategy pipeline: whole steps before the pipeline starts [AsyncDiff's: 9 UNet, 1 SD3]"
     ),
+    patch_parallel: bool = typer.Option(
+        False, "--patch-parallel", help="UNets: also consider sp meshes of row bands (DistriFusion, one step stale, not exact)"
+    ),
 ) -> None:
     """Trace, profile and partition MODEL (or a published --arch) into an execution plan."""
     from hybridiff.compiler.options import CompileOptions
@@ -71,7 +76,7 @@ def compile_command(
         check_output_file(out, "-o")
         options = CompileOptions(
             gpus=gpus, schedule=model_schedule(model, given, window_guidance), batch=batch, mesh=mesh, strategy=strategy,
-            warmup=warmup, link_gbps=link_gbps, repeats=repeats, threads=threads, cost=cost,
+            warmup=warmup, link_gbps=link_gbps, repeats=repeats, threads=threads, cost=cost, patch_parallel=patch_parallel,
         )
         if arch is not None:
             plan = _compile_arch(arch, resolution, options, device_tflops, device_mem_gbps, profile)

@@ -61,6 +61,25 @@ class TokenSplit(_Strict):
     kv_bytes_per_row: int = Field(ge=0, description="bytes of the image tokens' keys and values, one row, all attentions")
 
 
+class PatchSplit(_Strict):
+    """What a UNet's feature maps exchange when ``Mesh.sp`` shard peers each run a band of the
+    latent's rows (displaced patch parallelism, ``runtime.patches``), per row of one forward."""
+
+    latent: str = Field(description="the graph input holding the latent, split into row bands")
+    height: int = Field(gt=0, description="latent rows")
+    factor: int = Field(ge=1, description="every band holds a multiple of this many rows (the UNet's downsampling)")
+    halo_bytes_per_row: int = Field(ge=0, description="rows convolutions read from neighbour bands")
+    kv_bytes_per_row: int = Field(ge=0, description="self-attention keys and values")
+    stats_bytes_per_row: int = Field(ge=0, description="group-norm statistics")
+    exchanges: int = Field(ge=1, description="operations that read across bands in one forward")
+    #: Full steps at the start of each call computed exactly (peers' values of the same step);
+    #: the first full step after the window is exact too.
+    exact_steps: int = Field(default=4, ge=1)
+
+    def allows(self, sp: int) -> bool:
+        return self.height % sp == 0 and (self.height // sp) % self.factor == 0
+
+
 class GraphInfo(_Strict):
     fingerprint: str = Field(min_length=1)
     num_nodes: int = Field(gt=0)
@@ -73,6 +92,14 @@ class GraphInfo(_Strict):
     replicated: list[str]
     #: Set for transformer denoisers whose tokens can be split (``Mesh.sp``); None otherwise.
     tokens: TokenSplit | None = None
+    #: Set for UNets whose feature maps can be split into row bands (``Mesh.sp``); None otherwise.
+    patches: PatchSplit | None = None
+
+    def sp_allows(self, sp: int) -> bool:
+        """Whether shard peers of ``sp`` can split this graph's rows (tokens or bands)."""
+        if self.tokens is not None:
+            return self.tokens.tokens % sp == 0
+        return self.patches is not None and self.patches.allows(sp)
 
 
 def receives_next(consumer: int, output_stage: int, next_is_last: bool) -> bool:
@@ -349,8 +376,8 @@ class Plan(_Strict):
             raise ValueError("stages must be numbered 0..S-1 in order")
         if len(self.stages) != self.mesh.replica_size:
             raise ValueError(f"{len(self.stages)} stages for a mesh {self.mesh.label} of {self.mesh.replica_size} positions")
-        if self.mesh.sp > 1 and (self.graph.tokens is None or self.graph.tokens.tokens % self.mesh.sp):
-            raise ValueError(f"mesh {self.mesh.label} splits image tokens, which this graph's tokens do not allow")
+        if self.mesh.sp > 1 and not self.graph.sp_allows(self.mesh.sp):
+            raise ValueError(f"mesh {self.mesh.label} splits each image among shard peers, which this graph does not allow")
         if self.mesh.cfg == 2 and not self.schedule.guided:
             raise ValueError("a cfg=2 mesh splits the guidance branches and needs guidance_scale > 1")
         seen: set[str] = set()

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hybridiff.files import write_atomic
-from hybridiff.plan import Mesh, Plan, Schedule, StepCosts, TokenSplit, receives_next
+from hybridiff.plan import Mesh, PatchSplit, Plan, Schedule, StepCosts, TokenSplit, receives_next
 
 #: Phases of one image as the paper names them, and the traffic classes the runtime counts.
 PHASES = ("warm-up", "window", "fully-connecting")
@@ -47,6 +47,8 @@ class Workload:
     step_costs: StepCosts = StepCosts()
     #: The image tokens sequence parallelism splits (``Mesh.sp``), if the graph has them.
     tokens: TokenSplit | None = None
+    #: What a UNet's row bands exchange (``Mesh.sp`` on UNets), if the graph allows it.
+    patches: PatchSplit | None = None
 
     @classmethod
     def from_plan(cls, plan: Plan) -> Workload:
@@ -60,6 +62,7 @@ class Workload:
             link_bytes_per_s=est.link_gbps * 1e9 / 8,
             step_costs=est.step_costs,
             tokens=plan.graph.tokens,
+            patches=plan.graph.patches,
         )
 
     @property
@@ -171,27 +174,48 @@ def window_step(
     return busy, tail, sent_total + out * (mesh.replica_size - 1)
 
 
-def full_step(mesh: Mesh, work: Workload, rows: int) -> _Step:
+def full_step(mesh: Mesh, work: Workload, rows: int, exact: bool = True) -> _Step:
     """One fully connected step: each position runs the rows it owns whole and broadcasts
-    its predictions to the replica. With ``sp > 1`` shard peers split the rows' compute, and
-    each attention first gathers the peers' image keys and values (one collective per
-    attention and one for the output tokens, each waited for inside the forward)."""
+    its predictions to the replica. With ``sp > 1`` shard peers split the rows' compute and
+    exchange what crosses their shards (``_shard_exchange``)."""
     busy, tail, sent = {}, work.sync(mesh, window=False) + work.step_costs.pipeline_s, 0
     for s in range(mesh.replica_size):
         computed = len(mesh.computed_rows(s, rows))
         compute = work.compute(work.forward_s, computed)
-        if mesh.sp > 1 and computed and work.tokens is not None:
-            image, text = work.tokens.tokens, work.tokens.text_tokens
-            compute *= (image / mesh.sp + text) / (image + text)  # each peer: its image tokens, every text token
-            gathered = computed * (work.tokens.kv_bytes_per_row + work.prediction_bytes) * (mesh.sp - 1) // mesh.sp
-            waits = (work.tokens.attentions + 1) * work.step_costs.full_sync_s * (mesh.sp - 1)
-            compute += work.transfer(gathered) + waits
-            sent += gathered
+        if mesh.sp > 1 and computed:
+            compute, exchanged = _shard_exchange(mesh, work, computed, compute, exact)
+            sent += exchanged
         mine = len(mesh.full_rows(s, rows))
         busy[s] = (compute, 0.0)
         tail += work.transfer(mine * work.prediction_bytes)
         sent += mine * work.prediction_bytes * (mesh.replica_size - 1)
     return busy, tail, sent
+
+
+def _shard_exchange(mesh: Mesh, work: Workload, rows: int, compute: float, exact: bool) -> tuple[float, int]:
+    """(seconds, bytes sent) of one shard peer's forward of ``rows`` rows (whole: ``compute``).
+
+    - Tokens (exact): the peer computes its image tokens and every text token; each attention
+      first gathers the peers' image keys and values, and the output tokens are gathered.
+    - Bands: the peer computes its rows; halos, group-norm statistics and self-attention keys
+      and values cross bands. Exact steps wait for each; the other steps send them for the next
+      step while computing, so only what is longer than the compute shows. The output band is
+      gathered at once either way."""
+    sp, sync = mesh.sp, work.step_costs.full_sync_s
+    output = rows * work.prediction_bytes * (sp - 1) // sp
+    if work.tokens is not None:
+        image, text = work.tokens.tokens, work.tokens.text_tokens
+        gathered = rows * work.tokens.kv_bytes_per_row * (sp - 1) // sp + output
+        waits = (work.tokens.attentions + 1) * sync * (sp - 1)
+        return compute * (image / sp + text) / (image + text) + work.transfer(gathered) + waits, gathered
+    p = work.patches
+    crossing = rows * ((p.halo_bytes_per_row + p.stats_bytes_per_row) * (sp - 1) + p.kv_bytes_per_row * (sp - 1) // sp)
+    mine = compute / sp
+    if exact:
+        seconds = mine + work.transfer(crossing) + (p.exchanges + 1) * sync * (sp - 1)
+    else:
+        seconds = max(mine, work.transfer(crossing)) + sync * (sp - 1)
+    return seconds + work.transfer(output), crossing + output
 
 
 def hand_off_bytes(
@@ -228,13 +252,16 @@ def _call(
     tau1 = schedule.expected_tau1
     k = schedule.window_steps(tau1)
     wg = schedule.window_guidance
+    full_steps = 0
     for step in range(schedule.steps):
         phase = "warm-up" if step <= tau1 else "window" if step <= tau1 + k else "fully-connecting"
         if phase == "window" and mesh.replica_size > 1:  # one stage: a window step is a full one
             busy, tail, sent = window_step(mesh, work, rows, wg, last=step == tau1 + k, next_is_last=step + 1 == tau1 + k)
             sim.comm_bytes_by_phase["pipeline"] += sent
         else:
-            busy, tail, sent = full_step(mesh, work, rows)
+            exact = work.patches is None or full_steps < work.patches.exact_steps or (k and step == tau1 + k + 1)
+            busy, tail, sent = full_step(mesh, work, rows, exact=exact)
+            full_steps += 1
             sim.comm_bytes_by_phase["cond-partition"] += sent
             if k and step == tau1:
                 for s, (compute, _) in busy.items():

@@ -181,7 +181,10 @@ def test_real_size_plans_compile_without_weights(arch):
             without = min(t for label, t in plan.estimates.alternatives.items() if ",sp=" not in label)
             assert plan.mesh.sp > 1 and plan.estimates.latency_s < without, (arch, plan.mesh.label)
         if arch in ("sd15", "sd2", "sdxl"):
-            assert plan.graph.tokens is None and plan.mesh.sp == 1  # UNets have no token split yet
+            assert plan.graph.tokens is None and plan.mesh.sp == 1  # stale bands only on request
+    if arch == "sdxl":  # displaced patch parallelism asked for: one image on 8 devices
+        plan = plan_for(costed, CompileOptions(gpus=8, patch_parallel=True))
+        assert plan.mesh.sp > 1 and plan.graph.patches is not None and plan.estimates.speedup >= 3
 
 
 def test_cli_compiles_an_arch_and_inspects_it(tmp_path):

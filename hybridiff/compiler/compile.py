@@ -17,6 +17,7 @@ from hybridiff.compiler.cost import DeviceModel, NodeMeasure, device_of, forward
 from hybridiff.compiler.mesh import candidate_meshes, parse_mesh
 from hybridiff.compiler.options import CompileOptions
 from hybridiff.compiler.partition import CutValue, Partition, best_partition, dependency_graph, replicated_needed
+from hybridiff.compiler.patches import patch_split
 from hybridiff.compiler.strategies import default_warmup, strategy_meshes, strategy_schedule
 from hybridiff.compiler.tokens import token_split
 from hybridiff.errors import HybridiffError
@@ -25,7 +26,7 @@ from hybridiff.graph.pipeline import trace_pipeline
 from hybridiff.graph.trace import Leaf, adapter_for, capture_denoiser_call, graph_fingerprint, trace_module
 from hybridiff.models import load_pipeline, model_card, resolve_source
 from hybridiff.models.arch import build_on_device
-from hybridiff.plan import CutTensor, Estimates, GraphInfo, Mesh, ModelRef, Plan, Schedule, Stage, StepCosts, TokenSplit
+from hybridiff.plan import CutTensor, Estimates, GraphInfo, Mesh, ModelRef, PatchSplit, Plan, Schedule, Stage, StepCosts, TokenSplit
 from hybridiff.simulate import Workload, forward_by_rows, serial_latency, simulate, step_seconds, window_step
 
 #: Measures a 2-device plan's per-step costs on this machine (``hybridiff.calibrate``).
@@ -240,12 +241,24 @@ class CostedModel:
             link_bytes_per_s=self.link_gbps * 1e9 / 8,
             step_costs=self.step_costs,
             tokens=self.tokens,
+            patches=self.patches,
         )
 
     @cached_property
     def tokens(self) -> TokenSplit | None:
         """The graph's image tokens, where sequence parallelism can split them."""
         return token_split(self.graph, self.branch_inputs)
+
+    @cached_property
+    def patches(self) -> PatchSplit | None:
+        """What a UNet's row bands exchange, where patch parallelism can split them."""
+        return None if self.tokens is not None else patch_split(self.graph, self.branch_inputs, self.latent)
+
+    def sp_allows(self, patches: bool) -> Callable[[int], bool] | None:
+        """Which ``sp`` the graph allows (UNet bands only with ``patches``), or None."""
+        bands = self.patches if patches else None
+        info = GraphInfo(fingerprint="-", num_nodes=1, replicated=[], tokens=self.tokens, patches=bands)
+        return info.sp_allows if self.tokens or bands else None
 
 
 def cost_graph(
@@ -291,15 +304,16 @@ def plan_for(costed: CostedModel, options: CompileOptions) -> Plan:
     the plan; one device alone is a candidate too, so a plan is never slower than not splitting
     the work. ``warmup`` is the pipeline strategy's (default: AsyncDiff's for the family)."""
     gpus, schedule, mesh, batch, strategy = options.gpus, options.schedule, options.mesh, options.batch, options.strategy
-    tokens = costed.tokens.tokens if costed.tokens else None
+    # A UNet's bands are stale, so only a forced mesh or patch_parallel asks for them.
+    splits = costed.sp_allows(patches=options.patch_parallel or mesh is not None)
     _check_gpus(gpus)
     if batch < 1:
         raise HybridiffError(f"--batch {batch}: need at least one image")
     if strategy is not None:
         schedule = strategy_schedule(strategy, schedule, options.warmup or default_warmup(costed.model.denoiser))
-        candidates = [parse_mesh(mesh, gpus, schedule.guided, batch, tokens)] if mesh else strategy_meshes(strategy, gpus, batch)
+        candidates = [parse_mesh(mesh, gpus, schedule.guided, batch, splits)] if mesh else strategy_meshes(strategy, gpus, batch)
     else:
-        candidates = [parse_mesh(mesh, gpus, schedule.guided, batch, tokens)] if mesh else _candidates(gpus, schedule.guided, batch, tokens)
+        candidates = [parse_mesh(mesh, gpus, schedule.guided, batch, splits)] if mesh else _candidates(gpus, schedule.guided, batch, splits)
     simulated: dict[str, tuple[float, Mesh, Workload]] = {}
     for candidate in candidates:
         try:
@@ -329,9 +343,9 @@ def compile_graph(
     return plan_for(costed, options)
 
 
-def _candidates(gpus: int, guided: bool, batch: int, tokens: int | None) -> list[Mesh]:
+def _candidates(gpus: int, guided: bool, batch: int, splits: Callable[[int], bool] | None) -> list[Mesh]:
     """Every mesh for ``gpus`` devices, and one device alone (a plan that uses fewer)."""
-    meshes = candidate_meshes(gpus, guided, batch, tokens)
+    meshes = candidate_meshes(gpus, guided, batch, splits)
     return meshes + [Mesh(world_size=1, dp=1, cfg=1, pp=1, batch=batch)] if gpus > 1 else meshes
 
 
@@ -379,6 +393,7 @@ def _assemble(costed: CostedModel, chosen: Mesh, work: Workload, alternatives: d
             refined=refined,
             replicated=list(partition.replicated),
             tokens=_tokens_in(graph, costed.tokens),
+            patches=costed.patches if chosen.sp > 1 and costed.tokens is None else None,
         ),
         mesh=chosen,
         stages=_stages(graph, partition),

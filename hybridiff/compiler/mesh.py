@@ -9,14 +9,16 @@ device idle (the plan says so and the CLI warns).
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 from hybridiff.errors import HybridiffError
 from hybridiff.plan import Mesh
 
 
-def candidate_meshes(gpus: int, guided: bool, batch: int = 1, tokens: int | None = None) -> list[Mesh]:
-    """Every mesh worth simulating for ``gpus`` devices and ``batch`` images; with ``tokens``
-    (a graph whose image tokens can be split), also each ``sp`` dividing a branch group.
+def candidate_meshes(gpus: int, guided: bool, batch: int = 1, splits: Callable[[int], bool] | None = None) -> list[Mesh]:
+    """Every mesh worth simulating for ``gpus`` devices and ``batch`` images; with ``splits``
+    (which ``sp`` the graph allows: ``GraphInfo.sp_allows``), also each such ``sp`` dividing a
+    branch group.
 
     More replicas than images would only idle, so ``dp <= batch``.
     """
@@ -32,16 +34,16 @@ def candidate_meshes(gpus: int, guided: bool, batch: int = 1, tokens: int | None
         m.model_copy(update={"sp": sp})
         for m in meshes
         for sp in range(2, m.members + 1)
-        if tokens and m.members % sp == 0 and tokens % sp == 0
+        if splits is not None and m.members % sp == 0 and splits(sp)
     ]
 
 
 _MESH = re.compile(r"^\s*dp\s*=\s*(\d+)\s*,\s*cfg\s*=\s*(\d+)\s*,\s*pp\s*=\s*(\d+)\s*(?:,\s*sp\s*=\s*(\d+)\s*)?$")
 
 
-def parse_mesh(text: str, gpus: int, guided: bool, batch: int = 1, tokens: int | None = None) -> Mesh:
+def parse_mesh(text: str, gpus: int, guided: bool, batch: int = 1, splits: Callable[[int], bool] | None = None) -> Mesh:
     """``"dp=1,cfg=2,pp=2"`` (optionally ``,sp=S``) as a mesh for ``gpus`` devices, or a
-    one-line error (``tokens``: the graph's splittable image tokens, if any)."""
+    one-line error (``splits``: which ``sp`` the graph allows, if any)."""
     match = _MESH.match(text)
     if not match:
         raise HybridiffError(f"--mesh {text!r}: write it as dp=D,cfg=C,pp=P[,sp=S], e.g. dp=1,cfg=2,pp=2")
@@ -53,9 +55,10 @@ def parse_mesh(text: str, gpus: int, guided: bool, batch: int = 1, tokens: int |
     if dp * cfg * pp > gpus:
         raise HybridiffError(f"--mesh {text!r} needs {dp * cfg * pp} devices but --gpus is {gpus}; raise --gpus or shrink the mesh")
     members = pp if cfg == 2 else cfg * pp
-    if sp > 1 and (not tokens or members % sp or tokens % sp):
-        why = "this model's graph has no image tokens to split (transformer denoisers only)" if not tokens else (
-            f"sp must divide the {members} devices of a branch group and the {tokens} image tokens"
+    if sp > 1 and (splits is None or members % sp or not splits(sp)):
+        why = "this model's graph has neither image tokens nor feature-map rows to split" if splits is None else (
+            f"sp must divide the {members} devices of a branch group, and the image's tokens or rows "
+            "(in bands of the UNet's downsampling) must split into sp"
         )
         raise HybridiffError(f"--mesh {text!r}: {why}")
     return Mesh(world_size=gpus, dp=dp, cfg=cfg, pp=pp, batch=batch, sp=sp)

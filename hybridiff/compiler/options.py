@@ -21,7 +21,7 @@ DEFAULT_LINK_GBPS = 100.0
 class CompileOptions:
     """Costing reads ``link_gbps``, ``repeats``, ``threads``, ``cost`` (and ``gpus`` and
     ``batch``: threads per device, row counts to time); planning reads ``gpus``, ``schedule``,
-    ``batch``, ``mesh``, ``strategy`` and ``warmup``."""
+    ``batch``, ``mesh``, ``strategy``, ``warmup`` and ``patch_parallel``."""
 
     gpus: int = 2
     schedule: Schedule = DEFAULT_SCHEDULE
@@ -40,6 +40,10 @@ class CompileOptions:
     threads: int | None = None
     #: "time" (measured), "flops" (counted, reproducible) or "roofline" (published architectures).
     cost: str = "time"
+    #: Let the compiler consider displaced patch parallelism (``sp``) for UNets. It reads
+    #: one-step-stale halos, statistics and keys between bands (DistriFusion), so it is not
+    #: exact: off unless asked for. Transformer token splits are exact and always considered.
+    patch_parallel: bool = False
 
     def but(self, **changes: Any) -> CompileOptions:
         """These options with ``changes``."""

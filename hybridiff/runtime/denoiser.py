@@ -188,6 +188,9 @@ class HybridDenoiser(_DenoiserProxy):
             self.routing.check_rows(rows)
             self._count_steps()
             self.controller = PhaseController(self.plan.schedule, self.num_steps)
+            self._full_steps = 0
+            if self._sharded is not None:
+                self._sharded.begin_call()
         if self._step >= self.num_steps:
             raise HybridiffError(
                 f"the pipeline called its denoiser more often than it has timesteps ({self.num_steps}); hybridiff "
@@ -220,16 +223,24 @@ class HybridDenoiser(_DenoiserProxy):
         rows, or with ``sp > 1`` its shard of their tokens (``runtime.sequence``)."""
         work = {s: mine for s in self.hosted if (mine := self.mesh.computed_rows(s, rows))}
         if self._sharded is not None:
-            with self.spans.span("compute", "token-parallel forward"):
-                return self._sharded.run({s: _rows(inputs, mine, rows) for s, mine in work.items()})
+            with self.spans.span("compute", "shard-parallel forward"):
+                return self._sharded.run({s: _rows(inputs, mine, rows) for s, mine in work.items()}, self._exact_full_step())
         done = {}
         for s, mine in work.items():
             with self.spans.span("compute", f"forward {len(mine)} row(s)"):
                 done[s] = self.runner.run(self._full, _rows(inputs, mine, rows))
         return done
 
+    def _exact_full_step(self) -> bool:
+        """Whether shard peers exchange this step's values (else those of the last full step):
+        the first ``exact_steps`` full steps of a call, and the first one after the window."""
+        limit = self._sharded.exact_steps
+        after_window = self.controller.tau2 is not None and self._step - 1 == self.controller.tau2 + 1
+        return limit is None or self._full_steps < limit or after_window
+
     def _full_step(self, step: int, inputs: dict[str, Any], rows: int) -> torch.Tensor:
         self._last_full = self._forwards(inputs, rows)
+        self._full_steps += 1
         if step == 0:
             for s, values in self._last_full.items():
                 self._check_cuts(values, len(self.mesh.computed_rows(s, rows)))

@@ -124,22 +124,15 @@ class PatchShards:
         self.runner, self.patches, self.sp = runner, patches, sp
         self.band = patches.height // sp
         self.program = runner.program([n.name for n in runner.gm.graph.nodes if n.op != "placeholder"], keep=keep)
-        #: Per band: each exchange's values (or pending handle) from the last full step.
-        self.kept: dict[int, dict[int, Any]] = {}
 
-    def reset(self) -> None:
-        """A new call: let every pending exchange finish, and forget them."""
-        for kept in self.kept.values():
-            for value in kept.values():
-                if hasattr(value, "wait"):
-                    value.wait()
-        self.kept = {}
-
-    def run(self, env: dict[str, Any], shard: int, gather: Gather, post: Post, exact: bool) -> dict[str, Any]:
-        """Band ``shard``'s forward; the output is gathered whole (at once, every step)."""
+    def run(
+        self, env: dict[str, Any], shard: int, gather: Gather, post: Post, exact: bool, kept: dict[int, Any]
+    ) -> dict[str, Any]:
+        """Band ``shard``'s forward; the output is gathered whole (at once, every step).
+        ``kept``: this position's exchanges of its last full step (updated for the next)."""
         latent = self.patches.latent
         env = {**env, latent: env[latent][:, :, shard * self.band : (shard + 1) * self.band]}
-        exchanges = _Exchanges(shard, gather, post, exact, self.kept.setdefault(shard, {}))
+        exchanges = _Exchanges(shard, gather, post, exact, kept)
         with _Bands(exchanges, self.sp):
             values = self.runner.run(self.program, env)
         values["output"] = torch.cat(gather(values["output"].contiguous()), dim=2)

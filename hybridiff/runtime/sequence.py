@@ -1,4 +1,6 @@
-"""Sequence parallelism on full steps: ``sp`` shard peers split each row's image tokens.
+"""Full steps of ``sp > 1`` meshes: ``sp`` shard peers split each row they compute.
+``ShardedForwards`` runs the peers a process hosts; a transformer's rows are split into image
+tokens here (``TokenShards``, exact), a UNet's into bands of rows (``runtime.patches``).
 
 The peers of a row chunk (``Mesh.shard_peers``) each run the whole graph on the chunk's rows,
 but on ``1/sp`` of every row's image tokens. The token sequence is cut right after the patch
@@ -26,6 +28,7 @@ from torch.overrides import TorchFunctionMode
 from hybridiff.errors import HybridiffError
 from hybridiff.graph.execution import GraphRunner, NodeProgram
 from hybridiff.plan import Plan, TokenSplit
+from hybridiff.runtime.patches import PatchShards
 from hybridiff.runtime.transport import Transport
 
 #: All-gathers a tensor among a row chunk's shard peers: every peer's, in shard order.
@@ -70,9 +73,12 @@ class TokenShards:
             wanted = (later | set(keep) | {tokens.shard_after, tokens.gather_after}) & {n.name for n in segment}
             self.programs.append(runner.program([n.name for n in segment], keep=wanted))
 
-    def run(self, env: dict[str, Any], shard: int, gather: Gather) -> dict[str, Any]:
+    def run(
+        self, env: dict[str, Any], shard: int, gather: Gather, post: Any = None, exact: bool = True, kept: Any = None
+    ) -> dict[str, Any]:
         """Shard ``shard``'s forward on ``env`` (the rows' graph inputs); returns the kept values,
-        the output whole, and the values between the cuts for this shard's tokens only."""
+        the output whole, and the values between the cuts for this shard's tokens only. Every
+        step is exact here (``post``, ``exact`` and ``kept`` serve ``PatchShards``' stale steps)."""
         first = self.runner.run(self.programs[0], env)
         n = self.shard_tokens
         first[self.tokens.shard_after] = first[self.tokens.shard_after][:, shard * n : (shard + 1) * n]
@@ -100,22 +106,50 @@ class TokenShards:
 
 
 class ShardedForwards:
-    """A full step's forwards of the positions a process hosts, each on its shard of its rows'
-    tokens. Shard peers hosted together (the emulation) run in threads of their own, since each
-    waits in every attention for the others' keys and values."""
+    """A full step's forwards of the positions a process hosts, each on its shard of its rows:
+    image tokens of a transformer (``TokenShards``, exact) or a band of a UNet's rows
+    (``runtime.patches.PatchShards``, exact or one step stale). Shard peers hosted together
+    (the emulation) run in threads of their own, since each waits for the others' values."""
 
     def __init__(self, runner: GraphRunner, plan: Plan, transport: Transport, ranks: tuple[int, ...]) -> None:
         self.mesh, self.transport, self.ranks = plan.mesh, transport, ranks
         self.cuts = [c for c in plan.cut_tensors if c.constant is None]
-        self.shards = TokenShards(runner, plan.graph.tokens, plan.mesh.sp, keep=[c.node for c in self.cuts])
+        keep = [c.node for c in self.cuts]
+        if plan.graph.tokens is not None:
+            self.shards: Any = TokenShards(runner, plan.graph.tokens, plan.mesh.sp, keep)
+        else:
+            self.shards = PatchShards(runner, plan.graph.patches, plan.mesh.sp, keep)
+        #: Full steps at a call's start that are exact (all of them for tokens).
+        self.exact_steps = plan.graph.patches.exact_steps if plan.graph.tokens is None else None
+        #: Per hosted position: its exchanges of the last full step (pending ones included).
+        self.kept: dict[int, dict[int, Any]] = {}
+
+    def _peers(self, position: int) -> tuple[int, ...]:
+        return tuple(self.ranks[p] for p in self.mesh.shard_peers(position))
 
     def _gather(self, position: int) -> Gather:
-        peers = tuple(self.ranks[p] for p in self.mesh.shard_peers(position))
-        return lambda tensor: self.transport.gather_shards(self.ranks[position], tensor, peers)
+        return partial(self.transport.gather_shards, self.ranks[position], peers=self._peers(position))
 
-    def run(self, envs: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
-        """Each position's forward on its rows' graph inputs ``envs[position]``."""
-        jobs = {s: partial(self.shards.run, env, self.mesh.shard_index(s), self._gather(s)) for s, env in envs.items()}
+    def _post(self, position: int) -> Callable[[torch.Tensor], Any]:
+        return partial(self.transport.gather_shards_later, self.ranks[position], peers=self._peers(position))
+
+    def begin_call(self) -> None:
+        """A new call: let every exchange still under way finish, and forget them all."""
+        for kept in self.kept.values():
+            for value in kept.values():
+                if hasattr(value, "wait"):
+                    value.wait()
+        self.kept = {}
+
+    def run(self, envs: dict[int, dict[str, Any]], exact: bool = True) -> dict[int, dict[str, Any]]:
+        """Each position's forward on its rows' graph inputs ``envs[position]``; ``exact``: with
+        the peers' values of this step (else, for bands, those of the last full step)."""
+        jobs = {
+            s: partial(
+                self.shards.run, env, self.mesh.shard_index(s), self._gather(s), self._post(s), exact, self.kept.setdefault(s, {})
+            )
+            for s, env in envs.items()
+        }
         return self._together(jobs)
 
     def unshard(self, values: dict[int, dict[str, Any]], rows: int) -> None:

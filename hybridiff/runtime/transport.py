@@ -15,6 +15,7 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from collections import defaultdict, deque
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,27 @@ from hybridiff.runtime.spans import Spans
 
 def _nbytes(tensors: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class _Done:
+    """A gather that has already finished."""
+
+    def __init__(self, parts: list[torch.Tensor]) -> None:
+        self.parts = parts
+
+    def wait(self) -> list[torch.Tensor]:
+        return self.parts
+
+
+class _Pending:
+    """A gather still on its way: ``wait()`` finishes it."""
+
+    def __init__(self, work: dist.Work, parts: list[torch.Tensor]) -> None:
+        self.work, self.parts = work, parts
+
+    def wait(self) -> list[torch.Tensor]:
+        self.work.wait()
+        return self.parts
 
 
 #: Traffic is counted per phase of the schedule, in this order.
@@ -89,6 +111,11 @@ class Transport(ABC):
     def gather_shards(self, rank: int, tensor: torch.Tensor, peers: Group) -> list[torch.Tensor]:
         """Every shard peer's ``tensor`` (one shape on all), in peer order, for hosted ``rank``
         (``runtime.sequence``): all peers call it together."""
+
+    def gather_shards_later(self, rank: int, tensor: torch.Tensor, peers: Group) -> Any:
+        """``gather_shards`` whose result is needed only later: returns a handle whose
+        ``wait()`` gives it (``runtime.patches`` reads it one full step later)."""
+        return _Done(self.gather_shards(rank, tensor, peers))
 
     def _count_gather(self, chunks: dict[int, torch.Tensor], group: Group) -> None:
         for chunk in chunks.values():
@@ -283,6 +310,12 @@ class DistTransport(Transport):
         self._wait(work, "shards")
         self._count(_nbytes([tensor]) * (len(peers) - 1))
         return received
+
+    def gather_shards_later(self, rank: int, tensor: torch.Tensor, peers: Group) -> Any:
+        received = [torch.empty_like(tensor) for _ in peers]
+        work = dist.all_gather(received, tensor, group=self._groups[peers], async_op=True)
+        self._count(_nbytes([tensor]) * (len(peers) - 1))
+        return _Pending(work, received)
 
     def close(self) -> None:
         for shared in self._shared.values():
