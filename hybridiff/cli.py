@@ -34,9 +34,7 @@ def compile_command(
     profile: bool = typer.Option(False, "--profile", help="with --arch: random weights on this device, time every node"),
     gpus: int = typer.Option(2, help="number of devices"),
     batch: int = typer.Option(1, min=1, max=MAX_BATCH, help="images generated together: the mesh is chosen for this batch"),
-    mesh: Optional[str] = typer.Option(
-        None, help="force a mesh, e.g. dp=1,cfg=2,pp=2 or dp=1,cfg=2,pp=4,sp=4 [default: the fastest predicted]"
-    ),
+    mesh: Optional[str] = typer.Option(None, help="force a mesh, e.g. dp=1,cfg=2,pp=2 or dp=1,cfg=2,pp=4,sp=4 [default: fastest]"),
     out: Path = typer.Option(Path("plan.json"), "-o", "--out", help="where to write the plan"),
     steps: Optional[int] = typer.Option(None, min=1, help="denoising steps [50]"),
     guidance_scale: Optional[float] = typer.Option(None, help="CFG scale; <= 1: no guidance, cfg=1 meshes [5.0]"),
@@ -58,12 +56,8 @@ def compile_command(
     strategy: Optional[str] = typer.Option(
         None, help="a peer strategy as a plan: serial, cfg-parallel, pipeline (AsyncDiff), hybrid, hybrid-cached"
     ),
-    warmup: Optional[int] = typer.Option(
-        None, min=1, help="with --strategy pipeline: whole steps before the pipeline starts [AsyncDiff's: 9 UNet, 1 SD3]"
-    ),
-    patch_parallel: bool = typer.Option(
-        False, "--patch-parallel", help="UNets: also consider sp meshes of row bands (DistriFusion, one step stale, not exact)"
-    ),
+    warmup: Optional[int] = typer.Option(None, min=1, help="--strategy pipeline: whole steps before its window [AsyncDiff: 9 UNet, 1 SD3]"),
+    patch_parallel: bool = typer.Option(False, "--patch-parallel", help="UNets: consider sp row bands (one step stale)"),
 ) -> None:
     """Trace, profile and partition MODEL (or a published --arch) into an execution plan."""
     from hybridiff.compiler.options import CompileOptions
