@@ -60,6 +60,14 @@ class TokenSplit(_Strict):
     attentions: int = Field(ge=1, description="attention layers over the image tokens in one forward")
     kv_bytes_per_row: int = Field(ge=0, description="bytes of the image tokens' keys and values, one row, all attentions")
 
+    def allows(self, sp: int) -> bool:
+        return self.tokens % sp == 0
+
+    @staticmethod
+    def exact(full_steps_done: int, step: int, tau2: int | None) -> bool:
+        """Token splits are exact on every step."""
+        return True
+
 
 class PatchSplit(_Strict):
     """What a UNet's feature maps exchange when ``Mesh.sp`` shard peers each run a band of the
@@ -79,6 +87,12 @@ class PatchSplit(_Strict):
     def allows(self, sp: int) -> bool:
         return self.height % sp == 0 and (self.height // sp) % self.factor == 0
 
+    def exact(self, full_steps_done: int, step: int, tau2: int | None) -> bool:
+        """Whether full step ``step`` exchanges this step's values between bands: the first
+        ``exact_steps`` full steps of a call, and the first full step after the window (the
+        peers' last values are several steps old there). The runtime and the simulator ask here."""
+        return full_steps_done < self.exact_steps or (tau2 is not None and step == tau2 + 1)
+
 
 class GraphInfo(_Strict):
     fingerprint: str = Field(min_length=1)
@@ -95,11 +109,10 @@ class GraphInfo(_Strict):
     #: Set for UNets whose feature maps can be split into row bands (``Mesh.sp``); None otherwise.
     patches: PatchSplit | None = None
 
-    def sp_allows(self, sp: int) -> bool:
-        """Whether shard peers of ``sp`` can split this graph's rows (tokens or bands)."""
-        if self.tokens is not None:
-            return self.tokens.tokens % sp == 0
-        return self.patches is not None and self.patches.allows(sp)
+    @property
+    def shard_split(self) -> TokenSplit | PatchSplit | None:
+        """How shard peers (``Mesh.sp``) split this graph's rows: tokens, bands, or not at all."""
+        return self.tokens if self.tokens is not None else self.patches
 
 
 def receives_next(consumer: int, output_stage: int, next_is_last: bool) -> bool:
@@ -376,7 +389,8 @@ class Plan(_Strict):
             raise ValueError("stages must be numbered 0..S-1 in order")
         if len(self.stages) != self.mesh.replica_size:
             raise ValueError(f"{len(self.stages)} stages for a mesh {self.mesh.label} of {self.mesh.replica_size} positions")
-        if self.mesh.sp > 1 and not self.graph.sp_allows(self.mesh.sp):
+        split = self.graph.shard_split
+        if self.mesh.sp > 1 and (split is None or not split.allows(self.mesh.sp)):
             raise ValueError(f"mesh {self.mesh.label} splits each image among shard peers, which this graph does not allow")
         if self.mesh.cfg == 2 and not self.schedule.guided:
             raise ValueError("a cfg=2 mesh splits the guidance branches and needs guidance_scale > 1")

@@ -259,7 +259,8 @@ def _call(
             busy, tail, sent = window_step(mesh, work, rows, wg, last=step == tau1 + k, next_is_last=step + 1 == tau1 + k)
             sim.comm_bytes_by_phase["pipeline"] += sent
         else:
-            exact = work.patches is None or full_steps < work.patches.exact_steps or (k and step == tau1 + k + 1)
+            split = work.patches or work.tokens
+            exact = split is None or split.exact(full_steps, step, tau1 + k if k else None)
             busy, tail, sent = full_step(mesh, work, rows, exact=exact)
             full_steps += 1
             sim.comm_bytes_by_phase["cond-partition"] += sent

@@ -230,7 +230,9 @@ class CostedModel:
             self.splits[stages] = balance(self.graph, costed_split)
         return self.splits[stages]
 
-    def workload(self, stages: int) -> Workload:
+    def workload(self, stages: int, sp: int = 1) -> Workload:
+        """What the simulator needs for ``stages`` stages; with ``sp > 1`` also what the shard
+        peers exchange (a UNet's bands are recorded only when asked for)."""
         partition = self.split(stages)[3]
         return Workload(
             forward_by_rows=forward_by_rows(self.forward_s, self.forward_rows_s[2], self.forward_rows_s),
@@ -240,8 +242,8 @@ class CostedModel:
             prediction_bytes=partition.output_bytes,
             link_bytes_per_s=self.link_gbps * 1e9 / 8,
             step_costs=self.step_costs,
-            tokens=self.tokens,
-            patches=self.patches,
+            tokens=self.tokens if sp > 1 else None,
+            patches=self.patches if sp > 1 else None,
         )
 
     @cached_property
@@ -256,9 +258,8 @@ class CostedModel:
 
     def sp_allows(self, patches: bool) -> Callable[[int], bool] | None:
         """Which ``sp`` the graph allows (UNet bands only with ``patches``), or None."""
-        bands = self.patches if patches else None
-        info = GraphInfo(fingerprint="-", num_nodes=1, replicated=[], tokens=self.tokens, patches=bands)
-        return info.sp_allows if self.tokens or bands else None
+        split = self.tokens or (self.patches if patches else None)
+        return split.allows if split is not None else None
 
 
 def cost_graph(
@@ -317,7 +318,7 @@ def plan_for(costed: CostedModel, options: CompileOptions) -> Plan:
     simulated: dict[str, tuple[float, Mesh, Workload]] = {}
     for candidate in candidates:
         try:
-            work = costed.workload(candidate.replica_size)
+            work = costed.workload(candidate.replica_size, candidate.sp)
         except ValueError as e:
             if mesh or strategy:
                 raise HybridiffError(f"--mesh {candidate.label}: {e}; use fewer pipeline stages") from None

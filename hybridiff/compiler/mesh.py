@@ -17,7 +17,7 @@ from hybridiff.plan import Mesh
 
 def candidate_meshes(gpus: int, guided: bool, batch: int = 1, splits: Callable[[int], bool] | None = None) -> list[Mesh]:
     """Every mesh worth simulating for ``gpus`` devices and ``batch`` images; with ``splits``
-    (which ``sp`` the graph allows: ``GraphInfo.sp_allows``), also each such ``sp`` dividing a
+    (which ``sp`` the graph allows: ``TokenSplit.allows`` or ``PatchSplit.allows``), also each such ``sp`` dividing a
     branch group.
 
     More replicas than images would only idle, so ``dp <= batch``.

@@ -224,19 +224,13 @@ class HybridDenoiser(_DenoiserProxy):
         work = {s: mine for s in self.hosted if (mine := self.mesh.computed_rows(s, rows))}
         if self._sharded is not None:
             with self.spans.span("compute", "shard-parallel forward"):
-                return self._sharded.run({s: _rows(inputs, mine, rows) for s, mine in work.items()}, self._exact_full_step())
+                exact = self._sharded.exact(self._full_steps, self._step - 1, self.controller.tau2)
+                return self._sharded.run({s: _rows(inputs, mine, rows) for s, mine in work.items()}, exact)
         done = {}
         for s, mine in work.items():
             with self.spans.span("compute", f"forward {len(mine)} row(s)"):
                 done[s] = self.runner.run(self._full, _rows(inputs, mine, rows))
         return done
-
-    def _exact_full_step(self) -> bool:
-        """Whether shard peers exchange this step's values (else those of the last full step):
-        the first ``exact_steps`` full steps of a call, and the first one after the window."""
-        limit = self._sharded.exact_steps
-        after_window = self.controller.tau2 is not None and self._step - 1 == self.controller.tau2 + 1
-        return limit is None or self._full_steps < limit or after_window
 
     def _full_step(self, step: int, inputs: dict[str, Any], rows: int) -> torch.Tensor:
         self._last_full = self._forwards(inputs, rows)

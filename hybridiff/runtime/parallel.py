@@ -116,6 +116,8 @@ class ParallelPipeline:
             traced = self._agreed(lambda: trace_for_plan(pipe, self.plan))
             self._attr, self._denoiser = traced.attr, traced.denoiser
             self._module_ids = [id(m) for m in self._denoiser.modules()]
+            self._routing = Routing(self.plan)
+            self._signature = inspect.signature(pipe.__call__)  # what the pipeline's calls accept
             self._stand_ins = self._make_stand_ins(traced, own_cores)
         except BaseException:
             self._release(graceful=False)
@@ -172,7 +174,7 @@ class ParallelPipeline:
     def _prepare(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The call's arguments, with the plan's defaults where the call gives none, checked
         against the plan and against the denoiser the plan was checked on."""
-        signature = inspect.signature(self.pipe.__call__)
+        signature = self._signature
         call = dict(signature.bind_partial(*args, **kwargs).arguments)
         call.update(call.pop("kwargs", {}))
         schedule = self.plan.schedule
@@ -196,7 +198,7 @@ class ParallelPipeline:
         if self.replicas > 1:  # refuse what cannot be shared out here, where every rank hears of it
             calls.split(call, most, per_prompt, images)
         if self.mode != "serial":
-            Routing(self.plan).check_rows(len(most) * (2 if guided else 1))
+            self._routing.check_rows(len(most) * (2 if guided else 1))
         current = getattr(self.pipe, self._attr)
         if current is not self._denoiser or [id(m) for m in current.modules()] != self._module_ids:
             raise HybridiffError(
@@ -210,7 +212,7 @@ class ParallelPipeline:
         """``name``'s value in ``call``, else the pipeline's default."""
         if name in call:
             return call[name]
-        parameter = inspect.signature(self.pipe.__call__).parameters.get(name)
+        parameter = self._signature.parameters.get(name)
         return otherwise if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
     def _agreed(self, work: Callable[[], Any], compare: bool = False) -> Any:

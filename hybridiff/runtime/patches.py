@@ -36,6 +36,17 @@ Gather = Callable[[torch.Tensor], list[torch.Tensor]]
 Post = Callable[[torch.Tensor], Any]
 
 
+def attend_over_peers(func: Any, args: tuple, kwargs: dict, every_peer: Gather, own: int) -> torch.Tensor:
+    """``scaled_dot_product_attention`` whose first ``own`` keys and values (this peer's share)
+    are replaced by every peer's share, in peer order, ahead of the keys every peer holds whole
+    (a transformer's text tokens; none for a UNet band's self-attention)."""
+    query, key, value, *rest = args
+    parts = every_peer(torch.stack([key[..., :own, :], value[..., :own, :]]))
+    key = torch.cat([p[0] for p in parts] + [key[..., own:, :]], dim=-2)
+    value = torch.cat([p[1] for p in parts] + [value[..., own:, :]], dim=-2)
+    return func(query, key, value, *rest, **kwargs)
+
+
 class _Exchanges:
     """One band's exchanges of one forward, in order; what it keeps between full steps."""
 
@@ -71,11 +82,7 @@ class _Bands(TorchFunctionMode):
         if func is F.group_norm:
             return self._group_norm(*args, **kwargs)
         if func is F.scaled_dot_product_attention and args[1].shape[-2] == args[0].shape[-2]:
-            query, key, value, *rest = args
-            parts = self.exchanges.every_band(torch.stack([key, value]))
-            key = torch.cat([p[0] for p in parts], dim=-2)
-            value = torch.cat([p[1] for p in parts], dim=-2)
-            return func(query, key, value, *rest, **kwargs)
+            return attend_over_peers(func, args, kwargs, self.exchanges.every_band, own=args[1].shape[-2])
         return func(*args, **kwargs)
 
     def _conv(self, func: Any, args: tuple, kwargs: dict) -> torch.Tensor:

@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 from hybridiff.errors import HybridiffError
 from hybridiff.graph.execution import GraphRunner, NodeProgram
 from hybridiff.plan import Plan, TokenSplit
-from hybridiff.runtime.patches import PatchShards
+from hybridiff.runtime.patches import PatchShards, attend_over_peers
 from hybridiff.runtime.transport import Transport
 
 #: All-gathers a tensor among a row chunk's shard peers: every peer's, in shard order.
@@ -45,14 +45,9 @@ class _GatheredKeysValues(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            query, key, value, *rest = args
-            n = self.shard_tokens
-            if key.shape[-2] < n:
-                raise HybridiffError(f"an attention sees {key.shape[-2]} keys, fewer than a shard's {n} image tokens")
-            parts = self.gather(torch.stack([key[..., :n, :], value[..., :n, :]]).contiguous())
-            key = torch.cat([p[0] for p in parts] + [key[..., n:, :]], dim=-2)
-            value = torch.cat([p[1] for p in parts] + [value[..., n:, :]], dim=-2)
-            args = (query, key, value, *rest)
+            if args[1].shape[-2] < self.shard_tokens:
+                raise HybridiffError(f"an attention sees {args[1].shape[-2]} keys, fewer than a shard's {self.shard_tokens} image tokens")
+            return attend_over_peers(func, args, kwargs, self.gather, own=self.shard_tokens)
         return func(*args, **kwargs)
 
 
@@ -119,8 +114,8 @@ class ShardedForwards:
             self.shards: Any = TokenShards(runner, plan.graph.tokens, plan.mesh.sp, keep)
         else:
             self.shards = PatchShards(runner, plan.graph.patches, plan.mesh.sp, keep)
-        #: Full steps at a call's start that are exact (all of them for tokens).
-        self.exact_steps = plan.graph.patches.exact_steps if plan.graph.tokens is None else None
+        #: Which full steps exchange this step's values (``TokenSplit``/``PatchSplit.exact``).
+        self.exact = plan.graph.shard_split.exact
         #: Per hosted position: its exchanges of the last full step (pending ones included).
         self.kept: dict[int, dict[int, Any]] = {}
 
