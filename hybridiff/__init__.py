@@ -17,14 +17,14 @@ def quiet_libraries() -> None:
 
 
 _API = {
-    "compile": ("hybridiff.compiler.compile", "compile_module"),
+    "compile": ("hybridiff.compiler.entries", "compile_module"),
     "CompileOptions": ("hybridiff.compiler.options", "CompileOptions"),
     "check_plan": ("hybridiff.compiler.check", "check_plan"),
     "load_plan": ("hybridiff.plan", "load_plan"),
     "Plan": ("hybridiff.plan", "Plan"),
     "register_adapter": ("hybridiff.graph.trace", "register_adapter"),
-    "parallelize": ("hybridiff.runtime.parallel", "parallelize"),
-    "ParallelPipeline": ("hybridiff.runtime.parallel", "ParallelPipeline"),
+    "parallelize": ("hybridiff.runtime.api.parallel", "parallelize"),
+    "ParallelPipeline": ("hybridiff.runtime.api.parallel", "ParallelPipeline"),
     "HybridiffError": ("hybridiff.errors", "HybridiffError"),
 }
 

@@ -21,15 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hybridiff.compiler.compile import CostedModel, plan_for
+from hybridiff.compiler.costing import CostedModel
 from hybridiff.compiler.options import CompileOptions
+from hybridiff.compiler.search import plan_for
 from hybridiff.compiler.strategies import WINDOWED
 from hybridiff.files import strict_json, write_atomic
 from hybridiff.models import TRAINED
 from hybridiff.plan import Plan, Schedule, StepCosts, load_plan
-from hybridiff.runtime.launch import launch_local
-from hybridiff.runtime.requests import ImageRequest, expand, read_prompts
-from hybridiff.runtime.session import RunOptions
+from hybridiff.runtime.launch.launcher import launch_local
+from hybridiff.runtime.run.requests import ImageRequest, expand, read_prompts
+from hybridiff.runtime.run.session import RunOptions
 from hybridiff.simulate import Workload, serial_latency, simulate
 from hybridiff.zoo.digits import PROMPTS as DIGIT_PROMPTS
 
@@ -226,7 +227,7 @@ def model_entries(
 ) -> list[Entry]:
     """Cost ``model`` once (calibrated, as ``compile`` does) and plan every strategy from it."""
     from hybridiff.calibrate import calibration
-    from hybridiff.compiler.compile import cost_model
+    from hybridiff.compiler.entries import cost_model
 
     options = CompileOptions(gpus=gpus, schedule=schedule, batch=batch, threads=threads)
     costed = cost_model(model, options, calibrate=calibration(calibrate, threads))

@@ -27,10 +27,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from hybridiff.plan import Plan, StepCosts
-from hybridiff.runtime.launch import launch_local
-from hybridiff.runtime.requests import ImageRequest
-from hybridiff.runtime.session import RunOptions
+from hybridiff.plan import Phase, Plan, StepCosts
+from hybridiff.runtime.launch.launcher import launch_local
+from hybridiff.runtime.run.requests import ImageRequest
+from hybridiff.runtime.run.session import RunOptions
 
 #: The calibration call: enough full steps to average over, a window of a few steps.
 STEPS, WINDOW_START, WINDOW_STEPS, REPEATS = 24, 4, 4, 4
@@ -57,6 +57,10 @@ def measure_step_costs(plan: Plan, threads: int | None = None) -> StepCosts:
     return _step_costs(profile, f"{plan.mesh.label}, {threads or 'default'} thread(s) per worker")
 
 
+#: Full steps are read from the warm-up, which every calibration call runs (its first steps).
+FULL = Phase.WARM_UP.value
+
+
 def _step_costs(profile: dict[str, Any], setup: str) -> StepCosts:
     """Step costs from the ranks' milliseconds per step, read directly from the categories
     the runtime measured (the pipeline's work, waiting, sending and receiving, glue) rather
@@ -74,9 +78,9 @@ def _step_costs(profile: dict[str, Any], setup: str) -> StepCosts:
 
     return StepCosts(
         measured_on=f"{setup}: {STEPS}-step calls, {REPEATS} repeats",
-        pipeline_s=min(r["cond-partition"]["trimmed"]["pipeline"] for r in ranks) / 1e3,
-        full_sync_s=max(overhead_ms("cond-partition")) / 1e3,
-        window_sync_s=min(overhead_ms("pipeline")) / 1e3,
+        pipeline_s=min(r[FULL]["trimmed"]["pipeline"] for r in ranks) / 1e3,
+        full_sync_s=max(overhead_ms(FULL)) / 1e3,
+        window_sync_s=min(overhead_ms(Phase.WINDOW.value)) / 1e3,
     )
 
 

@@ -1,10 +1,10 @@
 """Predict a plan's run from its costs: latency per phase, bytes moved, per-rank timelines.
 
 The compiler uses this to choose a mesh (the candidate with the least predicted latency for
-the batch wins) and ``hybridiff simulate`` uses it to explain a plan. Both follow the rules the
-runtime executes, read from the same ``Mesh`` methods: which rows each rank computes on a
-fully connected step, which rows each stage runs in the window, which cut tensors move at the
-hand-off after tau1. The window is assumed to start at the expected tau1 (``tau_cap``).
+the batch wins) and ``hybridiff simulate`` uses it to explain a plan. It costs the very step
+programs the runtime executes (``hybridiff.program``): each action advances the clocks of the
+positions taking part, collectives wait for the last of them. The window is assumed to start
+at the expected tau1 (``tau_cap``); bytes are the programs' own, so they equal the run's.
 
 Costs come from the plan: forwards measured at one row (``forward_s``), two rows
 (``forward_batch2_s``) and, for batches, more (``forward_rows_s``) fix how compute grows with
@@ -22,47 +22,49 @@ growing with the group's size like a ring, ``(g - 1)`` times.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 from hybridiff.files import write_atomic
-from hybridiff.plan import Mesh, PatchSplit, Plan, Schedule, StepCosts, TokenSplit, receives_next
-
-#: Phases of one image as the paper names them, and the traffic classes the runtime counts.
-PHASES = ("warm-up", "window", "fully-connecting")
+from hybridiff.plan import RUN_PHASES, Mesh, PatchSplit, Phase, Plan, Schedule, StepCosts, link_bytes_per_s
+from hybridiff.program.actions import (
+    Action,
+    BroadcastOutput,
+    ExchangePredictions,
+    Forward,
+    JoinShards,
+    Post,
+    RunStage,
+    ShardForward,
+    StepProgram,
+)
+from hybridiff.program.build import ProgramBuilder, shard_forward_bytes
+from hybridiff.program.layout import Layout
+from hybridiff.program.timeline import CallSchedule
 
 
 @dataclass(frozen=True)
 class Workload:
-    """What the simulator needs to know about the model, per row (one image, one branch)."""
+    """What the simulator needs to know: the layout the programs are built from, and the
+    measured costs of one row (one image, one branch)."""
 
+    layout: Layout
     #: (rows, seconds) of whole forwards, sorted by rows, starting with one row.
     forward_by_rows: tuple[tuple[int, float], ...]
     stage_costs: tuple[float, ...]
-    #: (producing stage, consuming stage, bytes per row) of every tensor that crosses a cut.
-    links: tuple[tuple[int, int, int], ...]
-    output_stage: int
-    prediction_bytes: int
     link_bytes_per_s: float
     step_costs: StepCosts = StepCosts()
-    #: The image tokens sequence parallelism splits (``Mesh.sp``), if the graph has them.
-    tokens: TokenSplit | None = None
-    #: What a UNet's row bands exchange (``Mesh.sp`` on UNets), if the graph allows it.
-    patches: PatchSplit | None = None
 
     @classmethod
     def from_plan(cls, plan: Plan) -> Workload:
         est = plan.estimates
         return cls(
+            layout=Layout.of(plan),
             forward_by_rows=forward_by_rows(est.forward_s, est.forward_batch2_s, est.forward_rows_s),
             stage_costs=tuple(s.cost_s for s in plan.stages),
-            links=tuple((p, c, sum(t.bytes for t in cuts)) for (p, c), cuts in plan.links().items()),
-            output_stage=plan.output_stage,
-            prediction_bytes=est.prediction_bytes,
-            link_bytes_per_s=est.link_gbps * 1e9 / 8,
+            link_bytes_per_s=link_bytes_per_s(est.link_gbps),
             step_costs=est.step_costs,
-            tokens=plan.graph.tokens,
-            patches=plan.graph.patches,
         )
 
     @property
@@ -82,11 +84,6 @@ class Workload:
     def transfer(self, nbytes: int) -> float:
         return nbytes / self.link_bytes_per_s
 
-    def sync(self, mesh: Mesh, window: bool) -> float:
-        """The fixed cost of synchronising one step within a replica of ``mesh``."""
-        costs = self.step_costs
-        return (costs.window_sync_s if window else costs.full_sync_s) * (mesh.replica_size - 1)
-
 
 @dataclass(frozen=True)
 class Segment:
@@ -97,14 +94,19 @@ class Segment:
     phase: str
 
 
+def _zeros() -> dict[str, float]:
+    return {p.value: 0 for p in RUN_PHASES}
+
+
 @dataclass
 class Simulation:
     mesh: str
     images: int
     latency_s: float = 0.0
-    #: Seconds per phase on the slowest replica (its calls summed).
-    phase_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
-    comm_bytes_by_phase: dict[str, int] = field(default_factory=lambda: {"cond-partition": 0, "pipeline": 0})
+    #: Seconds per phase on the slowest replica (its calls summed); the tau1 hand-off is
+    #: timed with its step (warm-up) and its bytes are window traffic.
+    phase_s: dict[str, float] = field(default_factory=_zeros)
+    comm_bytes_by_phase: dict[str, int] = field(default_factory=_zeros)
     busy_s: dict[int, float] = field(default_factory=dict)
     segments: list[Segment] = field(default_factory=list)
 
@@ -131,13 +133,14 @@ def forward_by_rows(forward_s: float, forward_batch2_s: float, more: dict[int, f
 
 
 def simulate(mesh: Mesh, work: Workload, schedule: Schedule, images: int = 1) -> Simulation:
-    """Predict generating ``images`` images with ``mesh``."""
+    """Predict generating ``images`` images with ``mesh`` (``work``'s stages on that mesh)."""
     sim = Simulation(mesh=mesh.label, images=images)
     sim.busy_s = dict.fromkeys(range(mesh.world_size), 0.0)
+    builder = ProgramBuilder(replace(work.layout, mesh=mesh))
     for replica, calls in enumerate(mesh.replica_images(images)):
-        clock, phases = 0.0, dict.fromkeys(PHASES, 0.0)
+        clock, phases = 0.0, _zeros()
         for call in calls:
-            clock = _call(sim, phases, mesh, work, schedule, replica, len(call), clock)
+            clock = _call(sim, phases, work, builder, schedule, replica, schedule.rows(len(call)), clock)
         if clock > sim.latency_s:  # the slowest replica sets the latency and its phases
             sim.latency_s, sim.phase_s = clock, phases
     return sim
@@ -149,137 +152,105 @@ def serial_latency(work: Workload, schedule: Schedule, images: int) -> float:
     return schedule.steps * step
 
 
-#: Per position: (compute seconds, send seconds); the seconds every position spends after the
-#: slowest one (exchange, synchronisation, the pipeline's own work); bytes sent.
-_Step = tuple[dict[int, tuple[float, float]], float, int]
-
-
-def window_step(
-    mesh: Mesh, work: Workload, rows: int, window_guidance: str, last: bool = False, next_is_last: bool = False
-) -> _Step:
-    """One window step of a call of ``rows`` rows: every stage at once, then the output's
-    broadcast. On the last window step only the output's stage runs and nothing is sent on;
-    before it, only what that stage reads is sent."""
-    busy, sent_total = {}, 0
-    for s in range(mesh.replica_size):
-        mine = len(mesh.window_rows(s, rows, window_guidance))
-        runs = not last or s == work.output_stage
-        compute = work.compute(work.stage_costs[s], mine) if runs else 0.0
-        live = [b for p, c, b in work.links if p == s and receives_next(c, work.output_stage, next_is_last)]
-        sent = 0 if last else sum(live) * mine
-        busy[s] = (compute, work.transfer(sent))
-        sent_total += sent
-    out = len(mesh.window_rows(work.output_stage, rows, window_guidance)) * work.prediction_bytes
-    tail = work.transfer(out) + work.sync(mesh, window=True) + work.step_costs.pipeline_s
-    return busy, tail, sent_total + out * (mesh.replica_size - 1)
-
-
-def full_step(mesh: Mesh, work: Workload, rows: int, exact: bool = True) -> _Step:
-    """One fully connected step: each position runs the rows it owns whole and broadcasts
-    its predictions to the replica. With ``sp > 1`` shard peers split the rows' compute and
-    exchange what crosses their shards (``_shard_exchange``)."""
-    busy, tail, sent = {}, work.sync(mesh, window=False) + work.step_costs.pipeline_s, 0
-    for s in range(mesh.replica_size):
-        computed = len(mesh.computed_rows(s, rows))
-        compute = work.compute(work.forward_s, computed)
-        if mesh.sp > 1 and computed:
-            compute, exchanged = _shard_exchange(mesh, work, computed, compute, exact)
-            sent += exchanged
-        mine = len(mesh.full_rows(s, rows))
-        busy[s] = (compute, 0.0)
-        tail += work.transfer(mine * work.prediction_bytes)
-        sent += mine * work.prediction_bytes * (mesh.replica_size - 1)
-    return busy, tail, sent
-
-
-def _shard_exchange(mesh: Mesh, work: Workload, rows: int, compute: float, exact: bool) -> tuple[float, int]:
-    """(seconds, bytes sent) of one shard peer's forward of ``rows`` rows (whole: ``compute``).
-
-    - Tokens (exact): the peer computes its image tokens and every text token; each attention
-      first gathers the peers' image keys and values, and the output tokens are gathered.
-    - Bands: the peer computes its rows; halos, group-norm statistics and self-attention keys
-      and values cross bands. Exact steps wait for each; the other steps send them for the next
-      step while computing, so only what is longer than the compute shows. The output band is
-      gathered at once either way."""
-    sp, sync = mesh.sp, work.step_costs.full_sync_s
-    output = rows * work.prediction_bytes * (sp - 1) // sp
-    if work.tokens is not None:
-        image, text = work.tokens.tokens, work.tokens.text_tokens
-        gathered = rows * work.tokens.kv_bytes_per_row * (sp - 1) // sp + output
-        waits = (work.tokens.attentions + 1) * sync * (sp - 1)
-        return compute * (image / sp + text) / (image + text) + work.transfer(gathered) + waits, gathered
-    p = work.patches
-    crossing = rows * ((p.halo_bytes_per_row + p.stats_bytes_per_row) * (sp - 1) + p.kv_bytes_per_row * (sp - 1) // sp)
-    mine = compute / sp
-    if exact:
-        seconds = mine + work.transfer(crossing) + (p.exchanges + 1) * sync * (sp - 1)
-    else:
-        seconds = max(mine, work.transfer(crossing)) + sync * (sp - 1)
-    return seconds + work.transfer(output), crossing + output
-
-
-def hand_off_bytes(
-    mesh: Mesh, work: Workload, rows: int, window_guidance: str, position: int, next_is_last: bool = False
-) -> int:
-    """Bytes ``position`` sends after tau1: the cut values of the window's first step that its
-    full forward computed, to every other position whose stage consumes them."""
-    sent = 0
-    mine = set(mesh.full_rows(position, rows))
-    for producer, consumer, b in work.links:
-        if consumer != position and receives_next(consumer, work.output_stage, next_is_last):
-            sent += b * len(mine & set(mesh.window_rows(producer, rows, window_guidance)))
-    return sent
-
-
-def step_seconds(step: _Step) -> float:
-    busy, tail, _ = step
-    return max(c + t for c, t in busy.values()) + tail
-
-
 def _call(
     sim: Simulation,
     phases: dict[str, float],
-    mesh: Mesh,
     work: Workload,
+    builder: ProgramBuilder,
     schedule: Schedule,
     replica: int,
-    images: int,
+    rows: int,
     clock: float,
 ) -> float:
-    """Add one pipeline call of ``images`` images on ``replica`` (its phase times to ``phases``);
+    """Add one pipeline call of ``rows`` rows on ``replica`` (its phase times to ``phases``);
     returns its end time."""
-    rows = schedule.rows(images)
-    tau1 = schedule.expected_tau1
-    k = schedule.window_steps(tau1)
-    wg = schedule.window_guidance
-    full_steps = 0
+    timeline = CallSchedule(builder, schedule, schedule.steps, rows)
     for step in range(schedule.steps):
-        phase = "warm-up" if step <= tau1 else "window" if step <= tau1 + k else "fully-connecting"
-        if phase == "window" and mesh.replica_size > 1:  # one stage: a window step is a full one
-            busy, tail, sent = window_step(mesh, work, rows, wg, last=step == tau1 + k, next_is_last=step + 1 == tau1 + k)
-            sim.comm_bytes_by_phase["pipeline"] += sent
-        else:
-            split = work.patches or work.tokens
-            exact = split is None or split.exact(full_steps, step, tau1 + k if k else None)
-            busy, tail, sent = full_step(mesh, work, rows, exact=exact)
-            full_steps += 1
-            sim.comm_bytes_by_phase["cond-partition"] += sent
-            if k and step == tau1:
-                for s, (compute, _) in busy.items():
-                    handed = hand_off_bytes(mesh, work, rows, wg, s, next_is_last=k == 1)
-                    sim.comm_bytes_by_phase["pipeline"] += handed
-                    busy[s] = (compute, work.transfer(handed))
-        for s, (compute, send) in busy.items():
-            rank = mesh.rank(replica, s)
-            if compute:
-                sim.segments.append(Segment(rank, clock, compute, "window" if phase == "window" else "full", phase))
-            if send:
-                sim.segments.append(Segment(rank, clock + compute, send, "send", phase))
-            sim.busy_s[rank] += compute + send
-        duration = step_seconds((busy, tail, sent))
-        phases[phase] += duration
-        clock += duration
+        program = timeline.program(step)
+        phase = timeline.phase(step)
+        costing = ProgramCost(work, builder.mesh, sim, replica, phase, clock)
+        costing.add(program)
+        if program.returns == "predictions" and (hand_off := timeline.observe(step, None)) is not None:
+            costing.add(hand_off)
+        end = costing.end + work.step_costs.pipeline_s
+        phases[phase.value] += end - clock
+        clock = end
     return clock
+
+
+def step_seconds(work: Workload, program: StepProgram) -> float:
+    """One step running ``program`` alone: its programs' time and the pipeline's own work."""
+    costing = ProgramCost(work, work.layout.mesh, Simulation(mesh=work.layout.mesh.label, images=0), 0, Phase.WINDOW, 0.0)
+    costing.add(program)
+    return costing.end + work.step_costs.pipeline_s
+
+
+class ProgramCost:
+    """Clocks of one replica's positions through one step's programs. A position's own action
+    (compute, a send) advances its clock; a collective starts when the last member arrives."""
+
+    def __init__(self, work: Workload, mesh: Mesh, sim: Simulation, replica: int, phase: Phase, start: float) -> None:
+        self.work, self.mesh, self.sim, self.replica, self.phase = work, mesh, sim, replica, phase
+        self.clocks = dict.fromkeys(range(mesh.replica_size), start)
+        self._costs: dict[type, Callable[[Action], float]] = {
+            Forward: lambda a: work.compute(work.forward_s, len(a.rows)),
+            ShardForward: self._shard_forward,
+            RunStage: lambda a: work.compute(work.stage_costs[a.position], len(a.rows)),
+            Post: lambda a: work.transfer(a.bytes),
+            ExchangePredictions: lambda a: work.transfer(sum(a.sizes) * work.layout.prediction_bytes) + self._sync(a, "full"),
+            BroadcastOutput: lambda a: work.transfer(a.rows * work.layout.prediction_bytes) + self._sync(a, "window"),
+            JoinShards: lambda a: work.transfer(a.bytes // len(a.peers)),
+        }
+
+    @property
+    def end(self) -> float:
+        return max(self.clocks.values())
+
+    def add(self, program: StepProgram) -> None:
+        for action in program.actions:
+            self.sim.comm_bytes_by_phase[action.phase.value] += action.bytes
+            seconds = self._costs[type(action)](action) if type(action) in self._costs else 0.0
+            members = action.positions
+            start = max(self.clocks[p] for p in members) if len(members) > 1 else self.clocks[members[0]]
+            for p in members:
+                self.clocks[p] = start + seconds
+            kind = {Forward: "full", ShardForward: "full", RunStage: "window", Post: "send"}.get(type(action))
+            if kind is not None and seconds:
+                for p in members:
+                    rank = self.mesh.rank(self.replica, p)
+                    self.sim.segments.append(Segment(rank, start, seconds, kind, self.phase.value))
+                    self.sim.busy_s[rank] = self.sim.busy_s.get(rank, 0.0) + seconds
+
+    def _sync(self, action: Action, kind: str) -> float:
+        """The fixed cost of synchronising a step among the action's members."""
+        costs = self.work.step_costs
+        return (costs.full_sync_s if kind == "full" else costs.window_sync_s) * (len(action.positions) - 1)
+
+    def _shard_forward(self, action: ShardForward) -> float:
+        """One shard peer's forward of its share of ``action.rows``, with its exchanges.
+
+        - Tokens (exact): the peer computes its image tokens and every text token; each attention
+          first gathers the peers' image keys and values, and the output tokens are gathered.
+        - Bands: the peer computes its rows; halos, group-norm statistics and self-attention keys
+          and values cross bands. Exact steps wait for each; the other steps send them for the
+          next step while computing, so only what is longer than the compute shows. The output
+          band is gathered at once either way."""
+        work, layout, sp = self.work, self.work.layout, self.mesh.sp
+        rows, sync = len(action.rows), work.step_costs.full_sync_s
+        compute = work.compute(work.forward_s, rows)
+        sent = shard_forward_bytes(layout, rows)
+        split = layout.split
+        if not isinstance(split, PatchSplit):
+            image, text = split.tokens, split.text_tokens
+            waits = (split.attentions + 1) * sync * (sp - 1)
+            return compute * (image / sp + text) / (image + text) + work.transfer(sent) + waits
+        output = rows * layout.prediction_bytes * (sp - 1) // sp
+        crossing, mine = sent - output, compute / sp
+        if action.exact:
+            seconds = mine + work.transfer(crossing) + (split.exchanges + 1) * sync * (sp - 1)
+        else:
+            seconds = max(mine, work.transfer(crossing)) + sync * (sp - 1)
+        return seconds + work.transfer(output)
 
 
 def plot_timeline(sim: Simulation, path: Path, title: str) -> None:

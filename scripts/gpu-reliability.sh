@@ -26,7 +26,7 @@ hybridiff run "$W/p2.json" --prompt "$PROMPT" -o "$W/o1"; echo "exit $?"; ls "$W
 
 echo "== 2) torchrun, 2 ranks, 1 GPU"
 timeout 180 python3 -m torch.distributed.run --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:29511 \
-  -m hybridiff.runtime.worker "$W/p2.json" --prompt "$PROMPT" -o "$W/o2" > "$W/torchrun.out" 2> "$W/torchrun.err"
+  -m hybridiff run "$W/p2.json" --prompt "$PROMPT" -o "$W/o2" > "$W/torchrun.out" 2> "$W/torchrun.err"
 echo "exit $?"; echo "our error lines:"; grep "^error" "$W/torchrun.err"
 echo "tracebacks from hybridiff frames: $(grep -c 'hybridiff/' "$W/torchrun.err")"
 

@@ -21,7 +21,7 @@ quiet_libraries()
 # their emulations agree on any machine (GPU-only checks pin their device themselves).
 os.environ["HYBRIDIFF_DEVICE"] = "cpu"
 
-from hybridiff.compiler.compile import compile_model  # noqa: E402
+from hybridiff.compiler.entries import compile_model  # noqa: E402
 from hybridiff.graph.pipeline import TracedModel, trace_pipeline  # noqa: E402
 from hybridiff.graph.trace import capture_denoiser_call  # noqa: E402
 from hybridiff.models import load_pipeline  # noqa: E402

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from hybridiff.runtime.requests import ImageRequest
-from hybridiff.runtime.session import RunOptions, execute
+from hybridiff.runtime.run.requests import ImageRequest
+from hybridiff.runtime.run.session import RunOptions, execute
 from tests.conftest import cli
 
 #: What must agree per image between the workers' report and the emulation's.

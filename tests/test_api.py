@@ -13,11 +13,11 @@ from diffusers import DDIMScheduler
 from PIL import Image
 
 import hybridiff
-from hybridiff.compiler.compile import compile_model
+from hybridiff.compiler.entries import compile_model
 from hybridiff.errors import HybridiffError
 from hybridiff.models import load_pipeline
-from hybridiff.runtime.requests import ImageRequest
-from hybridiff.runtime.session import RunOptions, execute
+from hybridiff.runtime.run.requests import ImageRequest
+from hybridiff.runtime.run.session import RunOptions, execute
 from tests.api_script import PROMPTS, SEEDS
 from tests.conftest import TEST_SCHEDULE, cli, invoke
 
@@ -118,7 +118,7 @@ def test_latent_output_and_a_scheduler_swapped_after_parallelize(digits, pipelin
 
         image = ppipe(prompt="a 4", generator=_seed(3), callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"])
         latent = ppipe(prompt="a 4", generator=_seed(3), output_type="latent").images
-        assert ppipe.last_report.tau1 is not None and "pipeline" in ppipe.last_report.phases
+        assert ppipe.last_report.tau1 is not None and "window" in ppipe.last_report.phases
     finally:
         digits.scheduler = euler
         ppipe.close()

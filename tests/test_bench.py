@@ -41,9 +41,9 @@ def test_bench_runs_every_strategy_on_its_own_plan(bench):
         assert [i["prompt"] for i in report["images"]] == ["a handwritten digit three", "a handwritten digit seven"]
     # the pipeline runs from its fixed warm-up to the last step; hybrid's window is k steps
     pipeline = json.loads((out / "pipeline" / "report.json").read_text())["images"][0]
-    assert pipeline["phases"] == ["cond-partition"] * 2 + ["pipeline"] * 6
+    assert pipeline["phases"] == ["warm-up"] * 2 + ["window"] * 6
     hybrid = json.loads((out / "hybrid" / "report.json").read_text())["images"][0]
-    assert hybrid["phases"].count("pipeline") == 4
+    assert hybrid["phases"].count("window") == 4
     for label in labels:
         assert f"| {label} |" in table
 

@@ -9,9 +9,10 @@ from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DCon
 from torch import nn
 
 import hybridiff
-from hybridiff.compiler.compile import cost_arch, plan_for
+from hybridiff.compiler.entries import cost_arch
 from hybridiff.compiler.options import CompileOptions
 from hybridiff.compiler.schedule_defaults import DEFAULT_SCHEDULE
+from hybridiff.compiler.search import plan_for
 from hybridiff.compiler.strategies import STRATEGIES
 from hybridiff.errors import HybridiffError
 from tests.conftest import invoke

@@ -17,14 +17,15 @@ PACKAGE = Path(hybridiff.__file__).parent
 ALLOWED = {
     "hybridiff.errors": ("hybridiff.errors",),
     "hybridiff.files": ("hybridiff.errors",),
-    "hybridiff.plan": ("hybridiff.errors", "hybridiff.files"),
+    "hybridiff.plan": ("hybridiff.errors", "hybridiff.files", "hybridiff.plan"),
+    "hybridiff.program": ("hybridiff.errors", "hybridiff.plan", "hybridiff.program"),
     "hybridiff.device": ("hybridiff.errors",),
     "hybridiff.graph": ("hybridiff.errors", "hybridiff.graph"),
     "hybridiff.models": ("hybridiff.errors", "hybridiff.models"),
-    "hybridiff.simulate": ("hybridiff.errors", "hybridiff.files", "hybridiff.plan"),
+    "hybridiff.simulate": ("hybridiff.errors", "hybridiff.files", "hybridiff.plan", "hybridiff.program"),
     "hybridiff.runtime": (
-        "hybridiff.errors", "hybridiff.files", "hybridiff.plan", "hybridiff.device", "hybridiff.graph",
-        "hybridiff.models", "hybridiff.runtime", "hybridiff.quiet_libraries",
+        "hybridiff.errors", "hybridiff.files", "hybridiff.plan", "hybridiff.program", "hybridiff.device",
+        "hybridiff.graph", "hybridiff.models", "hybridiff.runtime", "hybridiff.quiet_libraries",
     ),
 }
 
@@ -69,3 +70,49 @@ def test_the_check_sees_lazy_imports_and_from_package_imports(tmp_path):
     source = tmp_path / "m.py"
     source.write_text("from hybridiff import device\ndef f():\n    from hybridiff.compiler.compile import plan_for\n")
     assert _imports(source) == {"hybridiff.device", "hybridiff.compiler.compile"}
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """The hybridiff modules ``path`` imports when it is imported (not lazily, not for types)."""
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("hybridiff") and node.level == 0:
+            found.update(f"{node.module}.{a.name}" if node.module == "hybridiff" else node.module for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("hybridiff"))
+    return found
+
+
+def test_no_module_imports_itself_through_others():
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {m: {t for t in _top_level_imports(p) if t in modules and t != m} for m, p in modules.items()}
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            raise AssertionError("import circle: " + " -> ".join(path[path.index(module):] + [module]))
+        if module not in done:
+            for target in sorted(graph[module]):
+                visit(target, path + [module])
+            done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+
+
+#: The sizes past which a module, class or function is doing more than one job.
+LIMITS = {"module": 400, "class": 200, "function": 60}
+KINDS = {ast.ClassDef: "class", ast.FunctionDef: "function", ast.AsyncFunctionDef: "function"}
+
+
+def test_no_module_class_or_function_is_oversized():
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = path.read_text()
+        if len(source.splitlines()) > LIMITS["module"]:
+            found.append(f"{path.relative_to(PACKAGE)}: {len(source.splitlines())} lines")
+        for node in ast.walk(ast.parse(source)):
+            kind = KINDS.get(type(node))
+            if kind and node.end_lineno - node.lineno + 1 > LIMITS[kind]:
+                found.append(f"{path.relative_to(PACKAGE)}: {kind} {node.name} {node.end_lineno - node.lineno + 1} lines")
+    assert found == []

@@ -10,9 +10,9 @@ import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
 
-from hybridiff.compiler.compile import compile_model
+from hybridiff.compiler.entries import compile_model
 from hybridiff.models import load_pipeline, model_card
-from hybridiff.runtime.requests import ImageRequest
+from hybridiff.runtime.run.requests import ImageRequest
 from hybridiff.zoo.classifier import classifier_card, classify
 from hybridiff.zoo.digits import PROMPTS, prompt_digit
 from tests.conftest import TEST_SCHEDULE, invoke
@@ -54,7 +54,7 @@ def test_two_workers_equal_the_emulation_and_draw_the_digit_asked_for(name, tmp_
     plan = compile_model(f"builtin:{name}", schedule=schedule, repeats=1, threads=1, cost="flops")
     plan.save(tmp_path / "plan.json")
     hybrid, _ = assert_workers_equal_emulation(tmp_path / "plan.json", tmp_path, [ImageRequest(PROMPTS[3], None, 3)])
-    assert "pipeline" in hybrid["images"][0]["phases"]
+    assert "window" in hybrid["images"][0]["phases"]
     scored = invoke("eval", "accuracy", str(tmp_path / "hybrid"), "--digits", "--json")
     assert scored.returncode == 0, scored.stderr
     assert json.loads(scored.stdout)["read"] == [3]  # the classifier reads the digit asked for

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hybridiff.runtime.requests import ImageRequest
+from hybridiff.runtime.run.requests import ImageRequest
 from tests.equivalence import assert_workers_equal_emulation
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
@@ -26,7 +26,7 @@ def test_two_nodes_with_torchrun_equal_the_emulation(plan_path, tmp_path):
         subprocess.Popen(
             [TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank),
              "--master-addr", "127.0.0.1", "--master-port", port,
-             "-m", "hybridiff.runtime.worker", str(plan_path), "--prompt", "a red cube", "--seed", "0",
+             "-m", "hybridiff", "run", str(plan_path), "--prompt", "a red cube", "--seed", "0",
              "--threads", "1", "-o", str(out)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         )
@@ -41,4 +41,4 @@ def test_two_nodes_with_torchrun_equal_the_emulation(plan_path, tmp_path):
             logs.append(node.communicate()[0] + "\n(killed after 240 s)")
     assert [node.returncode for node in nodes] == [0, 0], logs
     hybrid, _ = assert_workers_equal_emulation(plan_path, tmp_path, [ImageRequest("a red cube", None, 0)], launched=out)
-    assert "pipeline" in hybrid["images"][0]["phases"]
+    assert "window" in hybrid["images"][0]["phases"]

@@ -2,8 +2,11 @@
 
 import torch
 
-from hybridiff.plan import Schedule
-from hybridiff.runtime.phases import Phase, PhaseController, detect_tau1, discrepancy
+from hybridiff.plan import Mesh, Phase, Schedule
+from hybridiff.program.build import ProgramBuilder
+from hybridiff.program.layout import Layout
+from hybridiff.program.timeline import CallSchedule, detect_tau1
+from hybridiff.runtime.execution.phases import discrepancy
 
 
 def test_falls_then_flattens():
@@ -34,12 +37,14 @@ def test_discrepancy_is_relative_mean_absolute_difference():
     assert abs(discrepancy(u, c) - 0.3 / 1.5) < 1e-6
 
 
-def _run(schedule: Schedule, curve: list[float]) -> PhaseController:
-    ctl = PhaseController(schedule, schedule.steps)
+def _run(schedule: Schedule, curve: list[float]) -> CallSchedule:
+    """A 2-stage call fed ``curve`` as its discrepancy; returns the schedule it ran."""
+    layout = Layout(mesh=Mesh(world_size=2, dp=1, cfg=1, pp=2), window_guidance="mixed", links=(), output_stage=1, prediction_bytes=4)
+    ctl = CallSchedule(ProgramBuilder(layout), schedule, schedule.steps, rows=2)
     for step in range(schedule.steps):
-        if ctl.phase(step) is Phase.COND_PARTITION:
+        if ctl.program(step).returns == "predictions":
             u = torch.ones(4)
-            ctl.observe(u, u * (1 + curve[step]))
+            ctl.observe(step, discrepancy(u, u * (1 + curve[step])))
     return ctl
 
 
@@ -47,8 +52,8 @@ def test_controller_runs_three_phases():
     s = Schedule(steps=20, guidance_scale=5, L=3, g_slope=1e-3, tau_cap=8, k=4)
     ctl = _run(s, [1.0 - 0.1 * i for i in range(20)])
     assert (ctl.tau1, ctl.tau2) == (8, 12)
-    assert [p.value for p in ctl.phases] == ["cond-partition"] * 9 + ["pipeline"] * 4 + ["cond-partition"] * 7
-    assert ctl.discrepancy[9:13] == [None] * 4 and None not in ctl.discrepancy[13:]
+    assert [p.value for p in ctl.phases] == ["warm-up"] * 9 + ["window"] * 4 + ["fully-connecting"] * 7
+    assert ctl.curve[9:13] == [None] * 4 and None not in ctl.curve[13:]
 
 
 def test_window_is_clipped_before_the_last_step_and_k0_disables_it():
@@ -56,7 +61,7 @@ def test_window_is_clipped_before_the_last_step_and_k0_disables_it():
     ctl = _run(s, [1.0 - 0.1 * i for i in range(10)])
     assert (ctl.tau1, ctl.tau2) == (8, 9)
     no_window = _run(s.model_copy(update={"k": 0}), [1.0 - 0.1 * i for i in range(10)])
-    assert no_window.tau1 is None and set(no_window.phases) == {Phase.COND_PARTITION}
+    assert no_window.tau1 is None and set(no_window.phases) == {Phase.WARM_UP}
 
 
 def test_a_zero_slope_threshold_is_a_fixed_warm_up():
@@ -65,6 +70,6 @@ def test_a_zero_slope_threshold_is_a_fixed_warm_up():
     schedule = Schedule(steps=10, guidance_scale=5.0, L=1, g_slope=0.0, tau_cap=0, k=9)
     ctl = _run(schedule, [0.5] * 10)
     assert (ctl.tau1, ctl.tau2) == (0, 9)
-    assert ctl.phases == [Phase.COND_PARTITION] + [Phase.PIPELINE] * 9
+    assert ctl.phases == [Phase.WARM_UP] + [Phase.WINDOW] * 9
     late = _run(schedule.model_copy(update={"tau_cap": 4, "k": 5}), [0.5] * 10)
-    assert late.tau1 == 4 and late.phases.count(Phase.PIPELINE) == 5
+    assert late.tau1 == 4 and late.phases.count(Phase.WINDOW) == 5

@@ -7,16 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from hybridiff.compiler.compile import branch_inputs, compile_model, cost_model, plan_for
+from hybridiff.compiler.entries import branch_inputs, compile_model, cost_model
 from hybridiff.compiler.options import CompileOptions
+from hybridiff.compiler.search import plan_for
 from hybridiff.errors import HybridiffError
 from hybridiff.graph.execution import GraphRunner
 from hybridiff.graph.pipeline import trace_pipeline
 from hybridiff.plan import Schedule, load_plan
-from hybridiff.runtime.denoiser import HybridDenoiser
-from hybridiff.runtime.requests import ImageRequest
-from hybridiff.runtime.session import RunOptions, execute
-from hybridiff.runtime.transport import LocalTransport
+from hybridiff.runtime.comm.transport import LocalTransport
+from hybridiff.runtime.execution.denoiser import HybridDenoiser
+from hybridiff.runtime.run.requests import ImageRequest
+from hybridiff.runtime.run.session import RunOptions, execute
 from hybridiff.simulate import Workload, simulate
 from tests.conftest import MODEL, TEST_SCHEDULE, cli, invoke
 from tests.equivalence import assert_workers_equal_emulation, pixels
@@ -32,17 +33,18 @@ def test_two_workers_produce_exactly_the_emulated_image(plan_path, tmp_path):
     requests = [ImageRequest(PROMPT, None, 3)]  # tracing changes nothing:
     hybrid, emulated = assert_workers_equal_emulation(plan_path, tmp_path, requests, trace=tmp_path / "trace")
     image = hybrid["images"][0]
-    assert "pipeline" in image["phases"], "the test schedule must enter the window"
+    assert "window" in image["phases"], "the test schedule must enter the window"
     assert hybrid["totals"] == {**emulated["totals"], "denoise_s": hybrid["totals"]["denoise_s"],
                                 "images_per_s": hybrid["totals"]["images_per_s"]}
     # full steps: each branch's rank broadcasts one 4x32x32 float32 prediction to the other rank
-    full_steps = image["phases"].count("cond-partition")
-    assert image["comm_bytes_by_phase"]["cond-partition"] == full_steps * 2 * 1 * 4 * 32 * 32 * 4
+    full_steps = len(image["phases"]) - image["phases"].count("window")
+    by_phase = image["comm_bytes_by_phase"]
+    assert by_phase["warm-up"] + by_phase["fully-connecting"] == full_steps * 2 * 1 * 4 * 32 * 32 * 4
     assert hybrid["mode"] == "hybrid" and hybrid["world_size"] == 2 and hybrid["mesh"] == "dp=1,cfg=2,pp=1"
     plan = load_plan(plan_path)
     assert image["tau1"] == plan.estimates.expected_tau1  # random weights: the rule falls back to tau_cap
     assert image["comm_bytes"] == plan.estimates.comm_bytes_per_image
-    assert image["latency_s"] > 0 and image["phases"].count("pipeline") == 3  # k
+    assert image["latency_s"] > 0 and image["phases"].count("window") == 3  # k
     _check_trace(hybrid, tmp_path / "trace")
 
 
@@ -57,9 +59,9 @@ def _check_trace(report, folder):
         assert [e["name"] for e in steps] == [f"call 0 step {i} ({p})" for i, p in enumerate(phases)]
         assert all(e["dur"] >= 0 and set(e["args"]) == {"compute", "wait", "send-recv", "pipeline", "glue"} for e in steps)
         profile = report["profile_ms"][rank]
-        assert set(profile) == {"cond-partition", "pipeline"}
-        assert profile["cond-partition"]["steps"] == phases.count("cond-partition")
-        assert profile["cond-partition"]["median"]["compute"] > 0
+        assert set(profile) == set(phases) == {"warm-up", "window", "fully-connecting"}
+        assert profile["warm-up"]["steps"] == phases.count("warm-up")
+        assert profile["warm-up"]["median"]["compute"] > 0
 
 
 # Every kind of mesh for 1, 2, 3, 4 and 8 devices; ``images`` > 1 splits rows across a group's
@@ -85,7 +87,7 @@ def test_every_mesh_produces_exactly_the_emulated_images(devices, mesh, images, 
     if mesh:
         assert plan.mesh.label == mesh
     hybrid = _matches_emulation(plan, tmp_path, images)
-    assert all("pipeline" in image["phases"] for image in hybrid["images"]) or plan.mesh.replica_size == 1
+    assert all("window" in image["phases"] for image in hybrid["images"]) or plan.mesh.replica_size == 1
 
 
 # Each peer strategy is a plan the same runtime executes (issue #11). hybrid is the plan of the
@@ -101,10 +103,10 @@ def test_every_strategy_produces_exactly_the_emulated_images(model, strategy, tm
     hybrid = _matches_emulation(plan, tmp_path, 1)
     phases = hybrid["images"][0]["phases"]
     if strategy == "pipeline":  # whole steps for the warm-up, then the window to the last step
-        assert phases == ["cond-partition"] + ["pipeline"] * (TEST_SCHEDULE.steps - 1)
+        assert phases == ["warm-up"] + ["window"] * (TEST_SCHEDULE.steps - 1)
         return
     # cfg-parallel: condition partitioning only, which is exact: the stock pipeline's image
-    assert phases == ["cond-partition"] * TEST_SCHEDULE.steps
+    assert phases == ["warm-up"] * TEST_SCHEDULE.steps
     serial = _in_process(tmp_path / "plan.json", tmp_path / "serial", "serial", [ImageRequest(f"{PROMPT} 0", None, 0)])
     diff = np.abs(pixels(tmp_path / "hybrid") - pixels(tmp_path / "serial"))
     assert diff.max() <= 1, f"max pixel difference {diff.max()}/255"
@@ -172,7 +174,7 @@ def test_cached_window_guidance_runs_distributed_like_its_emulation(plan_path, t
     requests = [ImageRequest(PROMPT, None, 3)]
     hybrid, emulated = assert_workers_equal_emulation(plan_path, tmp_path, requests, window_guidance="cached")
     assert hybrid["window_guidance"] == emulated["window_guidance"] == "cached"
-    assert "pipeline" in hybrid["images"][0]["phases"]
+    assert "window" in hybrid["images"][0]["phases"]
 
 
 def test_a_split_branch_plan_refuses_an_unguided_run(plan_path, tmp_path):
@@ -200,7 +202,7 @@ def test_window_uses_one_step_stale_cut_tensors(traced, unet_call, plans_by_devi
     traced = trace_pipeline(traced.pipe, plan.graph.refined)
     denoiser = HybridDenoiser(traced, plan, LocalTransport(plan.mesh.replica_ranks(0)))
     counting = _CountingRunner(traced.graph)
-    denoiser.runner = counting
+    denoiser.executor.runner = counting
     denoiser.begin_call(guided=True)
     # what the denoiser reads of the pipeline calling it: how many steps the call makes
     pipe = SimpleNamespace(**{traced.attr: traced.denoiser, "_num_timesteps": schedule.steps})
@@ -246,7 +248,7 @@ def test_window_uses_one_step_stale_cut_tensors(traced, unet_call, plans_by_devi
                 direction = runs["cond"]["output"] - runs["uncond"]["output"]
                 expected = torch.cat([runs["uncond"]["output"], runs["cond"]["output"]])
             assert torch.equal(outputs[step], expected), f"step {step}"
-    assert denoiser.controller.tau1 == 1 and denoiser.controller.tau2 == 4
+    assert denoiser.timeline.tau1 == 1 and denoiser.timeline.tau2 == 4
 
     # No wasted forward: two full forwards per full step (one per branch, whatever the device
     # count); in the window every stage each step, except on the last window step, where only
@@ -276,4 +278,4 @@ def test_bench_prints_measured_next_to_predicted_and_the_step_breakdown(plan_pat
     assert set(hybrid["profile_ms"]) == {"0", "1"} and set(serial["profile_ms"]) == {"0"}
     assert hybrid["comm_bytes_per_image"] == load_plan(plan_path).estimates.comm_bytes_per_image
     assert (tmp_path / "b" / "hybrid" / "image-0.png").is_file() and (tmp_path / "b" / "serial" / "image-0.png").is_file()
-    assert "predicted (error)" in result.stdout and "| hybrid | 1 | pipeline |" in result.stdout
+    assert "predicted (error)" in result.stdout and "| hybrid | 1 | window |" in result.stdout

@@ -7,8 +7,8 @@ generator, which equality with the single-process emulation shows.
 
 import pytest
 
-from hybridiff.compiler.compile import compile_model
-from hybridiff.runtime.requests import ImageRequest
+from hybridiff.compiler.entries import compile_model
+from hybridiff.runtime.run.requests import ImageRequest
 from tests.conftest import TEST_SCHEDULE, invoke
 from tests.equivalence import assert_workers_equal_emulation
 
@@ -24,7 +24,7 @@ def sd3_plan_path(tmp_path_factory):
 def test_each_scheduler_runs_distributed_like_its_emulation(scheduler, plan_path, sd3_plan_path, tmp_path):
     path = sd3_plan_path if scheduler == "flow-euler" else plan_path
     report, _ = assert_workers_equal_emulation(path, tmp_path, [ImageRequest("a red cube", None, 5)], scheduler=scheduler)
-    assert report["scheduler"] == scheduler and "pipeline" in report["images"][0]["phases"]
+    assert report["scheduler"] == scheduler and "window" in report["images"][0]["phases"]
 
 
 def test_a_sampler_of_the_wrong_family_is_refused_in_one_line(plan_path, tmp_path):

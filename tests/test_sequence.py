@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from hybridiff.compiler.compile import compile_model
+from hybridiff.compiler.entries import compile_model
 from hybridiff.compiler.mesh import parse_mesh
 from hybridiff.errors import HybridiffError
 from hybridiff.graph.execution import GraphRunner
 from hybridiff.graph.pipeline import trace_pipeline
 from hybridiff.models import load_pipeline
-from hybridiff.runtime.requests import ImageRequest
-from hybridiff.runtime.sequence import ShardedForwards
-from hybridiff.runtime.transport import LocalTransport
+from hybridiff.runtime.comm.transport import LocalTransport
+from hybridiff.runtime.execution.sequence import ShardedForwards
+from hybridiff.runtime.run.requests import ImageRequest
 from tests.conftest import TEST_SCHEDULE
 from tests.equivalence import assert_workers_equal_emulation
 
@@ -74,7 +74,7 @@ def test_sequence_parallel_runs_equal_emulation(model, devices, mesh, tmp_path):
     plan.save(tmp_path / "plan.json")
     hybrid, _ = assert_workers_equal_emulation(tmp_path / "plan.json", tmp_path, [ImageRequest("a handwritten digit two", None, 4)])
     entry = hybrid["images"][0]
-    assert "pipeline" in entry["phases"]  # the hand-off joined the shards' cut tensors for the window
+    assert "window" in entry["phases"]  # the hand-off joined the shards' cut tensors for the window
 
 
 def test_token_splits_are_refused_where_they_cannot_run():

@@ -10,8 +10,8 @@ import torch.multiprocessing as mp
 
 from hybridiff import device as devices
 from hybridiff.errors import HybridiffError
-from hybridiff.runtime import shared
-from hybridiff.runtime.shared import SharedExchange
+from hybridiff.runtime.comm import shared
+from hybridiff.runtime.comm.shared import SharedExchange
 
 pytestmark = pytest.mark.skipif(not shared.supported(), reason="shared-memory exchange is for x86-64")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hybridiff.runtime.report import RunReport
+from hybridiff.runtime.run.report import RunReport
 from tests.conftest import invoke
 
 
@@ -106,8 +106,8 @@ def test_two_ranks_on_one_gpu_under_torchrun_are_refused_in_one_line(plan, tmp_p
     import torch
 
     from hybridiff.errors import HybridiffError
-    from hybridiff.runtime.options import RunOptions
-    from hybridiff.runtime.session import _placement
+    from hybridiff.runtime.run.options import RunOptions
+    from hybridiff.runtime.run.session import _placement
 
     monkeypatch.setenv("HYBRIDIFF_DEVICE", "cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -119,7 +119,7 @@ def test_two_ranks_on_one_gpu_under_torchrun_are_refused_in_one_line(plan, tmp_p
 
 
 def test_a_fault_in_a_worker_is_one_line_with_its_traceback_in_a_log(tmp_path):
-    from hybridiff.runtime.worker import failure_line
+    from hybridiff.runtime.launch.worker import failure_line
 
     try:
         raise ValueError("first line\nthe line that says why")

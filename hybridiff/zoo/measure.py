@@ -30,7 +30,8 @@ from hybridiff.compiler.schedule_defaults import DEFAULT_SCHEDULE
 from hybridiff.files import write_atomic
 from hybridiff.graph.trace import denoiser_attr
 from hybridiff.models import CARD, TRAINED, load_pipeline, model_card
-from hybridiff.runtime.phases import detect_tau1, discrepancy
+from hybridiff.program.timeline import detect_tau1
+from hybridiff.runtime.execution.phases import discrepancy
 from hybridiff.zoo import digits
 from hybridiff.zoo.classifier import classify
 

@@ -15,67 +15,31 @@ the call is the plan's image size and fits its mesh. Rank 0, or every rank with
 
 from __future__ import annotations
 
-import inspect
 import os
 import time
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from hybridiff.errors import HybridiffError, one_line
+from hybridiff.errors import HybridiffError
 from hybridiff.graph.pipeline import TracedModel
 from hybridiff.plan import Plan, load_plan
-from hybridiff.runtime import calls, shared, watchdog
-from hybridiff.runtime.checks import trace_for_plan
-from hybridiff.runtime.denoiser import HybridDenoiser, ObservedDenoiser
-from hybridiff.runtime.group import choose_device, join_group, pipe_device
-from hybridiff.runtime.options import Mode
-from hybridiff.runtime.routing import Routing
+from hybridiff.program.layout import Layout
+from hybridiff.program.routing import Routing
+from hybridiff.runtime.api import calls
+from hybridiff.runtime.api.agreement import Agreement
+from hybridiff.runtime.api.callspec import CallSpec
+from hybridiff.runtime.api.checks import trace_for_plan
+from hybridiff.runtime.api.collect import CallReport, ReplicaCall, merge_local, merge_shares
+from hybridiff.runtime.comm import shared
+from hybridiff.runtime.comm.group import choose_device, join_group, pipe_device
+from hybridiff.runtime.comm.transport import DistTransport, LocalTransport, Transport
+from hybridiff.runtime.execution.denoiser import HybridDenoiser, ObservedDenoiser, StandIn
+from hybridiff.runtime.launch import watchdog
+from hybridiff.runtime.run.options import Mode
 from hybridiff.runtime.spans import Spans
-from hybridiff.runtime.transport import DistTransport, LocalTransport
-
-
-@dataclass(frozen=True)
-class ReplicaCall:
-    """What one replica did in a call: its images (indices into the call's images), the
-    denoising loop's seconds, the schedule it ran and the bytes its ranks sent."""
-
-    replica: int
-    images: list[int]
-    latency_s: float
-    tau1: int | None
-    tau2: int | None
-    phases: list[str]
-    discrepancy: list[float | None]
-    comm_bytes_by_phase: dict[str, int]
-
-    @property
-    def comm_bytes(self) -> int:
-        return sum(self.comm_bytes_by_phase.values())
-
-
-@dataclass(frozen=True)
-class CallReport:
-    """The last call: one entry per replica that had images. ``tau1`` .. ``discrepancy`` are
-    the first replica's (each replica decides its window from its own images)."""
-
-    replicas: list[ReplicaCall]
-
-    @property
-    def latency_s(self) -> float:
-        return max(r.latency_s for r in self.replicas)
-
-    @property
-    def comm_bytes(self) -> int:
-        return sum(r.comm_bytes for r in self.replicas)
-
-    tau1 = property(lambda self: self.replicas[0].tau1)
-    tau2 = property(lambda self: self.replicas[0].tau2)
-    phases = property(lambda self: self.replicas[0].phases)
-    discrepancy = property(lambda self: self.replicas[0].discrepancy)
 
 
 def parallelize(
@@ -108,16 +72,15 @@ class ParallelPipeline:
         if pipe_device(pipe) != self.device:
             pipe.to(self.device)
         self._owns_group = mode == "hybrid" and not dist.is_initialized()
-        self._transports: list[Any] = []
+        self._transports: list[Transport] = []
         self.rank = 0
         try:
             if mode == "hybrid":
                 self.rank = join_group(self.plan, self.device)
-            traced = self._agreed(lambda: trace_for_plan(pipe, self.plan))
-            self._attr, self._denoiser = traced.attr, traced.denoiser
-            self._module_ids = [id(m) for m in self._denoiser.modules()]
-            self._routing = Routing(self.plan)
-            self._signature = inspect.signature(pipe.__call__)  # what the pipeline's calls accept
+            self.agreement = Agreement(self.rank, distributed=mode == "hybrid")
+            traced = self.agreement.agreed(lambda: trace_for_plan(pipe, self.plan))
+            check_rows = None if mode == "serial" else Routing(Layout.of(self.plan)).check_rows
+            self.spec = CallSpec(pipe, self.plan, traced.attr, traced.denoiser, self.replicas, check_rows)
             self._stand_ins = self._make_stand_ins(traced, own_cores)
         except BaseException:
             self._release(graceful=False)
@@ -128,7 +91,7 @@ class ParallelPipeline:
         """Replicas a call's images are shared among (the serial baseline is one)."""
         return 1 if self.mode == "serial" else self.plan.mesh.dp
 
-    def _make_stand_ins(self, traced: TracedModel, own_cores: bool) -> dict[int, Any]:
+    def _make_stand_ins(self, traced: TracedModel, own_cores: bool) -> dict[int, StandIn]:
         """The stand-in denoiser of each replica this process runs."""
         mesh = self.plan.mesh
         if self.mode == "serial":
@@ -155,7 +118,7 @@ class ParallelPipeline:
         """One call of the pipeline, as ``pipe(*args, **kwargs)``; see the module text."""
         if self._closed:
             raise HybridiffError("this ParallelPipeline was closed; call hybridiff.parallelize again")
-        call = self._agreed(lambda: self._prepare(args, kwargs), compare=True)
+        call = self.agreement.agreed(lambda: self.spec.prepare(args, kwargs), compare=True)
         return_dict = call.pop("return_dict", True)
         images, per_prompt = calls.image_count(call)
         shares = calls.replica_images(images, self.replicas)
@@ -171,86 +134,7 @@ class ParallelPipeline:
             return output
         return output.to_tuple()
 
-    def _prepare(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The call's arguments, with the plan's defaults where the call gives none, checked
-        against the plan and against the denoiser the plan was checked on."""
-        signature = self._signature
-        call = dict(signature.bind_partial(*args, **kwargs).arguments)
-        call.update(call.pop("kwargs", {}))
-        schedule = self.plan.schedule
-        planned = {"num_inference_steps": schedule.steps, "guidance_scale": schedule.guidance_scale}
-        for key, value in {**self.plan.model.pipeline_kwargs, **planned}.items():
-            if key in signature.parameters:  # what the plan was tuned for, where the call says nothing
-                call.setdefault(key, value)
-        for name in ("height", "width"):
-            planned = getattr(self.plan.model, name)
-            if call.get(name) is None:
-                call[name] = planned
-            elif call[name] != planned:
-                raise HybridiffError(
-                    f"the plan was compiled for {self.plan.model.height}x{self.plan.model.width} images but this call "
-                    f"asks {name}={call[name]}; call with that size or compile a plan for it (--height/--width)"
-                )
-        guided = self._argument(call, "guidance_scale", 1.0) > 1
-        self.plan.mesh.check_guided(guided)
-        images, per_prompt = calls.image_count(call)
-        most = calls.replica_images(images, self.replicas)[0]
-        if self.replicas > 1:  # refuse what cannot be shared out here, where every rank hears of it
-            calls.split(call, most, per_prompt, images)
-        if self.mode != "serial":
-            self._routing.check_rows(len(most) * (2 if guided else 1))
-        current = getattr(self.pipe, self._attr)
-        if current is not self._denoiser or [id(m) for m in current.modules()] != self._module_ids:
-            raise HybridiffError(
-                f"pipe.{self._attr} changed since hybridiff.parallelize (a module was replaced, e.g. by unfused LoRA "
-                "adapters), so the traced graph would not run it; fuse them (pipe.fuse_lora(); "
-                "pipe.unload_lora_weights()) or call hybridiff.parallelize again"
-            )
-        return call
-
-    def _argument(self, call: dict[str, Any], name: str, otherwise: Any) -> Any:
-        """``name``'s value in ``call``, else the pipeline's default."""
-        if name in call:
-            return call[name]
-        parameter = self._signature.parameters.get(name)
-        return otherwise if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
-
-    def _agreed(self, work: Callable[[], Any], compare: bool = False) -> Any:
-        """Run this rank's ``work`` (checks that may fail with a one-line error) and exchange the
-        outcome with every rank: one rank's problem stops every rank, with that line. With
-        ``compare``, ``work``'s result is a call whose arguments must match rank 0's."""
-        result, problem = None, None
-        try:
-            result = work()
-        except HybridiffError as e:
-            problem = str(e)
-        except Exception as e:  # noqa: BLE001 - peers must hear of it, or they wait for this rank
-            problem = f"rank {self.rank} failed: {one_line(e)}"
-        unseeded = compare and result is not None and result.get("generator") is None and result.get("latents") is None
-        said = {"problem": problem, "seed": int(torch.randint(0, 2**62, ())) if unseeded else None}
-        if compare and result is not None:
-            said["digest"] = calls.digest(result)
-        everyone = self._exchange(said)
-        for rank, theirs in enumerate(everyone):
-            if theirs["problem"]:
-                mine = theirs["problem"] == problem
-                raise HybridiffError(theirs["problem"] if mine else f"rank {rank}: {theirs['problem']}")
-        if compare:
-            _check_same_call([e["digest"] for e in everyone])
-        if unseeded:  # rank 0's seed, so every rank of a replica starts from the same noise
-            images, _ = calls.image_count(result)
-            result["generator"] = [torch.Generator("cpu").manual_seed(everyone[0]["seed"] + i) for i in range(images)]
-        return result
-
-    def _exchange(self, mine: Any) -> list[Any]:
-        """``mine`` from every rank, in rank order (just ``[mine]`` in one process)."""
-        if self.mode != "hybrid":
-            return [mine]
-        everyone: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine)
-        return everyone
-
-    def _replica_call(self, replica: int, stand_in: Any, call: dict[str, Any], images: list[int]) -> tuple[Any, ReplicaCall]:
+    def _replica_call(self, replica: int, stand_in: StandIn, call: dict[str, Any], images: list[int]) -> tuple[Any, ReplicaCall]:
         """One stock pipeline call with ``stand_in`` as the denoiser, timed from the first
         denoiser call (after the replica's ranks met) to the end of the last step."""
         ends: list[float] = []
@@ -268,22 +152,10 @@ class ParallelPipeline:
         tensor_inputs = getattr(user, "tensor_inputs", None)  # diffusers' PipelineCallback objects
         if tensor_inputs is not None:
             call["callback_on_step_end_tensor_inputs"] = tensor_inputs
-        stand_in.begin_call(guided=self._argument(call, "guidance_scale", 1.0) > 1)
+        stand_in.begin_call(guided=self.spec.guided(call))
         with stand_in.installed(self.pipe), torch.inference_mode():
             output = self.pipe(**call)
-        transport = getattr(stand_in, "transport", None)
-        controller = getattr(stand_in, "controller", None)
-        done = ReplicaCall(
-            replica=replica,
-            images=images,
-            latency_s=ends[-1] - stand_in.loop_start,
-            tau1=controller.tau1 if controller else None,
-            tau2=controller.tau2 if controller else None,
-            phases=[p.value for p in controller.phases] if controller else ["serial"] * len(ends),
-            discrepancy=stand_in.discrepancy,
-            comm_bytes_by_phase=transport.take_counts() if transport else {},
-        )
-        return output, done
+        return output, stand_in.record(replica, images, latency_s=ends[-1] - stand_in.loop_start)
 
     def _receivers(self) -> range:
         """The ranks that get each call's output."""
@@ -303,7 +175,7 @@ class ParallelPipeline:
         """The call's output and report where they are wanted: this process's replicas', and in
         hybrid mode every replica's, handed over by its first rank (every rank's bytes too)."""
         if self.mode != "hybrid":
-            return _merged(results, self.device)
+            return merge_local(results, self.device)
         world, receivers = dist.get_world_size(), self._receivers()
         sent = {}
         for replica, (output, done) in results.items():
@@ -316,12 +188,12 @@ class ParallelPipeline:
             dist.gather_object(sent, everyone, dst=0)
         if self.rank not in receivers:
             return None, None
-        return _assemble(everyone, results, self.device)
+        return merge_shares(everyone, results, self.device)
 
     def step_breakdowns(self) -> list[dict[str, Any]]:
         """Every rank's milliseconds per step by phase and category (``trace=True``; see
         ``Spans.breakdown``), in rank order. In hybrid mode every rank must call it."""
-        return self._exchange(self.spans.breakdown())
+        return self.agreement.exchange(self.spans.breakdown())
 
     def write_trace(self, path: Path) -> None:
         """This process's per-step spans as a Chrome/Perfetto trace (``trace=True``)."""
@@ -352,42 +224,3 @@ class ParallelPipeline:
                 # can abort at teardown, which leaves a torchrun peer waiting at its exit.
                 dist.barrier()
             dist.destroy_process_group()
-
-
-def _merged(results: dict[int, tuple[Any, ReplicaCall]], device: torch.device) -> tuple[Any, CallReport]:
-    """The call's output and report from every replica's, run in this process."""
-    report = CallReport([done for _, done in results.values()])
-    if len(results) == 1:
-        return next(iter(results.values()))[0], report
-    return calls.merge([(done.images, out) for out, done in results.values()], device), report
-
-
-def _assemble(everyone: list[dict], local: dict[int, tuple[Any, Any]], device: torch.device) -> tuple[Any, CallReport]:
-    """Merge every rank's share of a call: each replica's output once (its own where this
-    process ran it) and its ranks' bytes summed."""
-    outputs: dict[int, Any] = {replica: output for replica, (output, _) in local.items()}
-    records: dict[int, ReplicaCall] = {}
-    sent: dict[int, dict[str, int]] = {}
-    for share in everyone:
-        for replica, (done, output) in share.items():
-            records.setdefault(replica, done)
-            if output is not None:
-                outputs.setdefault(replica, output)
-            counted = sent.setdefault(replica, {})
-            for phase, n in done.comm_bytes_by_phase.items():
-                counted[phase] = counted.get(phase, 0) + n
-    replicas = [replace(records[d], comm_bytes_by_phase=sent[d]) for d in sorted(records)]
-    if len(records) == 1 and set(records) == set(local):  # one replica, this process's: its output as the pipeline gave it
-        return outputs[replicas[0].replica], CallReport(replicas)
-    return calls.merge([(r.images, outputs[r.replica]) for r in replicas], device), CallReport(replicas)
-
-
-def _check_same_call(digests: list[dict[str, str]]) -> None:
-    for rank, theirs in enumerate(digests[1:], 1):
-        differs = sorted(k for k in set(theirs) | set(digests[0]) if theirs.get(k) != digests[0].get(k))
-        if differs:
-            raise HybridiffError(
-                f"rank {rank} called the pipeline with a different {differs[0]!r} than rank 0: every rank must make "
-                "the same calls, with the same prompts, generators and arguments (see docs/api.md)"
-            )
-

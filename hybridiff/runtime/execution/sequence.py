@@ -28,8 +28,8 @@ from torch.overrides import TorchFunctionMode
 from hybridiff.errors import HybridiffError
 from hybridiff.graph.execution import GraphRunner, NodeProgram
 from hybridiff.plan import Plan, TokenSplit
-from hybridiff.runtime.patches import PatchShards, attend_over_peers
-from hybridiff.runtime.transport import Transport
+from hybridiff.runtime.comm.transport import Transport
+from hybridiff.runtime.execution.patches import PatchShards, attend_over_peers
 
 #: All-gathers a tensor among a row chunk's shard peers: every peer's, in shard order.
 Gather = Callable[[torch.Tensor], list[torch.Tensor]]
@@ -83,15 +83,6 @@ class TokenShards:
         last = self.runner.run(self.programs[2], {**env, **first, **middle})
         return {**first, **middle, **last}
 
-    def shard_dim(self, value: Any, whole_shape: list[int]) -> int | None:
-        """The dimension along which a kept value holds one shard's image tokens where the plan
-        records the whole sequence (image tokens first, then any text tokens), else None."""
-        if not isinstance(value, torch.Tensor) or value.dim() != len(whole_shape):
-            return None
-        differ = [d for d, (a, b) in enumerate(zip(value.shape, whole_shape)) if a != b]
-        missing = self.tokens.tokens - self.shard_tokens
-        return differ[0] if len(differ) == 1 and whole_shape[differ[0]] - value.shape[differ[0]] == missing else None
-
     def join(self, parts: list[torch.Tensor], dim: int) -> torch.Tensor:
         """The whole sequence from every peer's shard (in shard order): the image tokens of all,
         then the text tokens every peer holds."""
@@ -108,8 +99,9 @@ class ShardedForwards:
 
     def __init__(self, runner: GraphRunner, plan: Plan, transport: Transport, ranks: tuple[int, ...]) -> None:
         self.mesh, self.transport, self.ranks = plan.mesh, transport, ranks
-        self.cuts = [c for c in plan.cut_tensors if c.constant is None]
-        keep = [c.node for c in self.cuts]
+        keep = [c.node for c in plan.cut_tensors if c.constant is None]
+        #: Where each peer holds only its share of a cut tensor (measured by the compiler).
+        self.shard_dims = {c.node: c.shard_dim for c in plan.cut_tensors if c.shard_dim is not None}
         if plan.graph.tokens is not None:
             self.shards: Any = TokenShards(runner, plan.graph.tokens, plan.mesh.sp, keep)
         else:
@@ -147,19 +139,13 @@ class ShardedForwards:
         }
         return self._together(jobs)
 
-    def unshard(self, values: dict[int, dict[str, Any]], rows: int) -> None:
-        """Before the window's hand-off: the first peer of each row chunk gets its cut tensors
-        whole (every peer takes part in each gather)."""
+    def unshard(self, values: dict[int, dict[str, Any]], cuts: tuple[str, ...]) -> None:
+        """Before the window's hand-off: the first peer of a row chunk gets ``cuts`` whole,
+        joined along each cut's ``shard_dim`` (every peer takes part in each gather)."""
 
         def join(position: int) -> dict[str, torch.Tensor]:
-            computed = len(self.mesh.computed_rows(position, rows))
-            whole = {}
-            for cut in self.cuts:
-                value = values[position].get(cut.node)
-                dim = self.shards.shard_dim(value, cut.row_shape(computed))
-                if dim is not None:
-                    whole[cut.node] = self.shards.join(self._gather(position)(value.contiguous()), dim)
-            return whole
+            gather = self._gather(position)
+            return {c: self.shards.join(gather(values[position][c].contiguous()), self.shard_dims[c]) for c in cuts}
 
         for position, whole in self._together({s: partial(join, s) for s in values}).items():
             if self.mesh.shard_index(position) == 0:

@@ -1,4 +1,4 @@
-"""The ``run`` command: ``hybridiff run``, and under torchrun ``python -m hybridiff.runtime.worker``.
+"""The ``run`` command: ``hybridiff run``, and under torchrun ``python -m hybridiff run``.
 
 Under torchrun (RANK set in the environment) the command executes this process's rank; from a
 plain shell, hybrid mode launches one local worker per device of the plan, and ``--emulate``
@@ -17,7 +17,7 @@ from hybridiff.errors import HybridiffError, Interrupted, report_and_exit
 from hybridiff.files import check_output_folder
 
 if TYPE_CHECKING:
-    from hybridiff.runtime.options import RunOptions
+    from hybridiff.runtime.run.options import RunOptions
 
 
 def run_command(
@@ -57,8 +57,8 @@ def run_command(
         report_and_exit(HybridiffError("give either --prompt TEXT or --prompts FILE"))
     mode = "emulate" if emulate else "serial" if serial else "hybrid"
     from hybridiff import device as devices  # heavy: torch
-    from hybridiff.runtime.options import RunOptions
-    from hybridiff.runtime.requests import ImageRequest, expand, read_prompts
+    from hybridiff.runtime.run.options import RunOptions
+    from hybridiff.runtime.run.requests import ImageRequest, expand, read_prompts
 
     if device is not None:
         os.environ[devices.DEVICE_ENV] = device  # the launched workers inherit it
@@ -90,7 +90,7 @@ def _run_to_one_line(opts: "RunOptions", overwrite: bool) -> None:
         typer.echo(f"error: interrupted by {e}{where}", err=True)
         raise SystemExit(e.exit_code) from None
     except Exception as e:  # noqa: BLE001 - a fault in this process: one line, the traceback in a log
-        from hybridiff.runtime.worker import failure_line
+        from hybridiff.runtime.launch.worker import failure_line
 
         typer.echo(f"error: {failure_line(e, int(os.environ.get('RANK', '0')), opts.out)}", err=True)
         raise SystemExit(1) from None
@@ -100,9 +100,9 @@ def _start(opts: "RunOptions", overwrite: bool) -> None:
     """Check everything that can be checked without the model, then run: hybrid mode from a
     shell launches one local worker per device of the plan; otherwise this process runs its part."""
     from hybridiff import device as devices
-    from hybridiff.runtime import watchdog
-    from hybridiff.runtime.report import prepare_run_folder, start_report
-    from hybridiff.runtime.session import execute, load_run_plan
+    from hybridiff.runtime.launch import watchdog
+    from hybridiff.runtime.run.report import prepare_run_folder, start_report
+    from hybridiff.runtime.run.session import execute, load_run_plan
 
     plan = load_run_plan(opts)
     watchdog.timeout_s()
@@ -115,7 +115,7 @@ def _start(opts: "RunOptions", overwrite: bool) -> None:
         if opts.trace is not None:
             check_output_folder(opts.trace, "--trace")
     if launching:
-        from hybridiff.runtime.launch import launch_local
+        from hybridiff.runtime.launch.launcher import launch_local
 
         launch_local(opts, plan.mesh.world_size)
     else:

@@ -12,8 +12,8 @@ import torch.distributed as dist
 from hybridiff import device as devices
 from hybridiff.errors import HybridiffError
 from hybridiff.plan import Plan
-from hybridiff.runtime import watchdog
-from hybridiff.runtime.options import STORE_ENV, Mode
+from hybridiff.runtime.launch import watchdog
+from hybridiff.runtime.run.options import STORE_ENV, Mode
 
 
 def pipe_device(pipe: Any) -> torch.device:

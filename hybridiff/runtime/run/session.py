@@ -9,7 +9,7 @@ replica after another, and ``hybrid`` runs this process's rank under torch.distr
 Images are shared out as the plan's mesh says (``Mesh.replica_images``): round-robin over the
 mesh's replicas, ``images_per_call`` of them per replica and call. Each call's images reach
 rank 0 when it ends, which writes ``image-<i>.png`` then, and keeps ``report.json``
-(``hybridiff.runtime.report``) from the start to the end of the run.
+(``hybridiff.runtime.run.report``) from the start to the end of the run.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from hybridiff.errors import HybridiffError, Interrupted, one_line
 from hybridiff.files import write_atomic
 from hybridiff.models import load_pipeline
 from hybridiff.plan import Plan, load_plan
-from hybridiff.runtime import watchdog
-from hybridiff.runtime.checks import check_run, warn_truncated_prompts
-from hybridiff.runtime.options import RunOptions
-from hybridiff.runtime.parallel import ParallelPipeline
-from hybridiff.runtime.report import Call, RunReport
-from hybridiff.runtime.requests import ImageRequest
-from hybridiff.runtime.samplers import use_scheduler
+from hybridiff.runtime.api.checks import check_run, warn_truncated_prompts
+from hybridiff.runtime.api.parallel import ParallelPipeline
+from hybridiff.runtime.launch import watchdog
+from hybridiff.runtime.run.options import RunOptions
+from hybridiff.runtime.run.report import Call, RunReport
+from hybridiff.runtime.run.requests import ImageRequest
+from hybridiff.runtime.run.samplers import use_scheduler
 
 
 def _placement(opts: RunOptions, plan: Plan) -> devices.Placement:

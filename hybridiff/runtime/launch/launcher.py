@@ -4,14 +4,14 @@ with one line whatever happens to them.
 - Every store binds nothing to the network: the rendezvous and the process group meet in
   files of a private temporary folder, and gloo/NCCL pair sockets use the loopback
   interface. Nothing a remote host sends is ever unpickled.
-- A worker that fails writes one line to that folder (``hybridiff.runtime.worker``), and its
+- A worker that fails writes one line to that folder (``hybridiff.runtime.launch.worker``), and its
   traceback to ``OUT/logs/rank-<r>.log``; nothing reaches the terminal as a traceback. The
   launcher prints the line that explains the failure.
 - A heartbeat watchdog names a stopped rank within half of ``HYBRIDIFF_TIMEOUT_S``.
 - A signal to the launcher stops the workers, closes ``report.json`` as ``interrupted`` and
   ends with 128 + the signal.
 
-Multi-node jobs skip this module: ``torchrun ... -m hybridiff.runtime.worker`` runs on each node.
+Multi-node jobs skip this module: ``torchrun ... -m hybridiff run`` runs on each node.
 Only ``launch_local`` imports torch.
 """
 
@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Iterator
 
 from hybridiff.errors import HybridiffError, Interrupted, raise_on_signals
-from hybridiff.runtime import watchdog
-from hybridiff.runtime.options import STORE_ENV, RunOptions
-from hybridiff.runtime.report import end_report
-from hybridiff.runtime.worker import launched
+from hybridiff.runtime.launch import watchdog
+from hybridiff.runtime.launch.worker import launched
+from hybridiff.runtime.run.options import STORE_ENV, RunOptions
+from hybridiff.runtime.run.report import end_report
 
 #: Environment the workers get unless the user set it: pair sockets on the loopback interface,
 #: and no note from multiprocessing's tracker about the semaphores of a killed worker.

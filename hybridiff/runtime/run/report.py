@@ -19,7 +19,7 @@ from typing import Any
 
 from hybridiff.errors import HybridiffError
 from hybridiff.files import check_output_folder, finite, remove_temporaries, strict_json, write_atomic
-from hybridiff.runtime.requests import ImageRequest
+from hybridiff.runtime.run.requests import ImageRequest
 
 REPORT = "report.json"
 

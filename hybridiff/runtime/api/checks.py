@@ -13,8 +13,8 @@ from hybridiff.errors import HybridiffError
 from hybridiff.graph.pipeline import TracedModel, trace_pipeline
 from hybridiff.models import resolve_source
 from hybridiff.plan import Plan
-from hybridiff.runtime.options import RunOptions
-from hybridiff.runtime.samplers import sampler_class
+from hybridiff.runtime.run.options import RunOptions
+from hybridiff.runtime.run.samplers import sampler_class
 
 #: torch generators take 64-bit unsigned seeds.
 MAX_SEED = 2**64 - 1

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hybridiff.runtime.shared import SharedExchange
+from hybridiff.runtime.comm.shared import SharedExchange
 from hybridiff.runtime.spans import Spans
 
 
@@ -49,10 +49,6 @@ class _Pending:
         return self.parts
 
 
-#: Traffic is counted per phase of the schedule, in this order.
-PHASES = ("cond-partition", "pipeline")
-
-
 Group = tuple[int, ...]
 
 
@@ -60,17 +56,12 @@ class Transport(ABC):
     def __init__(self, hosted: tuple[int, ...], spans: Spans | None = None) -> None:
         self.hosted = hosted
         self.spans = spans or Spans()
-        #: The phase the next messages belong to (set by the schedule).
-        self.phase = PHASES[0]
-        self.sent = dict.fromkeys(PHASES, 0)
+        #: Bytes the hosted ranks have sent to other ranks so far. The executor reads it around
+        #: each action, so traffic is counted under the action's phase (``program.actions``).
+        self.sent_bytes = 0
 
     def _count(self, nbytes: int) -> None:
-        self.sent[self.phase] += nbytes
-
-    def take_counts(self) -> dict[str, int]:
-        """Bytes the hosted ranks sent since the last call, per phase; restarts the count."""
-        counts, self.sent = self.sent, dict.fromkeys(PHASES, 0)
-        return counts
+        self.sent_bytes += nbytes
 
     @abstractmethod
     def post(self, src: int, dst: int, tensors: list[torch.Tensor]) -> None:
@@ -324,10 +315,6 @@ class DistTransport(Transport):
     def barrier(self, group: Group) -> None:
         if len(group) > 1:
             dist.barrier(group=self._groups[group])
-
-    def take_counts(self) -> dict[str, int]:
-        self.flush()
-        return super().take_counts()
 
     def flush(self) -> None:
         # A send on gloo moves on this process's communication thread; finishing it while

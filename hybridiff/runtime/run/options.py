@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from hybridiff.runtime.requests import ImageRequest
+from hybridiff.runtime.run.requests import ImageRequest
 
 Mode = Literal["hybrid", "emulate", "serial"]
 

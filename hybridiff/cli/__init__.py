@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 from hybridiff import quiet_libraries
+from hybridiff.cli.run import run_command
 from hybridiff.errors import HybridiffError, report_and_exit, run_cli
 from hybridiff.files import check_output_file
 from hybridiff.plan import load_plan
-from hybridiff.runtime.run_command import run_command
 
 if TYPE_CHECKING:
     from hybridiff.compiler.options import CompileOptions
@@ -76,7 +76,7 @@ def compile_command(
             plan = _compile_arch(arch, resolution, options, device_tflops, device_mem_gbps, profile)
         else:
             from hybridiff.calibrate import calibration
-            from hybridiff.compiler.compile import compile_model
+            from hybridiff.compiler.entries import compile_model
 
             measure = calibration(calibrate and cost == "time", threads)
             plan = compile_model(model, options, height=height, width=width, dtype=dtype, calibrate=measure)
@@ -111,8 +111,9 @@ def _compile_arch(arch: str, resolution: int, options: "CompileOptions", tflops:
     """``compile --arch``: a published architecture, roofline-costed unless ``profile``."""
     import torch
 
-    from hybridiff.compiler.compile import cost_arch, plan_for
     from hybridiff.compiler.cost import DeviceModel
+    from hybridiff.compiler.entries import cost_arch
+    from hybridiff.compiler.search import plan_for
 
     device = DeviceModel(f"{tflops:g} TFLOP/s, {mem_gbps:g} GB/s (roofline)", tflops, mem_gbps)
     dtype = "float16" if torch.cuda.is_available() or not profile else "float32"
@@ -208,7 +209,7 @@ def simulate_command(
         plot_timeline(sim, plot, loaded.model.source)
 
 
-from hybridiff.eval_cli import eval_app  # noqa: E402 - the eval commands live in their own module
+from hybridiff.cli.eval import eval_app  # noqa: E402 - the eval commands live in their own module
 
 app.add_typer(eval_app, name="eval")
 

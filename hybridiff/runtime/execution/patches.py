@@ -145,13 +145,5 @@ class PatchShards:
         values["output"] = torch.cat(gather(values["output"].contiguous()), dim=2)
         return values
 
-    def shard_dim(self, value: Any, whole_shape: list[int]) -> int | None:
-        """The dimension along which a kept value holds one band where the plan records the
-        whole map (rows of a feature map, or tokens of an attention's input), else None."""
-        if not isinstance(value, torch.Tensor) or value.dim() != len(whole_shape):
-            return None
-        differ = [d for d, (a, b) in enumerate(zip(value.shape, whole_shape)) if a != b]
-        return differ[0] if len(differ) == 1 and value.shape[differ[0]] * self.sp == whole_shape[differ[0]] else None
-
     def join(self, parts: list[torch.Tensor], dim: int) -> torch.Tensor:
         return torch.cat(parts, dim=dim)

@@ -1,10 +1,10 @@
 """Where a worker process starts.
 
-- Started by ``hybridiff run``'s launcher (``hybridiff.runtime.launch``): ``launched`` starts
+- Started by ``hybridiff run``'s launcher (``hybridiff.runtime.launch.launcher``): ``launched`` starts
   the heartbeat before anything heavy is imported (so a worker stopped while it loads is found
   too), runs this rank, and leaves any failure as one line for the launcher.
-- Started by torchrun on every node (``python -m hybridiff.runtime.worker plan.json ...``,
-  the ``run`` command's options): ``main``.
+- Started by torchrun on every node (``torchrun ... -m hybridiff run plan.json ...``): the
+  ``run`` command (``hybridiff.cli.run``) executes the rank in that process.
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ import signal
 import traceback
 from pathlib import Path
 
-from hybridiff import quiet_libraries
-from hybridiff.errors import HybridiffError, one_line, run_cli
-from hybridiff.runtime import watchdog
-from hybridiff.runtime.options import RunOptions
+from hybridiff.errors import HybridiffError, one_line
+from hybridiff.runtime.launch import watchdog
+from hybridiff.runtime.run.options import RunOptions
 
 
 def failure_line(error: BaseException, rank: int, out: Path) -> str:
@@ -44,26 +43,10 @@ def launched(opts: RunOptions, run_dir: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     watchdog.start_heartbeat(Path(run_dir, "heartbeat"), rank)
     try:
-        from hybridiff.runtime.session import execute
+        from hybridiff.runtime.run.session import execute
 
         execute(opts)
     except BaseException as e:  # noqa: BLE001 - every failure becomes one line for the launcher
         kind = "user" if isinstance(e, HybridiffError) else "fault"
         Path(run_dir, "errors", f"rank-{rank}.{kind}").write_text(failure_line(e, rank, opts.out))
         raise SystemExit(2 if kind == "user" else 1) from None
-
-
-def main() -> None:
-    """``python -m hybridiff.runtime.worker``: this process's rank of a torchrun job."""
-    import typer
-
-    from hybridiff.runtime.run_command import run_command
-
-    quiet_libraries()
-    app = typer.Typer(add_completion=False)
-    app.command()(run_command)
-    run_cli(app)
-
-
-if __name__ == "__main__":
-    main()

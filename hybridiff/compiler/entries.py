@@ -1,0 +1,192 @@
+"""The compiler's entry points: model -> traced graph -> costed graph (``costing``) -> mesh
+search (``search``) -> Plan (``emit``), for built-in and diffusers models, published
+architectures and any ``nn.Module``."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Iterable
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch import fx, nn
+
+from hybridiff import device as devices
+from hybridiff.compiler.cost import DeviceModel, device_of, forward_time, forward_times, profile_nodes
+from hybridiff.compiler.costing import CostedModel, cost_graph
+from hybridiff.compiler.emit import repeat_rows
+from hybridiff.compiler.options import CompileOptions
+from hybridiff.compiler.search import Calibrate, calibrate_steps, check_gpus, plan_for
+from hybridiff.errors import HybridiffError
+from hybridiff.graph.pipeline import trace_pipeline
+from hybridiff.graph.trace import Leaf, adapter_for, capture_denoiser_call, trace_module
+from hybridiff.models import load_pipeline, model_card, resolve_source
+from hybridiff.models.arch import build_on_device
+from hybridiff.plan import ModelRef, Plan
+
+
+def branch_inputs(inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Split a CFG-batched call into its (uncond, cond) halves, diffusers' batch order."""
+    halves = {name: value.chunk(2) for name, value in inputs.items()}
+    return {n: h[0] for n, h in halves.items()}, {n: h[1] for n, h in halves.items()}
+
+
+def cost_model(
+    model: str,
+    options: CompileOptions,
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    dtype: str = "float32",
+    calibrate: Calibrate | None = None,
+) -> CostedModel:
+    """Load, trace and cost ``model`` (``builtin:NAME`` or a diffusers folder) for ``gpus``
+    devices and ``batch`` images, ready for ``plan_for``.
+
+    ``calibrate`` measures what a step costs besides compute on this machine (see
+    ``hybridiff.calibrate``); without it plans assume nothing."""
+    check_gpus(options.gpus)
+    source = resolve_source(model)
+    device = devices.worker_device(0)
+    torch.set_num_threads(options.threads or devices.default_threads(options.gpus))
+    traced = trace_pipeline(load_pipeline(source, dtype, device))
+    pipe = traced.pipe
+    scale = pipe.vae_scale_factor
+    height = height or traced.denoiser.config.sample_size * scale
+    width = width or traced.denoiser.config.sample_size * scale
+    # A guided call gives one row per branch and the two-row (serial CFG) batch to time.
+    pipeline_kwargs = model_card(source).get("pipeline_kwargs", {})
+    args, kwargs = capture_denoiser_call(pipe, height, width, guidance_scale=5.0, **pipeline_kwargs)
+    both = traced.adapter.inputs_from_call(*args, **kwargs)
+    _, cond = branch_inputs(both)
+    rows = sorted({1, 2, options.batch, 2 * options.batch})
+    timed = {r: both if r == 2 else repeat_rows(cond, r) for r in rows}
+    costed = cost_graph(
+        traced.graph,
+        options,
+        latent=traced.adapter.latent,
+        branch_inputs=cond,
+        forward_rows_s=forward_times(traced.graph, timed, options.repeats),
+        model=ModelRef(
+            source=source,
+            denoiser="unet" if traced.attr == "unet" else "sd3-transformer",
+            height=height,
+            width=width,
+            dtype=dtype,
+            pipeline_kwargs=pipeline_kwargs,
+        ),
+        device=devices.describe(device),
+    )
+    if calibrate is not None and options.gpus > 1:
+        calibrate_steps(costed, options.schedule, calibrate)
+    return costed
+
+
+def compile_model(
+    model: str,
+    options: CompileOptions | None = None,
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    dtype: str = "float32",
+    calibrate: Calibrate | None = None,
+    **changes: Any,
+) -> Plan:
+    """Compile ``model`` (``builtin:NAME`` or a diffusers folder) into a plan: ``cost_model``,
+    then ``plan_for``. ``changes`` are ``CompileOptions`` fields to change, e.g. ``gpus=4``."""
+    options = (options or CompileOptions()).but(**changes)
+    costed = cost_model(model, options, height=height, width=width, dtype=dtype, calibrate=calibrate)
+    return plan_for(costed, options)
+
+
+def compile_module(
+    model: nn.Module,
+    example_inputs: tuple | dict[str, Any],
+    options: CompileOptions | None = None,
+    *,
+    leaves: Iterable[Leaf] | None = None,
+    latent: str | None = None,
+    **changes: Any,
+) -> Plan:
+    """Compile any denoiser ``nn.Module`` from one branch's example inputs (the Python API).
+
+    ``latent`` names the forward argument carrying the noisy sample (default: the first one);
+    ``leaves`` lists submodules (objects, qualified names or classes) to keep opaque;
+    ``changes`` are ``CompileOptions`` fields to change, e.g. ``gpus=4, cost="flops"``.
+    """
+    options = (options or CompileOptions(repeats=5)).but(**changes)
+    check_gpus(options.gpus)
+    traced = trace_module(model, example_inputs, leaves)
+    graph, inputs = traced.graph, traced.inputs
+    latent = latent or traced.latent or next(iter(inputs))
+    if latent not in inputs:
+        raise HybridiffError(f"latent={latent!r} is not one of the traced inputs {sorted(inputs)}")
+    dtype = next((str(p.dtype).removeprefix("torch.") for p in model.parameters()), "float32")
+    source = f"python:{type(model).__module__}.{type(model).__qualname__}"
+    return compile_graph(
+        graph,
+        options,
+        latent=latent,
+        branch_inputs=inputs,
+        forward_rows_s=None,
+        model=ModelRef(source=source, denoiser="custom", dtype=dtype),
+        device=devices.describe(device_of(inputs)),
+    )
+
+
+def cost_arch(
+    arch: str,
+    resolution: int,
+    options: CompileOptions | None = None,
+    *,
+    dtype: str = "float16",
+    device_model: DeviceModel | None = None,
+    profile: bool = False,
+) -> CostedModel:
+    """Build and cost a published architecture at ``resolution`` pixels, ready for ``plan_for``.
+
+    By default the model is built on the meta device and costed by the roofline model: no
+    memory is allocated for weights or activations, so real-size plans compile on any machine.
+    With ``profile`` the model gets random weights on this process's device and every node is
+    timed there (median of ``repeats``): the plan then reflects the real device.
+    """
+    if resolution % 64:
+        raise HybridiffError(f"--resolution {resolution} must be a multiple of 64 (latent multiple of 8)")
+    options = options or CompileOptions()
+    device = devices.worker_device(0) if profile else torch.device("meta")
+    model = build_on_device(arch, device, getattr(torch, dtype))
+    device_model = device_model or DeviceModel()
+    call = partial(adapter_for(model).example_call, resolution // 8)
+    traced, both = trace_module(model, call(1)), trace_module(model, call(2)).inputs
+    if profile:
+        serial = forward_time(traced.graph, both, options.repeats)
+    else:
+        serial = sum(m.cost_s for m in profile_nodes(traced.graph, both, 1, "roofline", device_model).values())
+    return cost_graph(
+        traced.graph,
+        options.but(repeats=options.repeats if profile else 1, cost="time" if profile else "roofline"),
+        latent=traced.latent,
+        branch_inputs=traced.inputs,
+        forward_rows_s={2: serial},
+        model=ModelRef(
+            source=f"arch:{arch}",
+            denoiser="unet" if isinstance(model, UNet2DConditionModel) else "sd3-transformer",
+            height=resolution,
+            width=resolution,
+            dtype=dtype,
+        ),
+        device=devices.describe(device) if profile else device_model.name,
+        device_model=device_model,
+    )
+
+
+def compile_graph(
+    graph: fx.GraphModule, options: CompileOptions, *, calibrate: Calibrate | None = None, **described: Any
+) -> Plan:
+    """Cost and partition a traced graph into a plan (``described``: what ``cost_graph`` needs
+    besides the options); ``calibrate`` measures the per-step costs of a 2-device plan before
+    meshes are compared."""
+    costed = cost_graph(graph, options, **described)
+    if calibrate is not None and options.gpus > 1:
+        calibrate_steps(costed, options.schedule, calibrate)
+    return plan_for(costed, options)
