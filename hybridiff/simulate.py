@@ -22,7 +22,7 @@ growing with the group's size like a ring, ``(g - 1)`` times.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -136,7 +136,7 @@ def simulate(mesh: Mesh, work: Workload, schedule: Schedule, images: int = 1) ->
     """Predict generating ``images`` images with ``mesh`` (``work``'s stages on that mesh)."""
     sim = Simulation(mesh=mesh.label, images=images)
     sim.busy_s = dict.fromkeys(range(mesh.world_size), 0.0)
-    builder = ProgramBuilder(replace(work.layout, mesh=mesh))
+    builder = ProgramBuilder(work.layout.with_mesh(mesh))
     for replica, calls in enumerate(mesh.replica_images(images)):
         clock, phases = 0.0, _zeros()
         for call in calls:

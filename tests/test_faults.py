@@ -178,7 +178,7 @@ def test_a_plan_edited_against_its_model_is_refused_in_one_line(plan_path, tmp_p
 
 
 def test_the_watchdog_kills_and_names_a_rank_whose_heartbeat_stopped(tmp_path):
-    from hybridiff.runtime.launch.watchdog import Watchdog
+    from hybridiff.runtime.watchdog import Watchdog
 
     sleepers = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
     for rank, proc in enumerate(sleepers):
@@ -194,7 +194,7 @@ def test_the_watchdog_kills_and_names_a_rank_whose_heartbeat_stopped(tmp_path):
 
 def test_a_timeout_is_blamed_on_the_rank_that_fell_behind_not_on_the_one_that_waited(tmp_path):
     from hybridiff.runtime.launch.launcher import _explain
-    from hybridiff.runtime.launch.watchdog import Watchdog
+    from hybridiff.runtime.watchdog import Watchdog
 
     beats, errors = tmp_path / "heartbeat", tmp_path / "errors"
     beats.mkdir()

@@ -66,6 +66,25 @@ def test_no_layer_imports_a_layer_above_it():
     assert _violations() == []
 
 
+#: The runtime's rooms, lowest first: each may import the rooms before it (and the modules at
+#: the runtime's root, spans and watchdog), never one after it.
+ROOMS = ("comm", "execution", "api", "run", "launch")
+
+
+def test_no_runtime_room_imports_a_room_above_it():
+    bad = []
+    for path in sorted((PACKAGE / "runtime").rglob("*.py")):
+        parts = _module_name(path).split(".")
+        if len(parts) < 3 or parts[2] not in ROOMS:
+            continue
+        mine = ROOMS.index(parts[2])
+        for target in sorted(_imports(path)):
+            room = target.split(".")[2] if target.startswith("hybridiff.runtime.") else None
+            if room in ROOMS and ROOMS.index(room) > mine:
+                bad.append(f"{_module_name(path)} imports {target}")
+    assert bad == []
+
+
 def test_the_check_sees_lazy_imports_and_from_package_imports(tmp_path):
     source = tmp_path / "m.py"
     source.write_text("from hybridiff import device\ndef f():\n    from hybridiff.compiler.compile import plan_for\n")

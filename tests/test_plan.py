@@ -112,7 +112,8 @@ def test_runtime_refuses_a_plan_for_another_graph(plan_path, tmp_path):
     [
         (["builtin:nope"], "unknown built-in model"),
         (["{tmp}"], "model_index.json"),
-        (["builtin:tiny-sdxl", "--gpus", "0"], "--gpus 0"),
+        (["builtin:tiny-sdxl", "--gpus", "0"], "Invalid value for '--gpus'"),
+        (["builtin:tiny-sdxl", "--gpu", "2"], "No such option: --gpu"),
         (["builtin:tiny-sdxl", "--gpus", "2", "--mesh", "dp=2,cfg=2,pp=1"], "needs 4 devices but --gpus is 2"),
         (["builtin:tiny-sdxl", "--gpus", "2", "--mesh", "2x1"], "write it as dp=D,cfg=C,pp=P"),
         (["builtin:tiny-sdxl", "--mesh", "dp=1,cfg=2,pp=1", "--guidance-scale", "1"], "cfg=2 splits the guidance branches"),

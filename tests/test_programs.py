@@ -4,6 +4,8 @@ bytes the program says, and the simulator's traffic per phase is the run's."""
 
 from __future__ import annotations
 
+import json
+import re
 from collections import Counter
 from functools import lru_cache
 
@@ -13,7 +15,7 @@ import torch
 import hybridiff
 from hybridiff.compiler.entries import compile_model
 from hybridiff.models import load_pipeline
-from hybridiff.plan import Plan, Schedule
+from hybridiff.plan import Plan, Schedule, load_plan
 from hybridiff.program.actions import Action, JoinShards, Post, ShardForward
 from hybridiff.program.build import ProgramBuilder
 from hybridiff.program.layout import Layout
@@ -92,3 +94,35 @@ def test_a_call_executes_its_step_programs_and_sends_what_they_say(model, device
     assert reported == measured
     predicted = simulate(plan.mesh, Workload.from_plan(plan), plan.schedule, images)
     assert Counter(predicted.comm_bytes_by_phase) == reported
+
+
+def test_simulate_prints_the_programs_it_costs(plan_path):
+    """``simulate --program``: every step of the call under exactly one program, and the bytes
+    the printed actions send, times the steps running them, are the simulator's total."""
+    from typer.testing import CliRunner
+
+    from hybridiff.cli import app
+
+    printed = CliRunner().invoke(app, ["simulate", str(plan_path), "--program"])
+    costed = CliRunner().invoke(app, ["simulate", str(plan_path), "--json"])
+    assert printed.exit_code == costed.exit_code == 0, printed.output
+    steps, total = [], 0
+    for block in printed.output.strip().split("\n\n")[1:]:
+        head, *lines = block.splitlines()
+        when = head.split("), ")[1].split(";")[0]
+        runs = [int(when.removeprefix("after step "))] if when.startswith("after") else _steps(when)
+        steps += [] if when.startswith("after") else runs
+        total += len(runs) * sum(int(m.group(1)) for line in lines if (m := re.search(r"(\d+) B\)$", line)))
+    plan = load_plan(plan_path)
+    assert sorted(steps) == list(range(plan.schedule.steps))
+    assert f"hand-off (rows 2), after step {plan.schedule.expected_tau1}" in printed.output
+    assert total == json.loads(costed.output)["comm_bytes"]
+
+
+def _steps(when: str) -> list[int]:
+    """"steps 1-6, 10" as [1, ..., 6, 10]."""
+    found = []
+    for part in when.split(" ", 1)[1].split(", "):
+        first, _, last = part.partition("-")
+        found += range(int(first), int(last or first) + 1)
+    return found

@@ -81,6 +81,8 @@ def test_reports_are_strict_json_with_non_finite_numbers_as_null(tmp_path):
         (["--height", "37"], "image size 37: give a multiple of 16"),
         (["-o", "{tmp}"], "is a folder; give a file name"),
         (["-o", "{tmp}/a-file/plan.json"], "is a file, not a folder"),
+        (["-k", "5,10"], "a plan has one window length; compare several with `hybridiff bench MODEL --k`"),
+        (["-k", "-1"], "window lengths are >= 0"),
     ],
 )
 def test_compile_refuses_sizes_and_outputs_before_compiling(tmp_path, args, fragment):

@@ -3,11 +3,36 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
+from typer.core import TyperGroup
+
+try:  # typer 0.2x carries its own copy of click; older releases use the click package
+    from typer._click import exceptions as click_errors
+except ImportError:
+    from click import exceptions as click_errors
 
 from hybridiff import quiet_libraries
+from hybridiff.cli.options import (
+    AsJson,
+    Batch,
+    Calibrate,
+    Gpus,
+    GuidanceScale,
+    ImagesPerPrompt,
+    PlanFile,
+    Prompt,
+    Prompts,
+    Repeats,
+    Steps,
+    TauCap,
+    Threads,
+    Warmup,
+    WindowGuidance,
+    WindowLengths,
+    window_lengths,
+)
 from hybridiff.cli.run import run_command
 from hybridiff.errors import HybridiffError, report_and_exit, run_cli
 from hybridiff.files import check_output_file
@@ -17,10 +42,28 @@ if TYPE_CHECKING:
     from hybridiff.compiler.options import CompileOptions
     from hybridiff.plan import Plan
 
-#: The most images ``simulate`` and ``compile`` plan for: the simulator's timeline grows with them.
-MAX_BATCH = 4096
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+class OneLineUsageErrors(TyperGroup):
+    """A mistyped option (``--gpus 0``, ``--steps x``) ends like every other refusal: one line
+    ``error: ...`` and status 2, instead of the multi-line Rich panel typer draws by default."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click_errors.NoArgsIsHelpError as e:
+            e.show()
+            raise SystemExit(e.exit_code) from None
+        except click_errors.UsageError as e:
+            command = e.ctx.command_path if e.ctx else "hybridiff"
+            report_and_exit(HybridiffError(f"{e.format_message()} (see `{command} --help`)"))
+        except typer.Abort:
+            raise SystemExit(1) from None
+        raise SystemExit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(cls=OneLineUsageErrors, add_completion=False, no_args_is_help=True, help=__doc__)
 app.command("run")(run_command)
 
 
@@ -32,44 +75,44 @@ def compile_command(
     device_tflops: float = typer.Option(150.0, help="with --arch: effective device TFLOP/s (default ~A100 fp16)"),
     device_mem_gbps: float = typer.Option(1500.0, help="with --arch: device memory bandwidth, GB/s"),
     profile: bool = typer.Option(False, "--profile", help="with --arch: random weights on this device, time every node"),
-    gpus: int = typer.Option(2, help="number of devices"),
-    batch: int = typer.Option(1, min=1, max=MAX_BATCH, help="images generated together: the mesh is chosen for this batch"),
-    mesh: Optional[str] = typer.Option(None, help="force a mesh, e.g. dp=1,cfg=2,pp=2 or dp=1,cfg=2,pp=4,sp=4 [default: fastest]"),
+    gpus: Gpus = 2,
+    batch: Batch = None,
+    mesh: Optional[str] = typer.Option(None, help="force a mesh, e.g. dp=1,cfg=2,pp=2 or dp=1,cfg=2,pp=4,sp=4 (default: fastest)"),
     out: Path = typer.Option(Path("plan.json"), "-o", "--out", help="where to write the plan"),
-    steps: Optional[int] = typer.Option(None, min=1, help="denoising steps [50]"),
-    guidance_scale: Optional[float] = typer.Option(None, help="CFG scale; <= 1: no guidance, cfg=1 meshes [5.0]"),
-    L: Optional[int] = typer.Option(None, "--L", min=1, help="discrepancy slope window, steps [12]"),
-    g_slope: Optional[float] = typer.Option(None, help="slope threshold that starts the window [4e-4]"),
-    tau_cap: Optional[int] = typer.Option(None, min=1, help="latest step at which the window starts [15]"),
-    k: Optional[int] = typer.Option(None, "-k", "--k", min=0, help="window length in steps; 0: no window [5]"),
-    window_guidance: str = typer.Option("mixed", help="inside the window: 'mixed' (paper) or 'cached' (keeps guidance)"),
+    steps: Steps = None,
+    guidance_scale: GuidanceScale = None,
+    L: Optional[int] = typer.Option(None, "--L", min=1, help="discrepancy slope window, steps (default: 12)"),
+    g_slope: Optional[float] = typer.Option(None, help="slope threshold that starts the window (default: 4e-4)"),
+    tau_cap: TauCap = None,
+    k: WindowLengths = "",
+    window_guidance: WindowGuidance = None,
     dtype: str = typer.Option("float32", help="MODEL weights: float32, float16 or bfloat16 (half precision needs a GPU)"),
-    height: Optional[int] = typer.Option(None, help="image height [default: the model's]"),
-    width: Optional[int] = typer.Option(None, help="image width [default: the model's]"),
+    height: Optional[int] = typer.Option(None, help="image height (default: the model's)"),
+    width: Optional[int] = typer.Option(None, help="image width (default: the model's)"),
     link_gbps: float = typer.Option(100.0, help="device link bandwidth, Gbit/s (default ~PCIe 3 x16)"),
     cost: str = typer.Option("time", help="node costs: 'time' (measured) or 'flops' (counted, reproducible)"),
     repeats: int = typer.Option(10, min=1, help="timing repeats per node (median)"),
-    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads while profiling [default: cores / gpus]"),
-    calibrate: bool = typer.Option(
-        True, help="with measured costs: run the model briefly on 2 workers to measure what a step costs besides compute"
-    ),
+    threads: Threads = None,
+    calibrate: Calibrate = True,
     strategy: Optional[str] = typer.Option(
         None, help="a peer strategy as a plan: serial, cfg-parallel, pipeline (AsyncDiff), hybrid, hybrid-cached"
     ),
-    warmup: Optional[int] = typer.Option(None, min=1, help="--strategy pipeline: whole steps before its window [AsyncDiff: 9 UNet, 1 SD3]"),
+    warmup: Warmup = None,
     patch_parallel: bool = typer.Option(False, "--patch-parallel", help="UNets: consider sp row bands (one step stale)"),
 ) -> None:
     """Trace, profile and partition MODEL (or a published --arch) into an execution plan."""
     from hybridiff.compiler.options import CompileOptions
     from hybridiff.compiler.schedule_defaults import model_schedule
 
-    given = {"steps": steps, "guidance_scale": guidance_scale, "L": L, "g_slope": g_slope, "tau_cap": tau_cap, "k": k}
     try:
+        window = window_lengths(k, one=True)
+        given = {"steps": steps, "guidance_scale": guidance_scale, "L": L, "g_slope": g_slope, "tau_cap": tau_cap}
+        given["k"] = window[0] if window else None
         _check_compile_options(model, arch, dtype, cost, strategy)
         _check_sizes(height, width, resolution if arch else None)
         check_output_file(out, "-o")
         options = CompileOptions(
-            gpus=gpus, schedule=model_schedule(model, given, window_guidance), batch=batch, mesh=mesh, strategy=strategy,
+            gpus=gpus, schedule=model_schedule(model, given, window_guidance or "mixed"), batch=batch or 1, mesh=mesh, strategy=strategy,
             warmup=warmup, link_gbps=link_gbps, repeats=repeats, threads=threads, cost=cost, patch_parallel=patch_parallel,
         )
         if arch is not None:
@@ -164,8 +207,8 @@ def _plan_and_plot(plan: Path, plot: Path | None) -> "Plan":
 
 @app.command("inspect")
 def inspect_command(
-    plan: Path = typer.Argument(..., help="plan.json"),
-    as_json: bool = typer.Option(False, "--json", help="print a machine-readable summary"),
+    plan: PlanFile,
+    as_json: AsJson = False,
     plot: Optional[Path] = typer.Option(None, help="also draw the partition to this PNG"),
 ) -> None:
     """Summarise a plan: mesh, stages, cut tensors, schedule, estimates."""
@@ -182,10 +225,11 @@ def inspect_command(
 
 @app.command("simulate")
 def simulate_command(
-    plan: Path = typer.Argument(..., help="plan.json"),
-    batch: Optional[int] = typer.Option(None, min=1, max=MAX_BATCH, help="images to generate [default: the plan's batch]"),
+    plan: PlanFile,
+    batch: Batch = None,
     plot: Optional[Path] = typer.Option(None, help="draw the per-rank timeline to this PNG"),
-    as_json: bool = typer.Option(False, "--json", help="print the prediction as JSON"),
+    as_json: AsJson = False,
+    program: bool = typer.Option(False, "--program", help="print the step programs of the plan's first call instead"),
 ) -> None:
     """Predict latency per phase, bytes moved and per-rank busy time from the plan's costs."""
     import json
@@ -194,6 +238,9 @@ def simulate_command(
 
     loaded = _plan_and_plot(plan, plot)
     images = batch or loaded.mesh.batch
+    if program:
+        typer.echo(_programs_text(loaded, images))
+        return
     sim = simulate(loaded.mesh, Workload.from_plan(loaded), loaded.schedule, images)
     if as_json:
         typer.echo(json.dumps(sim.as_dict(), indent=2))
@@ -207,6 +254,20 @@ def simulate_command(
         typer.echo("busy       " + ", ".join(f"rank {r} {t:.4f} s" for r, t in sorted(sim.busy_s.items())))
     if plot is not None:
         plot_timeline(sim, plot, loaded.model.source)
+
+
+def _programs_text(plan: "Plan", images: int) -> str:
+    """The step programs replica 0's first call of ``images`` runs, as ``simulate`` costs them."""
+    from hybridiff.program.build import ProgramBuilder
+    from hybridiff.program.layout import Layout
+    from hybridiff.program.render import call_programs, render
+
+    first_call = plan.mesh.replica_images(images)[0][0]
+    rows = plan.schedule.rows(len(first_call))
+    ranks = plan.mesh.replica_ranks(0)
+    head = f"{plan.model.source}, mesh {plan.mesh.label}: replica 0 (ranks {ranks[0]}-{ranks[-1]}), {rows} row(s) per step"
+    programs = call_programs(ProgramBuilder(Layout.of(plan)), plan.schedule, rows)
+    return "\n\n".join([head] + [render(program, when) for when, program in programs])
 
 
 from hybridiff.cli.eval import eval_app  # noqa: E402 - the eval commands live in their own module
@@ -237,33 +298,33 @@ def save_model_command(
 @app.command("bench")
 def bench_command(
     target: str = typer.Argument(..., help="plan.json (it against serial), or MODEL (every --strategies entry against serial)"),
-    gpus: int = typer.Option(2, help="with MODEL: devices every strategy is planned for"),
+    gpus: Gpus = 2,
     strategies: str = typer.Option(
         "serial,cfg-parallel,pipeline,hybrid,hybrid-cached", help="with MODEL: the strategies to compare (serial always runs)"
     ),
-    k: str = typer.Option("", "--k", help="with MODEL: window lengths for hybrid and hybrid-cached, e.g. 5,10,20,30 [the model's]"),
-    warmup: Optional[int] = typer.Option(None, min=1, help="with MODEL: the pipeline strategy's warm-up steps [AsyncDiff's]"),
-    tau_cap: Optional[int] = typer.Option(None, min=0, help="with MODEL: latest step at which hybrid's window starts [the model's]"),
-    batch: int = typer.Option(1, min=1, help="with MODEL: images per pipeline call (the meshes are chosen for it)"),
-    calibrate: bool = typer.Option(True, help="with MODEL: measure what a step costs besides compute (as compile does)"),
-    prompt: str = typer.Option("a red cube on a table", help="text prompt, seeds 0..B-1 for the batch B"),
-    prompts: Optional[Path] = typer.Option(
-        None, help="instead of --prompt: a prompts file, as `run` reads it [digit models: the ten digits]"
-    ),
-    num_images_per_prompt: Optional[int] = typer.Option(None, min=1, help="images per prompt [2 for the digit models' ten digits, else 1]"),
-    steps: Optional[int] = typer.Option(None, min=1, help="denoising steps [default: the plan's or the model's]"),
-    repeats: int = typer.Option(1, min=1, help="calls per entry and round; the median of all runs counts"),
+    k: WindowLengths = "",
+    warmup: Warmup = None,
+    tau_cap: TauCap = None,
+    batch: Batch = None,
+    calibrate: Calibrate = True,
+    prompt: Prompt = "a red cube on a table",
+    prompts: Prompts = None,
+    num_images_per_prompt: ImagesPerPrompt = None,
+    steps: Steps = None,
+    repeats: Repeats = 1,
     rounds: int = typer.Option(2, min=1, help="rounds alternating the entries, so machine noise hits all of them"),
-    threads: int = typer.Option(1, min=1, help="CPU threads per worker (and for the serial baseline)"),
+    threads: Threads = None,
     plot: bool = typer.Option(False, "--plot", help="also draw OUT/speed-quality.png and the image grid OUT/images.png"),
     grid: Optional[Path] = typer.Option(None, help="draw the image grid (a row per image, a column per entry) to this PNG"),
-    as_json: bool = typer.Option(False, "--json", help="print bench.json instead of the table"),
+    as_json: AsJson = False,
     out: Path = typer.Option(Path("out-bench"), "-o", "--out", help="bench.json, plots, and a folder of images per entry"),
 ) -> None:
-    """Strategies side by side: latency, speed-up, bytes and fidelity vs serial, against each plan's prediction."""
+    """Strategies side by side: latency, speed-up, bytes and fidelity vs serial, against each plan's
+    prediction. MODEL: every strategy planned for --gpus devices and --batch images per call."""
     import json
 
     from hybridiff import bench
+    from hybridiff import device as devices
     from hybridiff.bench_report import image_grid, plot_speed_quality, render
     from hybridiff.compiler.schedule_defaults import model_schedule
     from hybridiff.compiler.strategies import parse_strategies
@@ -272,14 +333,15 @@ def bench_command(
         is_plan = Path(target).is_file()
         source = load_plan(target).model.source if is_plan else target
         digits = bench.is_digit_model(source)
-        per_call = batch if not is_plan else load_plan(target).mesh.batch
+        per_call = load_plan(target).mesh.batch if is_plan else batch or 1
+        threads = threads or devices.default_threads(load_plan(target).mesh.world_size if is_plan else gpus)
         requests = bench.requests_for(source, prompt, prompts, num_images_per_prompt, per_call)
         if is_plan:
             entries = bench.plan_entries(Path(target), out)
         else:
             names = parse_strategies(strategies)
             schedule = model_schedule(target, {"steps": steps, "tau_cap": tau_cap})
-            entries = bench.model_entries(target, gpus, schedule, names, _window_lengths(k), batch, warmup, threads, calibrate, out)
+            entries = bench.model_entries(target, gpus, schedule, names, window_lengths(k), per_call, warmup, threads, calibrate, out)
         result = bench.run_bench(entries, bench.BenchOptions(requests, steps if is_plan else None, repeats, rounds, threads, digits), out)
         workers = max(e.workers for e in entries)
         if plot:
@@ -289,17 +351,6 @@ def bench_command(
     except HybridiffError as e:
         report_and_exit(e)
     typer.echo(json.dumps(result, indent=2) if as_json else render(result, workers))
-
-
-def _window_lengths(text: str) -> list[int]:
-    """``--k 5,10,20`` as integers >= 0 (empty: the model's own k)."""
-    try:
-        ks = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise HybridiffError(f"--k {text!r}: give window lengths as integers, e.g. 5,10,20,30") from None
-    if any(v < 0 for v in ks):
-        raise HybridiffError(f"--k {text!r}: window lengths are >= 0")
-    return ks
 
 
 def main() -> None:

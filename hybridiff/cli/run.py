@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
+from hybridiff.cli.options import GuidanceScale, ImagesPerPrompt, PlanFile, Prompt, Prompts, Repeats, Steps, Threads, WindowGuidance
 from hybridiff.errors import HybridiffError, Interrupted, report_and_exit
 from hybridiff.files import check_output_folder
 
@@ -21,23 +22,21 @@ if TYPE_CHECKING:
 
 
 def run_command(
-    plan: Path = typer.Argument(..., help="plan.json written by `hybridiff compile`"),
-    prompt: Optional[str] = typer.Option(None, help="text prompt (or --prompts FILE)"),
-    prompts: Optional[Path] = typer.Option(
-        None, help="file of prompts: one per line, or JSONL with prompt, negative_prompt, seed"
-    ),
-    num_images_per_prompt: int = typer.Option(1, min=1, max=10_000, help="images per prompt (seeds seed, seed+1, ...)"),
+    plan: PlanFile,
+    prompt: Prompt = None,
+    prompts: Prompts = None,
+    num_images_per_prompt: ImagesPerPrompt = None,
     negative_prompt: Optional[str] = typer.Option(None, help="negative prompt (the uncond branch)"),
     seed: int = typer.Option(0, help="seed of the initial latent"),
-    steps: Optional[int] = typer.Option(None, min=1, help="denoising steps [default: the plan's]"),
-    guidance_scale: Optional[float] = typer.Option(None, help="CFG scale [default: the plan's]"),
-    scheduler: Optional[str] = typer.Option(None, help="ddim, euler, euler-a, dpm++ or flow-euler [default: the model's]"),
+    steps: Steps = None,
+    guidance_scale: GuidanceScale = None,
+    scheduler: Optional[str] = typer.Option(None, help="ddim, euler, euler-a, dpm++ or flow-euler (default: the model's)"),
     out: Path = typer.Option(Path("out"), "-o", "--out", help="folder for image-<i>.png and report.json"),
     emulate: bool = typer.Option(False, "--emulate", help="run the hybrid schedule of all ranks in one process"),
     serial: bool = typer.Option(False, "--serial", help="run the stock pipeline in one process (baseline)"),
-    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads per worker [default: cores / workers]"),
-    repeats: int = typer.Option(1, min=1, max=1000, help="generate every image this many times; latency is the median"),
-    window_guidance: Optional[str] = typer.Option(None, help="override the plan: 'mixed' or 'cached'"),
+    threads: Threads = None,
+    repeats: Repeats = 1,
+    window_guidance: WindowGuidance = None,
     trace: Optional[Path] = typer.Option(
         None, help="write a per-step trace per rank to this folder (rank-<r>.json: open in Perfetto or chrome://tracing)"
     ),
@@ -45,7 +44,7 @@ def run_command(
         False, "--overwrite", help="replace a previous run's images and report in --out (refused without it)"
     ),
     device: Optional[str] = typer.Option(
-        None, help="cpu, cuda or auto: what the workers compute on [default: $HYBRIDIFF_DEVICE, else auto: CUDA where it exists]"
+        None, help="cpu, cuda or auto: what the workers compute on (default: $HYBRIDIFF_DEVICE, else auto: CUDA where it exists)"
     ),
 ) -> None:
     """Generate images with a compiled plan."""
@@ -67,7 +66,7 @@ def run_command(
     except HybridiffError as e:
         report_and_exit(e)
     opts = RunOptions(
-        plan=plan, requests=tuple(expand(given, num_images_per_prompt)), out=out, mode=mode, steps=steps,
+        plan=plan, requests=tuple(expand(given, num_images_per_prompt or 1)), out=out, mode=mode, steps=steps,
         guidance_scale=guidance_scale, threads=threads, repeats=repeats, window_guidance=window_guidance,
         scheduler=scheduler, trace=trace,
     )
@@ -100,7 +99,7 @@ def _start(opts: "RunOptions", overwrite: bool) -> None:
     """Check everything that can be checked without the model, then run: hybrid mode from a
     shell launches one local worker per device of the plan; otherwise this process runs its part."""
     from hybridiff import device as devices
-    from hybridiff.runtime.launch import watchdog
+    from hybridiff.runtime import watchdog
     from hybridiff.runtime.run.report import prepare_run_folder, start_report
     from hybridiff.runtime.run.session import execute, load_run_plan
 

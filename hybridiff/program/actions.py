@@ -227,10 +227,6 @@ class StepProgram:
     #: What the program was built for, for people: rows, first/last window step, exactness.
     about: dict[str, object] = field(default_factory=dict, compare=False)
 
-    def for_position(self, position: int) -> tuple[Action, ...]:
-        """The ordered actions ``position`` takes part in: its rank's own list."""
-        return tuple(a for a in self.actions if position in a.positions)
-
     def bytes_by_phase(self) -> Counter[Phase]:
         counts: Counter[Phase] = Counter()
         for action in self.actions:

@@ -22,6 +22,9 @@ class Link:
 
 @dataclass(frozen=True)
 class Layout:
+    """Everything a step program depends on: who computes which rows (``mesh``), what the
+    window's stages send each other (``links``), where the output is, and what shard peers split."""
+
     mesh: Mesh
     window_guidance: str
     links: tuple[Link, ...]

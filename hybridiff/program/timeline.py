@@ -79,8 +79,3 @@ class CallSchedule:
                 self.tau1, self.tau2 = step, step + k
                 return self.builder.hand_off(self.rows, next_is_last=k == 1)
         return None
-
-    @property
-    def guidance_kept(self) -> bool:
-        """Whether the window adds tau1's guidance direction back (``window_guidance="cached"``)."""
-        return self.builder.mesh.cfg == 2 and self.schedule.window_guidance == "cached"

@@ -1,49 +1,13 @@
-"""What a run checks before it costs anything: the request, the plan's model, the plan
-against the traced graph. ``check_run`` runs in the launching command before any worker
-starts, and again in every worker (torchrun starts workers without that command), so a bad
-input is one line, never a traceback or a gloo abort from inside a worker."""
+"""The plan against the pipeline it is run on: the traced graph's fingerprint, and every node
+the plan names, checked before a step runs so a mismatch is one line, not a gloo abort."""
 
 from __future__ import annotations
 
-import math
-import sys
 from typing import Any
 
 from hybridiff.errors import HybridiffError
 from hybridiff.graph.pipeline import TracedModel, trace_pipeline
-from hybridiff.models import resolve_source
 from hybridiff.plan import Plan
-from hybridiff.runtime.run.options import RunOptions
-from hybridiff.runtime.run.samplers import sampler_class
-
-#: torch generators take 64-bit unsigned seeds.
-MAX_SEED = 2**64 - 1
-#: Schedulers are configured with 1000 training timesteps; more inference steps than that fail.
-MAX_STEPS = 1000
-
-
-def check_run(opts: RunOptions, plan: Plan) -> None:
-    """Every problem of ``opts`` that can be found without loading the model, in one line."""
-    if plan.model.source.startswith(("arch:", "python:")):
-        raise HybridiffError(
-            f"{opts.plan} is a plan for {plan.model.source}, which is compile-only: the runtime executes plans "
-            "of pipelines it can load (builtin:NAME or a diffusers pipeline folder)"
-        )
-    resolve_source(plan.model.source)
-    if not opts.requests:
-        raise HybridiffError("nothing to generate: give --prompt or --prompts FILE")
-    for i, request in enumerate(opts.requests):
-        if not 0 <= request.seed <= MAX_SEED:
-            raise HybridiffError(f"image {i} has seed {request.seed}, outside 0..2**64-1; choose a smaller seed")
-    if opts.guidance_scale is not None and not math.isfinite(opts.guidance_scale):
-        raise HybridiffError(f"--guidance-scale {opts.guidance_scale}: give a finite number, e.g. 5")
-    guidance = opts.guidance_scale if opts.guidance_scale is not None else plan.schedule.guidance_scale
-    if opts.mode != "serial":
-        plan.mesh.check_guided(guidance > 1)
-    if opts.steps is not None and not 1 <= opts.steps <= MAX_STEPS:
-        raise HybridiffError(f"--steps {opts.steps}: give 1 to {MAX_STEPS} steps")
-    if opts.scheduler is not None:
-        sampler_class(opts.scheduler, flow=plan.model.denoiser == "sd3-transformer")
 
 
 def trace_for_plan(pipe: Any, plan: Plan) -> TracedModel:
@@ -76,23 +40,3 @@ def check_plan_graph(plan: Plan, graph: Any) -> None:
     unknown = [c.node for c in plan.cut_tensors if c.node not in names]
     if unknown:
         raise HybridiffError(f"the plan's cut tensor {unknown[0]!r} is not a node of the model's graph; recompile the plan")
-
-
-def warn_truncated_prompts(pipe: Any, opts: RunOptions) -> None:
-    """One line per prompt longer than the text encoder reads (diffusers cuts it silently here)."""
-    tokenizer = getattr(pipe, "tokenizer", None)
-    limit = getattr(tokenizer, "model_max_length", None)
-    if tokenizer is None or not isinstance(limit, int) or limit > 100_000:
-        return
-    seen: set[str] = set()
-    for i, request in enumerate(opts.requests):
-        for text in (request.prompt, request.negative_prompt):
-            if text and text not in seen:
-                seen.add(text)
-                count = len(tokenizer(text, truncation=False).input_ids)
-                if count > limit:
-                    print(
-                        f"warning: the prompt of image {i} is {count} tokens long; the text encoder reads the first "
-                        f"{limit} and ignores the rest: {text[:40]!r}...",
-                        file=sys.stderr,
-                    )

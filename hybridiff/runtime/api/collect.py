@@ -8,25 +8,7 @@ from typing import Any
 import torch
 
 from hybridiff.runtime.api import calls
-
-
-@dataclass(frozen=True)
-class ReplicaCall:
-    """What one replica did in a call: its images (indices into the call's images), the
-    denoising loop's seconds, the schedule it ran and the bytes its ranks sent."""
-
-    replica: int
-    images: list[int]
-    latency_s: float
-    tau1: int | None
-    tau2: int | None
-    phases: list[str]
-    discrepancy: list[float | None]
-    comm_bytes_by_phase: dict[str, int]
-
-    @property
-    def comm_bytes(self) -> int:
-        return sum(self.comm_bytes_by_phase.values())
+from hybridiff.runtime.execution.denoiser import ReplicaCall
 
 
 @dataclass(frozen=True)

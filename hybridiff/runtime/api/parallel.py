@@ -28,17 +28,16 @@ from hybridiff.graph.pipeline import TracedModel
 from hybridiff.plan import Plan, load_plan
 from hybridiff.program.layout import Layout
 from hybridiff.program.routing import Routing
-from hybridiff.runtime.api import calls
+from hybridiff.runtime import watchdog
+from hybridiff.runtime.api import Mode, calls
 from hybridiff.runtime.api.agreement import Agreement
 from hybridiff.runtime.api.callspec import CallSpec
 from hybridiff.runtime.api.checks import trace_for_plan
-from hybridiff.runtime.api.collect import CallReport, ReplicaCall, merge_local, merge_shares
+from hybridiff.runtime.api.collect import CallReport, merge_local, merge_shares
 from hybridiff.runtime.comm import shared
 from hybridiff.runtime.comm.group import choose_device, join_group, pipe_device
 from hybridiff.runtime.comm.transport import DistTransport, LocalTransport, Transport
-from hybridiff.runtime.execution.denoiser import HybridDenoiser, ObservedDenoiser, StandIn
-from hybridiff.runtime.launch import watchdog
-from hybridiff.runtime.run.options import Mode
+from hybridiff.runtime.execution.denoiser import HybridDenoiser, ObservedDenoiser, ReplicaCall, StandIn
 from hybridiff.runtime.spans import Spans
 
 
@@ -68,7 +67,7 @@ class ParallelPipeline:
         self.spans = Spans(enabled=trace)
         self.last_report: CallReport | None = None
         self._closed = False
-        self.device = choose_device(pipe, device, mode)
+        self.device = choose_device(pipe, device, distributed=mode == "hybrid")
         if pipe_device(pipe) != self.device:
             pipe.to(self.device)
         self._owns_group = mode == "hybrid" and not dist.is_initialized()

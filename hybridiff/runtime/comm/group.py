@@ -12,8 +12,8 @@ import torch.distributed as dist
 from hybridiff import device as devices
 from hybridiff.errors import HybridiffError
 from hybridiff.plan import Plan
-from hybridiff.runtime.launch import watchdog
-from hybridiff.runtime.run.options import STORE_ENV, Mode
+from hybridiff.runtime import watchdog
+from hybridiff.runtime.comm import STORE_ENV
 
 
 def pipe_device(pipe: Any) -> torch.device:
@@ -21,13 +21,13 @@ def pipe_device(pipe: Any) -> torch.device:
     return torch.device(getattr(pipe, "device", torch.device("cpu")))
 
 
-def choose_device(pipe: Any, wanted: str | torch.device | None, mode: Mode) -> torch.device:
-    """``wanted``, else: a torchrun rank's own GPU where CUDA exists (``HYBRIDIFF_DEVICE`` may
-    force cpu), else the pipeline's device."""
+def choose_device(pipe: Any, wanted: str | torch.device | None, distributed: bool) -> torch.device:
+    """``wanted``, else, for a ``distributed`` rank: its own GPU where CUDA exists
+    (``HYBRIDIFF_DEVICE`` may force cpu); else the pipeline's device."""
     if wanted is not None:
         return torch.device(wanted)
     current = pipe_device(pipe)
-    if mode != "hybrid" or current.type == "cuda":
+    if not distributed or current.type == "cuda":
         return current
     if "LOCAL_RANK" in os.environ:
         devices.check_fits(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

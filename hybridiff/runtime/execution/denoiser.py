@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, ContextManager, Iterator, Protocol
 
 import torch
@@ -39,11 +40,29 @@ from hybridiff.plan import RUN_PHASES, Phase, Plan
 from hybridiff.program.build import ProgramBuilder
 from hybridiff.program.layout import Layout
 from hybridiff.program.timeline import CallSchedule
-from hybridiff.runtime.api.collect import ReplicaCall
 from hybridiff.runtime.comm.transport import Transport
 from hybridiff.runtime.execution.executor import Executor
 from hybridiff.runtime.execution.phases import discrepancy
 from hybridiff.runtime.spans import Spans
+
+
+@dataclass(frozen=True)
+class ReplicaCall:
+    """What one replica did in a call: its images (indices into the call's images), the
+    denoising loop's seconds, the schedule it ran and the bytes its ranks sent."""
+
+    replica: int
+    images: list[int]
+    latency_s: float
+    tau1: int | None
+    tau2: int | None
+    phases: list[str]
+    discrepancy: list[float | None]
+    comm_bytes_by_phase: dict[str, int]
+
+    @property
+    def comm_bytes(self) -> int:
+        return sum(self.comm_bytes_by_phase.values())
 
 
 class StandIn(Protocol):

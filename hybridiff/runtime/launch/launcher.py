@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Iterator
 
 from hybridiff.errors import HybridiffError, Interrupted, raise_on_signals
-from hybridiff.runtime.launch import watchdog
+from hybridiff.runtime import watchdog
+from hybridiff.runtime.comm import STORE_ENV
 from hybridiff.runtime.launch.worker import launched
-from hybridiff.runtime.run.options import STORE_ENV, RunOptions
+from hybridiff.runtime.run.options import RunOptions
 from hybridiff.runtime.run.report import end_report
 
 #: Environment the workers get unless the user set it: pair sockets on the loopback interface,

@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 
 from hybridiff.errors import HybridiffError, one_line
-from hybridiff.runtime.launch import watchdog
+from hybridiff.runtime import watchdog
 from hybridiff.runtime.run.options import RunOptions
 
 

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from hybridiff.runtime.api import Mode
 from hybridiff.runtime.run.requests import ImageRequest
-
-Mode = Literal["hybrid", "emulate", "serial"]
 
 
 @dataclass(frozen=True)
@@ -27,7 +26,3 @@ class RunOptions:
     #: Folder for per-rank step traces (``rank-<r>.json``) and the report's ``profile_ms``.
     trace: Path | None = None
 
-
-#: Set by the local launcher: the file store through which its workers join their process
-#: group (so no store listens on the network).
-STORE_ENV = "HYBRIDIFF_STORE_FILE"

@@ -26,9 +26,9 @@ from hybridiff.errors import HybridiffError, Interrupted, one_line
 from hybridiff.files import write_atomic
 from hybridiff.models import load_pipeline
 from hybridiff.plan import Plan, load_plan
-from hybridiff.runtime.api.checks import check_run, warn_truncated_prompts
+from hybridiff.runtime import watchdog
 from hybridiff.runtime.api.parallel import ParallelPipeline
-from hybridiff.runtime.launch import watchdog
+from hybridiff.runtime.run.checks import check_run, warn_truncated_prompts
 from hybridiff.runtime.run.options import RunOptions
 from hybridiff.runtime.run.report import Call, RunReport
 from hybridiff.runtime.run.requests import ImageRequest
