@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 DEMO := out/demo
 
-.PHONY: install demo lint test bench strategies clean
+.PHONY: install demo lint test bench bench-families strategies clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV_ARGS) $(VENV)
@@ -25,7 +25,7 @@ demo: install
 
 # ruff (pyproject.toml: pyflakes, pycodestyle, import order, bugbear), then the whole suite.
 lint: install
-	$(VENV)/bin/ruff check hybridiff tests
+	$(VENV)/bin/ruff check hybridiff tests examples
 
 test: lint
 	$(PY) -m pytest -q
@@ -40,6 +40,16 @@ bench: install
 	$(VENV)/bin/hybridiff bench out/bench/digits10/plan.json --prompts examples/digits.txt --repeats 2 --rounds 4 -o out/bench/digits10
 	$(VENV)/bin/hybridiff compile builtin:tiny-sdxl --gpus 2 --batch 8 --threads 1 -o out/bench/tiny8/plan.json
 	$(VENV)/bin/hybridiff bench out/bench/tiny8/plan.json --repeats 1 --rounds 2 -o out/bench/tiny8
+	$(MAKE) bench-families
+
+# docs/benchmarks.md, families: tiny Flux (true CFG, two calls per step) and the from-scratch DiT
+# of examples/custom_dit.py in its own loop, each against one worker, side by side.
+bench-families: install
+	$(VENV)/bin/hybridiff compile builtin:tiny-flux --gpus 2 --threads 1 -o out/bench/tiny-flux/plan.json
+	$(VENV)/bin/hybridiff bench out/bench/tiny-flux/plan.json --prompt "a red cube on a table" --repeats 3 --rounds 4 -o out/bench/tiny-flux
+	$(VENV)/bin/python examples/custom_dit.py compile out/bench/dit/plan.json
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node 2 examples/custom_dit.py bench out/bench/dit/plan.json
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node 2 examples/custom_dit.py bench out/bench/dit/plan.json --two-calls
 
 # docs/benchmarks.md, the strategy table: every strategy and the k sweep, side by side with serial.
 strategies: install

@@ -23,7 +23,7 @@ os.environ["HYBRIDIFF_DEVICE"] = "cpu"
 
 from hybridiff.compiler.entries import compile_model  # noqa: E402
 from hybridiff.graph.pipeline import TracedModel, trace_pipeline  # noqa: E402
-from hybridiff.graph.trace import capture_denoiser_call  # noqa: E402
+from hybridiff.graph.trace import capture_denoiser_calls  # noqa: E402
 from hybridiff.models import load_pipeline  # noqa: E402
 from hybridiff.plan import Plan, Schedule  # noqa: E402
 
@@ -45,7 +45,7 @@ def traced() -> TracedModel:
 @pytest.fixture(scope="session")
 def unet_call(traced: TracedModel) -> tuple[tuple, dict]:
     """The arguments the stock pipeline passes to its UNet (CFG batch of 2)."""
-    return capture_denoiser_call(traced.pipe, 128, 128, guidance_scale=5.0)
+    return capture_denoiser_calls(traced.pipe, 128, 128, guidance_scale=5.0)[0]
 
 
 @pytest.fixture(scope="session")

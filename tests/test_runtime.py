@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from hybridiff.compiler.entries import branch_inputs, compile_model, cost_model
+from hybridiff.compiler.entries import compile_model, cost_model
 from hybridiff.compiler.options import CompileOptions
 from hybridiff.compiler.search import plan_for
 from hybridiff.errors import HybridiffError
 from hybridiff.graph.execution import GraphRunner
 from hybridiff.graph.pipeline import trace_pipeline
+from hybridiff.graph.rows import branch_inputs
 from hybridiff.plan import Schedule, load_plan
 from hybridiff.runtime.comm.transport import LocalTransport
 from hybridiff.runtime.execution.denoiser import HybridDenoiser
@@ -225,7 +226,7 @@ def test_window_uses_one_step_stale_cut_tensors(traced, unet_call, plans_by_devi
     constants = {c.node: c.runtime_value() for c in plan.cut_tensors if c.constant is not None}
     owner = next(s.index for s in plan.stages if "output" in s.nodes)
     with torch.inference_mode():
-        branches = [branch_inputs(traced.adapter.inputs_from_call(x, args[1], *args[2:], **kwargs)) for x in samples]
+        branches = [branch_inputs(traced.adapter.inputs_from_call(x, args[1], *args[2:], **kwargs), traced.adapter.latent) for x in samples]
         def window_branch(stage):
             return plan.mesh.branch_of(stage.index) if guidance == "mixed" else "cond"
 

@@ -16,6 +16,7 @@ import hybridiff
 from hybridiff.compiler.cost import NodeMeasure
 from hybridiff.compiler.partition import CutValue, Partition, dependency_graph, replicated_needed
 from hybridiff.graph.execution import GraphRunner
+from hybridiff.graph.rows import repeat_rows
 from hybridiff.graph.trace import graph_fingerprint
 from hybridiff.plan import CutTensor, Estimates, GraphInfo, Mesh, PatchSplit, Phase, Plan, Schedule, Stage, TokenSplit
 from hybridiff.program.build import ProgramBuilder
@@ -110,11 +111,6 @@ def _tokens_in(graph: fx.GraphModule, tokens: TokenSplit | None) -> TokenSplit |
     """The model's token split, where the (refined) graph kept its two nodes."""
     names = {n.name for n in graph.graph.nodes}
     return tokens if tokens and {tokens.shard_after, tokens.gather_after} <= names else None
-
-
-def repeat_rows(inputs: dict[str, Any], times: int) -> dict[str, Any]:
-    """``inputs`` with every batched tensor repeated ``times`` along its batch (first) dimension."""
-    return {k: torch.cat([v] * times) if isinstance(v, torch.Tensor) and v.dim() else v for k, v in inputs.items()}
 
 
 def _two_row_values(graph: fx.GraphModule, one_row: dict[str, Any], names: list[str]) -> dict[str, Any]:

@@ -14,21 +14,26 @@ from torch import fx, nn
 from hybridiff import device as devices
 from hybridiff.compiler.cost import DeviceModel, device_of, forward_time, forward_times, profile_nodes
 from hybridiff.compiler.costing import CostedModel, cost_graph
-from hybridiff.compiler.emit import repeat_rows
 from hybridiff.compiler.options import CompileOptions
 from hybridiff.compiler.search import Calibrate, calibrate_steps, check_gpus, plan_for
 from hybridiff.errors import HybridiffError
-from hybridiff.graph.pipeline import trace_pipeline
-from hybridiff.graph.trace import Leaf, adapter_for, capture_denoiser_call, trace_module
+from hybridiff.graph.guidance import batch_branches
+from hybridiff.graph.pipeline import TracedModel, default_image_size, example_call, trace_pipeline
+from hybridiff.graph.rows import branch_inputs, repeat_rows
+from hybridiff.graph.trace import Leaf, adapter_for, capture_denoiser_calls, trace_module
 from hybridiff.models import load_pipeline, model_card, resolve_source
 from hybridiff.models.arch import build_on_device
 from hybridiff.plan import ModelRef, Plan
 
 
-def branch_inputs(inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Split a CFG-batched call into its (uncond, cond) halves, diffusers' batch order."""
-    halves = {name: value.chunk(2) for name, value in inputs.items()}
-    return {n: h[0] for n, h in halves.items()}, {n: h[1] for n, h in halves.items()}
+def guided_inputs(traced: TracedModel, height: int, width: int, pipeline_kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The graph inputs of one guided step, ``[uncond; cond]``: the pipeline's batched call, or
+    its two calls (conditional, then unconditional) stacked."""
+    guidance = traced.guidance
+    calls = 2 if guidance.calls == "two-calls" else 1
+    captured = capture_denoiser_calls(traced.pipe, height, width, calls, **{**pipeline_kwargs, **guidance.example(True)})
+    inputs = [traced.adapter.inputs_from_call(*args, **kwargs) for args, kwargs in captured]
+    return inputs[0] if calls == 1 else batch_branches(inputs[1], inputs[0], traced.adapter.latent)
 
 
 def cost_model(
@@ -49,16 +54,13 @@ def cost_model(
     source = resolve_source(model)
     device = devices.worker_device(0)
     torch.set_num_threads(options.threads or devices.default_threads(options.gpus))
-    traced = trace_pipeline(load_pipeline(source, dtype, device))
-    pipe = traced.pipe
-    scale = pipe.vae_scale_factor
-    height = height or traced.denoiser.config.sample_size * scale
-    width = width or traced.denoiser.config.sample_size * scale
-    # A guided call gives one row per branch and the two-row (serial CFG) batch to time.
+    pipe = load_pipeline(source, dtype, device)
+    height, width = height or default_image_size(pipe), width or default_image_size(pipe)
     pipeline_kwargs = model_card(source).get("pipeline_kwargs", {})
-    args, kwargs = capture_denoiser_call(pipe, height, width, guidance_scale=5.0, **pipeline_kwargs)
-    both = traced.adapter.inputs_from_call(*args, **kwargs)
-    _, cond = branch_inputs(both)
+    traced = trace_pipeline(pipe, call=lambda: example_call(pipe, height, width, **pipeline_kwargs))
+    both = guided_inputs(traced, height, width, pipeline_kwargs)
+    # A guided call gives one row per branch and the two-row (serial CFG) batch to time.
+    _, cond = branch_inputs(both, traced.adapter.latent)
     rows = sorted({1, 2, options.batch, 2 * options.batch})
     timed = {r: both if r == 2 else repeat_rows(cond, r) for r in rows}
     costed = cost_graph(
@@ -69,7 +71,7 @@ def cost_model(
         forward_rows_s=forward_times(traced.graph, timed, options.repeats),
         model=ModelRef(
             source=source,
-            denoiser="unet" if traced.attr == "unet" else "sd3-transformer",
+            denoiser=traced.adapter.name,
             height=height,
             width=width,
             dtype=dtype,

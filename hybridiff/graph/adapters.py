@@ -118,6 +118,8 @@ class UNetAdapter:
 
     input_names = ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")
     latent = LATENT_INPUT
+    timestep = "timestep"
+    name = "unet"
 
     def __init__(self, unet: nn.Module) -> None:
         config = unet.config
@@ -236,6 +238,8 @@ class SD3Adapter:
 
     input_names = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
     latent = "hidden_states"
+    timestep = "timestep"
+    name = "sd3-transformer"
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

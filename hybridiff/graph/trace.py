@@ -23,6 +23,7 @@ import torch
 from torch import fx, nn
 
 from hybridiff.errors import HybridiffError
+from hybridiff.graph.values import ValueTracer
 
 #: The graph input carrying the noisy latent, unless a plan names another. Everything
 #: downstream of it is the heavy part that gets partitioned; nodes that do not depend on it are
@@ -53,14 +54,14 @@ def register_adapter(cls: type, factory: Callable[[nn.Module], Any]) -> None:
     ADAPTERS[cls] = factory
 
 
-def _registered_adapter(model: nn.Module) -> Any | None:
+def registered_adapter(model: nn.Module) -> Any | None:
     """The adapter registered for ``model``'s class or nearest base class, or None."""
     return next((ADAPTERS[cls](model) for cls in type(model).__mro__ if cls in ADAPTERS), None)
 
 
 def adapter_for(model: nn.Module) -> Any:
     """The registered adapter for ``model``'s class (or a base class), or a one-line error."""
-    adapter = _registered_adapter(model)
+    adapter = registered_adapter(model)
     if adapter is not None:
         return adapter
     raise HybridiffError(
@@ -124,37 +125,53 @@ def trace_module(
 
     Order of attempts: a registered adapter for the model's class (``example_inputs`` are the
     model's own call arguments); torch.fx with the given (or default: block-level) leaves;
-    torch.export's graph, which handles shape-dependent Python control flow. When none works,
-    the error names the line that broke tracing and the fixes.
+    the same traced by value (``graph.values``: Python decisions on shapes settled from the
+    example); torch.export's graph. When none works, the error names the line that broke
+    plain tracing and the fixes.
     """
     args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, dict) else (tuple(example_inputs), {})
-    adapter = _registered_adapter(model)
+    adapter = registered_adapter(model)
     if adapter is not None:
-        return TracedGraph(adapter.trace(), adapter.inputs_from_call(*args, **kwargs), adapter.latent)
-    params = list(inspect.signature(model.forward).parameters.values())
-    given = set(kwargs) | {p.name for p in params[: len(args)]}
-    concrete = {p.name: p.default for p in params if p.name not in given and p.default is not inspect.Parameter.empty}
+        graph = adapter.trace((args, kwargs)) if getattr(adapter, "traced_on_call", False) else adapter.trace()
+        return TracedGraph(graph, adapter.inputs_from_call(*args, **kwargs), adapter.latent)
+    params = inspect.signature(model.forward).parameters
+    given = set(kwargs) | set(list(params)[: len(args)])
+    concrete = {n: p.default for n, p in params.items() if n not in given and p.default is not inspect.Parameter.empty}
+    example = {**dict(zip(params, args)), **kwargs, **concrete}
     leaf_set = default_leaves(model) if leaves is None else _resolve_leaves(model, leaves)
-    try:
-        graph = drop_concrete_inputs(BlockTracer(leaf_set).trace(model, concrete_args=concrete or None))
-        gm = fx.GraphModule(model, graph, class_name=f"Traced{type(model).__name__}")
-    except Exception as fx_error:  # noqa: BLE001 - any tracing failure falls back to export
-        logging.disable(logging.CRITICAL)  # export logs and prints each failed guard's whole graph
+    attempts = [
+        lambda: BlockTracer(leaf_set).trace(model, concrete_args=concrete or None),
+        lambda: ValueTracer(leaf_set, example).trace(model, concrete_args=concrete or None),
+    ]
+    failure: BaseException | None = None
+    for attempt in attempts:
         try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                gm = torch.export.export(model, args, kwargs, strict=False).module()
-        except Exception:  # noqa: BLE001 - report the fx failure, which names the user's line
-            first = str(fx_error).strip().splitlines()[0] if str(fx_error).strip() else type(fx_error).__name__
-            raise HybridiffError(
-                f"cannot trace {type(model).__name__}: {first} at {_where(fx_error)}; mark the module "
-                "holding that line as a leaf (leaves=[...]), register a tracing adapter "
-                "(hybridiff.register_adapter), or make the argument concrete"
-            ) from None
-        finally:
-            logging.disable(logging.NOTSET)
+            gm = fx.GraphModule(model, drop_concrete_inputs(attempt()), class_name=f"Traced{type(model).__name__}")
+            break
+        except Exception as error:  # noqa: BLE001 - any tracing failure falls back to the next way
+            failure = failure or error
+    else:
+        gm = _exported(model, args, kwargs, failure)
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     inputs = {n: kwargs[n] for n in names if n in kwargs} if kwargs else dict(zip(names, args))
     return TracedGraph(gm, inputs, None)
+
+
+def _exported(model: nn.Module, args: tuple, kwargs: dict[str, Any], fx_error: BaseException) -> fx.GraphModule:
+    """torch.export's graph of ``model``, or one line naming the line that broke fx tracing."""
+    logging.disable(logging.CRITICAL)  # export logs and prints each failed guard's whole graph
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return torch.export.export(model, args, kwargs, strict=False).module()
+    except Exception:  # noqa: BLE001 - report the fx failure, which names the user's line
+        first = str(fx_error).strip().splitlines()[0] if str(fx_error).strip() else type(fx_error).__name__
+        raise HybridiffError(
+            f"cannot trace {type(model).__name__}: {first} at {_where(fx_error)}; mark the module "
+            "holding that line as a leaf (leaves=[...]), register a tracing adapter "
+            "(hybridiff.register_adapter), or make the argument concrete"
+        ) from None
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def drop_concrete_inputs(graph: fx.Graph) -> fx.Graph:
@@ -181,6 +198,7 @@ def drop_concrete_inputs(graph: fx.Graph) -> fx.Graph:
     for node in list(graph.nodes):
         if node.op == "placeholder" and not node.users:
             graph.erase_node(node)
+    graph.set_codegen(fx.graph.CodeGen())  # a plain forward of the inputs left, not the traced signature
     return graph
 
 
@@ -224,25 +242,29 @@ def denoiser_attr(pipe: Any) -> str:
     raise HybridiffError(f"{type(pipe).__name__} has neither a unet nor a transformer; hybridiff drives denoising pipelines")
 
 
-def capture_denoiser_call(pipe: Any, height: int, width: int, guidance_scale: float, **pipeline_kwargs: Any) -> tuple[tuple, dict]:
-    """The arguments a stock pipeline passes to its denoiser on the first denoising step.
+Call = tuple[tuple, dict]
+
+
+def capture_denoiser_calls(pipe: Any, height: int, width: int, calls: int = 1, **pipeline_kwargs: Any) -> list[Call]:
+    """The arguments of the first ``calls`` calls a stock pipeline makes to its denoiser
+    (the two guidance branches of the first step, for pipelines calling it twice per step).
 
     Running the pipeline's own preprocessing (text encoders, added time ids, latent
     preparation) gives example inputs of exactly the shapes and dtypes the runtime will see,
-    without any model-specific knowledge here.
+    without any model-specific knowledge here. ``pipeline_kwargs`` set the guidance.
     """
-    seen: dict[str, Any] = {}
+    seen: list[Call] = []
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        seen["call"] = (args, kwargs)
-        raise _Captured
+        seen.append((args, kwargs))
+        if len(seen) == calls:
+            raise _Captured
 
     handle = getattr(pipe, denoiser_attr(pipe)).register_forward_pre_hook(hook, with_kwargs=True)
     try:
         pipe(
             prompt="an example prompt",
             num_inference_steps=1,
-            guidance_scale=guidance_scale,
             height=height,
             width=width,
             output_type="latent",
@@ -250,8 +272,9 @@ def capture_denoiser_call(pipe: Any, height: int, width: int, guidance_scale: fl
             **pipeline_kwargs,
         )
     except _Captured:
-        pass  # the denoiser call was seen; the rest of the pipeline is not needed
+        pass  # the denoiser calls were seen; the rest of the pipeline is not needed
     finally:
         handle.remove()
-    return seen["call"]
-
+    if len(seen) < calls:
+        raise HybridiffError(f"{type(pipe).__name__} called its denoiser {len(seen)} time(s) in a step, not {calls}")
+    return seen

@@ -19,10 +19,18 @@ from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
 from hybridiff.errors import HybridiffError
+from hybridiff.models.tiny_flux import build_tiny_flux
 from hybridiff.models.tiny_sd3 import build_tiny_sd3
 from hybridiff.models.tiny_sdxl import build_tiny_sdxl
 
-BUILTINS: dict[str, Callable[[], DiffusionPipeline]] = {"tiny-sdxl": build_tiny_sdxl, "tiny-sd3": build_tiny_sd3}
+BUILTINS: dict[str, Callable[[], DiffusionPipeline]] = {
+    "tiny-sdxl": build_tiny_sdxl, "tiny-sd3": build_tiny_sd3, "tiny-flux": build_tiny_flux,
+}  # fmt: skip
+#: Cards of the built-ins assembled in code (the trained ones keep theirs in their folder).
+BUILTIN_CARDS: dict[str, dict[str, Any]] = {
+    # Flux guides with true CFG only when a negative prompt is given: "" unless a call says otherwise
+    "tiny-flux": {"pipeline_kwargs": {"max_sequence_length": 32, "negative_prompt": ""}},
+}
 #: Trained built-ins: name -> the package folder holding their weights.
 TRAINED = {name: Path(__file__).parent / "weights" / name for name in ("digits-sdxl", "digits-sd3")}
 BUILTIN_PREFIX = "builtin:"
@@ -91,6 +99,8 @@ def model_card(model: str) -> dict[str, Any]:
     """The model's ``hybridiff.json`` (schedule defaults, pipeline call arguments), or {}."""
     source = resolve_source(model)
     name = source[len(BUILTIN_PREFIX):] if source.startswith(BUILTIN_PREFIX) else None
+    if name in BUILTIN_CARDS:
+        return json.loads(json.dumps(BUILTIN_CARDS[name]))  # a fresh copy
     folder = TRAINED.get(name) if name else Path(source)
     card = folder / CARD if folder else None
     return json.loads(card.read_text()) if card and card.is_file() else {}

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
 from hybridiff.errors import HybridiffError
 
@@ -28,9 +28,10 @@ ARCHS: dict[str, str] = {
     "sd35-large": "sd35-large.json",  # stabilityai/stable-diffusion-3.5-large transformer/config.json
 }
 
-_CLASSES: dict[str, type[UNet2DConditionModel] | type[SD3Transformer2DModel]] = {
+_CLASSES: dict[str, type[torch.nn.Module]] = {
     "UNet2DConditionModel": UNet2DConditionModel,
     "SD3Transformer2DModel": SD3Transformer2DModel,
+    "FluxTransformer2DModel": FluxTransformer2DModel,
 }
 
 

@@ -40,7 +40,7 @@ class Agreement:
                 mine = theirs["problem"] == problem
                 raise HybridiffError(theirs["problem"] if mine else f"rank {rank}: {theirs['problem']}")
         if compare:
-            _check_same_call([e["digest"] for e in everyone])
+            check_same([e["digest"] for e in everyone])
         if unseeded:  # rank 0's seed, so every rank of a replica starts from the same noise
             images, _ = calls.image_count(result)
             result["generator"] = [torch.Generator("cpu").manual_seed(everyone[0]["seed"] + i) for i in range(images)]
@@ -55,12 +55,13 @@ class Agreement:
         return everyone
 
 
-def _check_same_call(digests: list[dict[str, str]]) -> None:
+def check_same(digests: list[dict[str, str]], called: str = "the pipeline") -> None:
+    """Every rank's call digests (``calls.digest``) equal rank 0's, or one line naming the argument."""
     for rank, theirs in enumerate(digests[1:], 1):
         differs = sorted(k for k in set(theirs) | set(digests[0]) if theirs.get(k) != digests[0].get(k))
         if differs:
             raise HybridiffError(
-                f"rank {rank} called the pipeline with a different {differs[0]!r} than rank 0: every rank must make "
+                f"rank {rank} called {called} with a different {differs[0]!r} than rank 0: every rank must make "
                 "the same calls, with the same prompts, generators and arguments (see docs/api.md)"
             )
 

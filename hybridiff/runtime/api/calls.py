@@ -129,7 +129,7 @@ def digest(kwargs: dict[str, Any]) -> dict[str, str]:
 
 def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
-        data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        data = value.detach().cpu().clone(memory_format=torch.contiguous_format).reshape(-1).view(torch.uint8).numpy()
         return f"tensor{tuple(value.shape)}{value.dtype}:{hashlib.sha1(data.tobytes()).hexdigest()}"
     if isinstance(value, torch.Generator):
         return f"generator:{_describe(value.get_state())}"

@@ -7,9 +7,8 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
-from torch import nn
-
 from hybridiff.errors import HybridiffError
+from hybridiff.graph.pipeline import TracedModel
 from hybridiff.plan import Plan
 from hybridiff.runtime.api import calls
 
@@ -18,12 +17,11 @@ class CallSpec:
     """How calls of ``pipe`` are read and checked for ``plan``; ``check_rows`` refuses a row
     count the plan's stages cannot run (None for the serial baseline)."""
 
-    def __init__(
-        self, pipe: Any, plan: Plan, attr: str, denoiser: nn.Module, replicas: int, check_rows: Callable[[int], None] | None
-    ) -> None:
-        self.pipe, self.plan, self.attr, self.replicas, self.check_rows = pipe, plan, attr, replicas, check_rows
-        self.signature = inspect.signature(pipe.__call__)  # what the pipeline's calls accept
-        self.denoiser = denoiser
+    def __init__(self, traced: TracedModel, plan: Plan, replicas: int, check_rows: Callable[[int], None] | None) -> None:
+        self.pipe, self.plan, self.attr, self.replicas, self.check_rows = traced.pipe, plan, traced.attr, replicas, check_rows
+        self.guidance = traced.guidance
+        self.signature = inspect.signature(self.pipe.__call__)  # what the pipeline's calls accept
+        self.denoiser = traced.denoiser
         self._module_ids = [id(m) for m in self.denoiser.modules()]
 
     def argument(self, call: dict[str, Any], name: str, otherwise: Any) -> Any:
@@ -34,14 +32,14 @@ class CallSpec:
         return otherwise if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
     def guided(self, call: dict[str, Any]) -> bool:
-        return self.argument(call, "guidance_scale", 1.0) > 1
+        return self.guidance.guided(lambda name, otherwise: self.argument(call, name, otherwise))
 
     def prepare(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The call's arguments, with the plan's defaults where the call gives none, checked."""
         call = dict(self.signature.bind_partial(*args, **kwargs).arguments)
         call.update(call.pop("kwargs", {}))
         schedule = self.plan.schedule
-        planned = {"num_inference_steps": schedule.steps, "guidance_scale": schedule.guidance_scale}
+        planned = {"num_inference_steps": schedule.steps, self.guidance.scale: schedule.guidance_scale}
         for key, value in {**self.plan.model.pipeline_kwargs, **planned}.items():
             if key in self.signature.parameters:  # what the plan was tuned for, where the call says nothing
                 call.setdefault(key, value)

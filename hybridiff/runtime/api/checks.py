@@ -6,13 +6,21 @@ from __future__ import annotations
 from typing import Any
 
 from hybridiff.errors import HybridiffError
-from hybridiff.graph.pipeline import TracedModel, trace_pipeline
+from hybridiff.graph.pipeline import TracedModel, example_call, trace_pipeline
 from hybridiff.plan import Plan
 
 
 def trace_for_plan(pipe: Any, plan: Plan) -> TracedModel:
     """``pipe``'s denoiser traced as the plan's compiler traced it, checked against the plan."""
-    traced = trace_pipeline(pipe, plan.graph.refined)
+    model = plan.model
+    traced = trace_pipeline(
+        pipe, plan.graph.refined, call=lambda: example_call(pipe, model.height, model.width, **model.pipeline_kwargs)
+    )
+    return check_fingerprint(traced, plan)
+
+
+def check_fingerprint(traced: TracedModel, plan: Plan) -> TracedModel:
+    """``traced`` if its graph is the plan's, else one line saying to recompile."""
     if traced.fingerprint != plan.graph.fingerprint:
         raise HybridiffError(
             f"plan fingerprint {plan.graph.fingerprint} does not match the model's graph ({traced.fingerprint}): "

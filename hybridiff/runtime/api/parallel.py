@@ -22,8 +22,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from hybridiff.errors import HybridiffError
+from hybridiff.graph.guidance import CallPattern, Guidance
 from hybridiff.graph.pipeline import TracedModel
 from hybridiff.plan import Plan, load_plan
 from hybridiff.program.layout import Layout
@@ -34,6 +36,7 @@ from hybridiff.runtime.api.agreement import Agreement
 from hybridiff.runtime.api.callspec import CallSpec
 from hybridiff.runtime.api.checks import trace_for_plan
 from hybridiff.runtime.api.collect import CallReport, merge_local, merge_shares
+from hybridiff.runtime.api.module import ParallelModule
 from hybridiff.runtime.comm import shared
 from hybridiff.runtime.comm.group import choose_device, join_group, pipe_device
 from hybridiff.runtime.comm.transport import DistTransport, LocalTransport, Transport
@@ -43,12 +46,18 @@ from hybridiff.runtime.spans import Spans
 
 def parallelize(
     pipe: Any, plan: Plan | str | Path, *, device: str | torch.device | None = None, emulate: bool = False,
-    all_ranks: bool = False, trace: bool = False,
-) -> ParallelPipeline:
+    all_ranks: bool = False, trace: bool = False, guidance: CallPattern = "batched", leaves: Any = None,
+) -> ParallelPipeline | ParallelModule:
     """Run ``plan`` on ``pipe``: under ``torchrun --nproc-per-node N`` (one rank per device of
     the plan), or in this one process with ``emulate=True``. ``device``: where ``pipe`` computes
     [default: this rank's GPU where CUDA exists, else the pipeline's device]. ``all_ranks``: every
-    rank gets the output, not only rank 0. ``trace``: record per-step spans (``write_trace``)."""
+    rank gets the output, not only rank 0. ``trace``: record per-step spans (``write_trace``).
+
+    ``pipe`` may be a denoiser module of your own sampling loop (``runtime.api.module``):
+    ``guidance`` says how the loop guides it (``"batched"``: ``[uncond; cond]`` rows in one call;
+    ``"two-calls"``: conditional, then unconditional), ``leaves`` are the ones it was compiled with."""
+    if isinstance(pipe, nn.Module):
+        return ParallelModule(pipe, plan, guidance, emulate=emulate, leaves=leaves, trace=trace)
     return ParallelPipeline(pipe, plan, mode="emulate" if emulate else "hybrid", device=device, all_ranks=all_ranks, trace=trace)
 
 
@@ -79,11 +88,16 @@ class ParallelPipeline:
             self.agreement = Agreement(self.rank, distributed=mode == "hybrid")
             traced = self.agreement.agreed(lambda: trace_for_plan(pipe, self.plan))
             check_rows = None if mode == "serial" else Routing(Layout.of(self.plan)).check_rows
-            self.spec = CallSpec(pipe, self.plan, traced.attr, traced.denoiser, self.replicas, check_rows)
+            self.spec = CallSpec(traced, self.plan, self.replicas, check_rows)
             self._stand_ins = self._make_stand_ins(traced, own_cores)
         except BaseException:
             self._release(graceful=False)
             raise
+
+    @property
+    def guidance(self) -> Guidance:
+        """How the pipeline guides: ``guidance.scale`` names the argument the plan's scale sets."""
+        return self.spec.guidance
 
     @property
     def replicas(self) -> int:
@@ -94,7 +108,7 @@ class ParallelPipeline:
         """The stand-in denoiser of each replica this process runs."""
         mesh = self.plan.mesh
         if self.mode == "serial":
-            return {0: ObservedDenoiser(traced.denoiser, traced.attr, self.spans)}
+            return {0: ObservedDenoiser(traced.denoiser, traced.attr, self.spans, traced.guidance.calls == "two-calls")}
         if self.mode == "emulate":
             self._transports = [LocalTransport(mesh.replica_ranks(d), self.spans) for d in range(mesh.dp)]
             return {d: HybridDenoiser(traced, self.plan, t, d) for d, t in enumerate(self._transports)}

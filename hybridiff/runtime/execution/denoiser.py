@@ -42,6 +42,7 @@ from hybridiff.program.layout import Layout
 from hybridiff.program.timeline import CallSchedule
 from hybridiff.runtime.comm.transport import Transport
 from hybridiff.runtime.execution.executor import Executor
+from hybridiff.runtime.execution.pairing import BranchPairing
 from hybridiff.runtime.execution.phases import discrepancy
 from hybridiff.runtime.spans import Spans
 
@@ -85,14 +86,17 @@ class StandIn(Protocol):
 class _DenoiserProxy(nn.Module):
     """Looks like the wrapped denoiser to the pipeline (config, dtype, add_embedding, ...)."""
 
-    def __init__(self, denoiser: nn.Module, attr: str, spans: Spans) -> None:
+    def __init__(self, denoiser: nn.Module, attr: str, spans: Spans, two_calls: bool = False) -> None:
         super().__init__()
         self.inner = denoiser
         self.attr = attr
         self.spans = spans
         self.loop_start: float | None = None
-        #: Denoiser calls the current pipeline call makes (known from its first).
+        #: Denoising steps the current pipeline call makes (known from its first denoiser call).
         self.num_steps = 0
+        #: The pipeline guides with two denoiser calls per step (conditional, then unconditional).
+        self.two_calls = two_calls
+        self.paired = False
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -139,21 +143,23 @@ class ObservedDenoiser(_DenoiserProxy):
 
     def begin_call(self, guided: bool) -> None:
         self.loop_start = None
-        self.guided = guided
+        self.guided, self.paired = guided, guided and self.two_calls
         self._predictions: list[torch.Tensor] = []
 
     @property
     def discrepancy(self) -> list[float | None]:
         if not self.guided:
             return [None] * len(self._predictions)
+        if self.paired:  # conditional, then unconditional
+            return [discrepancy(u, c) for c, u in zip(self._predictions[::2], self._predictions[1::2])]
         return [discrepancy(*p.chunk(2)) for p in self._predictions]
 
     def phase_name(self, step: int) -> str:
         return Phase.SERIAL.value
 
     def record(self, replica: int, images: list[int], latency_s: float) -> ReplicaCall:
-        steps = len(self._predictions)
-        return ReplicaCall(replica, images, latency_s, None, None, [Phase.SERIAL.value] * steps, self.discrepancy, {})
+        curve = self.discrepancy
+        return ReplicaCall(replica, images, latency_s, None, None, [Phase.SERIAL.value] * len(curve), curve, {})
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.loop_start is None:
@@ -170,19 +176,23 @@ class HybridDenoiser(_DenoiserProxy):
     denoiser call asks the call's ``CallSchedule`` for its step's program and executes it."""
 
     def __init__(self, traced: TracedModel, plan: Plan, transport: Transport, replica: int = 0) -> None:
-        super().__init__(traced.denoiser, traced.attr, transport.spans)
+        super().__init__(traced.denoiser, traced.attr, transport.spans, traced.guidance.calls == "two-calls")
         self.adapter = traced.adapter
         self.plan, self.mesh, self.transport = plan, plan.mesh, transport
         self.executor = Executor(traced, plan, transport, replica)
         self.builder = ProgramBuilder(Layout.of(plan))
         self.timeline: CallSchedule | None = None
 
-    def begin_call(self, guided: bool) -> None:
+    def begin_call(self, guided: bool, steps: int | None = None) -> None:
+        """A new pipeline call (or a user's sampling loop of ``steps`` steps; a pipeline's
+        steps are read from it on its first denoiser call)."""
         self.mesh.check_guided(guided)
-        self.guided = guided
+        self._steps_given = steps
+        self.guided, self.paired = guided, guided and self.two_calls
+        self.pairing = BranchPairing(self.adapter.latent, self.adapter.timestep)
         self.timeline = None  # made on the first step, when the steps are known
         self.loop_start = None
-        self._step = 0
+        self._step_index = 0
         self.executor.begin_call()
 
     @property
@@ -194,6 +204,7 @@ class HybridDenoiser(_DenoiserProxy):
 
     def record(self, replica: int, images: list[int], latency_s: float) -> ReplicaCall:
         """The call just made: its window, phases, discrepancy and the bytes sent per phase."""
+        self.pairing.check_done()
         self.transport.flush()  # bytes are counted when posted; these have left now too
         sent = {p.value: self.executor.sent[p] for p in RUN_PHASES}
         t = self.timeline
@@ -207,21 +218,33 @@ class HybridDenoiser(_DenoiserProxy):
     def _step_call(self, *args: Any, **kwargs: Any) -> Any:
         return_dict = kwargs.pop("return_dict", True)
         inputs = self.adapter.inputs_from_call(*args, **kwargs)
+        if not self.paired:
+            return self.adapter.wrap_output(self._step(inputs), return_dict)
+        both = self.pairing.add(inputs)
+        if both is None:  # the conditional call: its prediction is filled in by the next call
+            return self.adapter.wrap_output(self.pairing.pending_prediction, return_dict)
+        return self.adapter.wrap_output(self.pairing.complete(self._step(both)), return_dict)
+
+    def _step(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """One denoising step on a call's graph inputs; the step's predictions, all rows."""
         latent = inputs[self.adapter.latent]
         rows = latent.shape[0]
         if self.guided and rows % 2:
             raise HybridiffError(f"a guided denoiser call must have an even batch, got {rows}")
-        if self._step == 0:
+        if self._step_index == 0:
             self.builder.routing.check_rows(rows)
-            self._count_steps()
+            if self._steps_given is None:
+                self._count_steps()
+            else:
+                self.num_steps = self._steps_given
             self.timeline = CallSchedule(self.builder, self.plan.schedule, self.num_steps, rows)
-        if self._step >= self.num_steps:
+        if self._step_index >= self.num_steps:
             raise HybridiffError(
                 f"the pipeline called its denoiser more often than it has timesteps ({self.num_steps}); hybridiff "
-                "runs pipelines that call the denoiser once per timestep"
+                "runs pipelines that call the denoiser once per timestep (twice with true CFG)"
             )
-        step = self._step
-        self._step += 1
+        step = self._step_index
+        self._step_index += 1
         program = self.timeline.program(step)
         out = self.executor.run(program, inputs, latent)
         if program.returns == "predictions":
@@ -231,7 +254,7 @@ class HybridDenoiser(_DenoiserProxy):
             out = torch.cat([out - self._guidance, out])
         elif program.returns == "mixed":
             out = torch.cat([out, out])
-        return self.adapter.wrap_output(out, return_dict)
+        return out
 
     def _after_full_step(self, step: int, out: torch.Tensor, inputs: dict[str, Any], latent: torch.Tensor) -> None:
         """Apply the window rule to this step's predictions; hand off to the window if it opens."""

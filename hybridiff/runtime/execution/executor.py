@@ -17,6 +17,7 @@ import torch
 from hybridiff.errors import HybridiffError
 from hybridiff.graph.execution import GraphRunner
 from hybridiff.graph.pipeline import TracedModel
+from hybridiff.graph.rows import rows_of
 from hybridiff.plan import CutTensor, Phase, Plan
 from hybridiff.program.actions import (
     Action,
@@ -34,14 +35,6 @@ from hybridiff.program.actions import (
 )
 from hybridiff.runtime.comm.transport import Transport
 from hybridiff.runtime.execution.sequence import ShardedForwards
-
-
-def rows_of(inputs: dict[str, Any], rows: range, total: int) -> dict[str, Any]:
-    """The graph inputs of ``rows`` out of a call of ``total`` rows."""
-    return {
-        k: v[rows.start : rows.stop] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == total else v
-        for k, v in inputs.items()
-    }
 
 
 class Executor:

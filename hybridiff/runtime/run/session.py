@@ -144,13 +144,14 @@ def _generate(
 def _call(ppipe: ParallelPipeline, requests: list[ImageRequest], steps: int, guidance: float) -> tuple[Any, Any]:
     """One call of the parallel pipeline for ``requests``: (output, report) on rank 0."""
     negatives = [r.negative_prompt for r in requests]
+    # diffusers takes one negative prompt per image or none at all (then the model card's, if any)
+    given = {} if all(n is None for n in negatives) else {"negative_prompt": [n or "" for n in negatives]}
     output = ppipe(
         prompt=[r.prompt for r in requests],
-        # diffusers takes one negative prompt per image or none at all
-        negative_prompt=None if all(n is None for n in negatives) else [n or "" for n in negatives],
         num_inference_steps=steps,
-        guidance_scale=guidance,
         generator=[torch.Generator("cpu").manual_seed(r.seed) for r in requests],
         output_type="pil",
+        **{ppipe.guidance.scale: guidance},
+        **given,
     )
     return output, ppipe.last_report

@@ -1,0 +1,100 @@
+"""Families traced by value (``graph.families``) and two-call guidance, on the tiny Flux."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hybridiff.compiler.entries import compile_model
+from hybridiff.errors import HybridiffError
+from hybridiff.graph.execution import GraphRunner
+from hybridiff.graph.pipeline import example_call, trace_pipeline
+from hybridiff.graph.rows import repeat_rows
+from hybridiff.graph.trace import capture_denoiser_calls
+from hybridiff.models import load_pipeline
+from hybridiff.plan import Schedule
+from hybridiff.runtime.execution.pairing import BranchPairing
+from hybridiff.runtime.run.requests import ImageRequest
+from tests.equivalence import assert_workers_equal_emulation, pixels
+
+FLUX = "builtin:tiny-flux"
+#: Short, and the window opens at step 3 (the cap), so every run goes through every phase.
+FLUX_SCHEDULE = Schedule(steps=8, guidance_scale=4.0, L=2, g_slope=4e-4, tau_cap=3, k=2)
+
+
+@pytest.fixture(scope="module")
+def flux():
+    pipe = load_pipeline(FLUX)
+    return trace_pipeline(pipe, call=lambda: example_call(pipe, 128, 128, max_sequence_length=32))
+
+
+def test_flux_graph_is_the_models_own_forward_at_any_row_count(flux):
+    """The graph traced on a one-row call computes the transformer bit for bit, on one row and
+    on three, and its nodes are the model's blocks."""
+    (args, kwargs), = capture_denoiser_calls(flux.pipe, 128, 128, max_sequence_length=32)
+    modules = [n.target for n in flux.graph.graph.nodes if n.op == "call_module"]
+    assert "transformer_blocks.0" in modules and "single_transformer_blocks.3" in modules and "proj_out" in modules
+    inputs = flux.adapter.inputs_from_call(*args, **kwargs)
+    runner = GraphRunner(flux.graph)
+    program = runner.program([n.name for n in flux.graph.graph.nodes if n.op != "placeholder"])
+    with torch.inference_mode():
+        for rows in (1, 3):
+            given = repeat_rows(inputs, rows)
+            given["hidden_states"] = torch.randn(given["hidden_states"].shape, generator=torch.Generator().manual_seed(rows))
+            expected = flux.denoiser(*args, **{**kwargs, **given})[0]
+            assert torch.equal(runner.run(program, given)["output"], expected)
+
+
+def test_flux_call_with_other_constants_is_refused(flux):
+    (args, kwargs), = capture_denoiser_calls(flux.pipe, 128, 128, max_sequence_length=32)
+    with pytest.raises(HybridiffError, match="joint_attention_kwargs"):
+        flux.adapter.inputs_from_call(*args, **{**kwargs, "joint_attention_kwargs": {"scale": 0.5}})
+
+
+def test_two_call_pairing_refuses_a_pipeline_calling_once_per_step():
+    pairing = BranchPairing("hidden_states", "timestep")
+    x = torch.zeros(1, 4, 2)
+    assert pairing.add({"hidden_states": x, "timestep": torch.tensor([1.0])}) is None
+    with pytest.raises(HybridiffError, match="two calls per step"):
+        pairing.add({"hidden_states": x, "timestep": torch.tensor([0.5])})
+    pairing.add({"hidden_states": x, "timestep": torch.tensor([0.5])})
+    with pytest.raises(HybridiffError, match="no unconditional partner"):
+        pairing.check_done()
+
+
+@pytest.mark.parametrize("gpus", [2, 4])
+def test_flux_true_cfg_runs_equal_emulation(gpus, tmp_path):
+    """FluxPipeline unmodified, true CFG (two transformer calls per step): the workers equal
+    the emulation byte for byte, through warm-up, window and fully-connecting steps."""
+    plan = compile_model(FLUX, gpus=gpus, schedule=FLUX_SCHEDULE, repeats=1, threads=1, cost="flops")
+    assert plan.mesh.cfg == 2 and plan.model.denoiser == "flux"
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    hybrid, _ = assert_workers_equal_emulation(path, tmp_path, [ImageRequest("a red cube", None, 1)])
+    image = hybrid["images"][0]
+    assert image["tau1"] == FLUX_SCHEDULE.tau_cap and "window" in image["phases"]
+    assert all(d is not None and d > 0 for p, d in zip(image["phases"], image["discrepancy"]) if p != "window")
+
+
+def test_flux_hybrid_is_exact_until_the_window_and_the_rule_opens_it(tmp_path):
+    """Condition partitioning with two-call guidance is exact: with no window the emulated
+    plan gives the stock pipeline's image bit for bit. With the cap out of reach the
+    discrepancy rule (tau1) opens the window on its own, from the same curve the stock
+    pipeline's predictions give."""
+    from hybridiff.runtime.run.session import RunOptions, execute
+
+    request = (ImageRequest("a red cube", None, 2),)
+
+    def run(mode: str, **schedule: int) -> dict:
+        plan = compile_model(FLUX, gpus=2, schedule=FLUX_SCHEDULE.model_copy(update=schedule), repeats=1, threads=1, cost="flops")
+        plan.save(tmp_path / f"{mode}{schedule}.json")
+        return execute(RunOptions(plan=tmp_path / f"{mode}{schedule}.json", requests=request, out=tmp_path / mode, mode=mode, threads=1))
+
+    serial, exact = run("serial", tau_cap=20, L=8)["images"][0], run("emulate", tau_cap=20, L=8)["images"][0]
+    assert exact["phases"] == ["warm-up"] * FLUX_SCHEDULE.steps
+    assert np.array_equal(pixels(tmp_path / "emulate"), pixels(tmp_path / "serial"))
+    assert exact["discrepancy"] == serial["discrepancy"]
+    ruled = run("emulate", tau_cap=20, L=2)["images"][0]
+    assert ruled["tau1"] is not None and ruled["tau1"] < FLUX_SCHEDULE.steps
+    assert ruled["discrepancy"][: ruled["tau1"] + 1] == serial["discrepancy"][: ruled["tau1"] + 1]
