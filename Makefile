@@ -47,9 +47,10 @@ bench: install
 bench-families: install
 	$(VENV)/bin/hybridiff compile builtin:tiny-flux --gpus 2 --threads 1 -o out/bench/tiny-flux/plan.json
 	$(VENV)/bin/hybridiff bench out/bench/tiny-flux/plan.json --prompt "a red cube on a table" --repeats 3 --rounds 4 -o out/bench/tiny-flux
-	$(VENV)/bin/python examples/custom_dit.py compile out/bench/dit/plan.json
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node 2 examples/custom_dit.py bench out/bench/dit/plan.json
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node 2 examples/custom_dit.py bench out/bench/dit/plan.json --two-calls
+	for g in "" --two-calls; do \
+	  $(VENV)/bin/python examples/custom_dit.py compile out/bench/dit$$g/plan.json $$g && \
+	  OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node 2 examples/custom_dit.py bench out/bench/dit$$g/plan.json $$g || exit 1; \
+	done
 
 # docs/benchmarks.md, the strategy table: every strategy and the k sweep, side by side with serial.
 strategies: install

@@ -11,7 +11,7 @@ classifier-free guidance. Nothing here comes from diffusers.
     python examples/custom_dit.py plain plan.json out.pt       # the plain loop (as many steps), for comparison
 
 ``--two-calls`` guides with one call per branch (conditional first) instead of one call on
-``[uncond; cond]`` rows; the plan is the same.
+``[uncond; cond]`` rows; give it to ``compile`` too (the plan records how the loop guides).
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def main(argv: list[str]) -> None:
     model = build()
     torch.set_num_threads(1)
     if command == "compile":
-        plan = hybridiff.compile(model, example_inputs(), gpus=2, latent="x")
+        plan = hybridiff.compile(model, example_inputs(), gpus=2, latent="x", guidance="two-calls" if two_calls else "batched")
         plan.save(paths[0])
         print(f"wrote {paths[0]}: mesh {plan.mesh.label}")
     elif command == "plain":

@@ -55,6 +55,8 @@ class Workload:
     stage_costs: tuple[float, ...]
     link_bytes_per_s: float
     step_costs: StepCosts = StepCosts()
+    #: Guidance calls the denoiser once per branch (the serial baseline runs two forwards a step).
+    two_calls: bool = False
 
     @classmethod
     def from_plan(cls, plan: Plan) -> Workload:
@@ -65,6 +67,7 @@ class Workload:
             stage_costs=tuple(s.cost_s for s in plan.stages),
             link_bytes_per_s=link_bytes_per_s(est.link_gbps),
             step_costs=est.step_costs,
+            two_calls=plan.model.guidance_calls == "two-calls",
         )
 
     @property
@@ -147,8 +150,11 @@ def simulate(mesh: Mesh, work: Workload, schedule: Schedule, images: int = 1) ->
 
 
 def serial_latency(work: Workload, schedule: Schedule, images: int) -> float:
-    """The stock pipeline on one device denoising all ``images`` in one call."""
-    step = work.compute(work.forward_s, schedule.rows(images)) + work.step_costs.pipeline_s
+    """The stock pipeline on one device denoising all ``images`` in one call: one forward of
+    both branches' rows a step, or one forward per branch where guidance makes two calls."""
+    rows = schedule.rows(images)
+    forwards = 2 if work.two_calls and rows > images else 1
+    step = forwards * work.compute(work.forward_s, rows // forwards) + work.step_costs.pipeline_s
     return schedule.steps * step
 
 

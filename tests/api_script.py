@@ -4,6 +4,9 @@
 generates three prompts in two calls (the second with ``num_images_per_prompt=2`` and a
 callback recording the steps it saw); rank 0 saves the images, every rank its steps.
 
+``api_script.py video PLAN OUT``: a few frames of the tiny Wan through the stock WanPipeline;
+rank 0 saves them (``video.pt``) and the report.
+
 ``api_script.py mistakes FOLDER PLAN OTHER_PLAN OUT``: in a process group the script set up
 itself, rank 1 passes a plan for another model, then the ranks make different calls, then a
 right one; every rank records the errors it got.
@@ -72,9 +75,22 @@ def mistakes(folder: str, plan: str, other_plan: str, out: Path) -> None:
     dist.destroy_process_group()
 
 
+def video(plan: str, out: Path) -> None:
+    from hybridiff.models import load_pipeline
+
+    pipe = load_pipeline("builtin:tiny-wan")
+    with hybridiff.parallelize(pipe, plan) as ppipe:
+        result = ppipe(prompt="a red cube turning", generator=generators([3]), output_type="pt")
+        if ppipe.rank == 0:
+            torch.save(result.frames, out / "video.pt")
+            (out / "report.json").write_text(json.dumps([r.__dict__ for r in ppipe.last_report.replicas]))
+
+
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
     if mode == "generate":
         generate(args[0], args[1], Path(args[2]))
+    elif mode == "video":
+        video(args[0], Path(args[1]))
     else:
         mistakes(args[0], args[1], args[2], Path(args[3]))

@@ -28,8 +28,8 @@ def model() -> torch.nn.Module:
     return build()
 
 
-def _plan(model: torch.nn.Module, schedule: Schedule, path: Path) -> Path:
-    hybridiff.compile(model, example_inputs(), gpus=2, latent="x", schedule=schedule, cost="flops").save(path)
+def _plan(model: torch.nn.Module, schedule: Schedule, path: Path, guidance: str = "batched") -> Path:
+    hybridiff.compile(model, example_inputs(), gpus=2, latent="x", schedule=schedule, cost="flops", guidance=guidance).save(path)
     return path
 
 
@@ -37,8 +37,8 @@ def _plan(model: torch.nn.Module, schedule: Schedule, path: Path) -> Path:
 def test_the_loop_gives_the_plain_loops_output_where_the_schedule_is_exact(model, two_calls, tmp_path):
     """Bit for bit with one call per branch (the plain loop runs the same one-row forwards);
     batched, to the rounding of a 2-row forward against two 1-row ones."""
-    plan = _plan(model, EXACT, tmp_path / "plan.json")
     guidance = "two-calls" if two_calls else "batched"
+    plan = _plan(model, EXACT, tmp_path / "plan.json", guidance)
     with torch.inference_mode():
         plain = sample(model, steps=EXACT.steps, two_calls=two_calls)
     with hybridiff.parallelize(model, plan, guidance=guidance, emulate=True) as denoiser:
@@ -55,9 +55,9 @@ def test_the_loop_gives_the_plain_loops_output_where_the_schedule_is_exact(model
 def test_workers_equal_the_emulation_through_the_window(model, tmp_path):
     """``torchrun`` on the example script: rank 0's samples equal the emulated loop's, both
     guidance patterns, and the window made them differ from the plain loop's."""
-    plan = _plan(model, WINDOWED, tmp_path / "plan.json")
     env = {**os.environ, "HYBRIDIFF_TIMEOUT_S": "60", "OMP_NUM_THREADS": "1"}
     for flag in ([], ["--two-calls"]):
+        plan = _plan(model, WINDOWED, tmp_path / f"plan{flag}.json", "two-calls" if flag else "batched")
         out = tmp_path / f"workers{flag}.pt"
         command = [TORCHRUN, "--standalone", "--nproc-per-node", "2", EXAMPLE, "sample", str(plan), str(out), *flag]
         result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
@@ -77,7 +77,10 @@ def test_misuse_is_one_line(model, tmp_path):
     with hybridiff.parallelize(model, plan, emulate=True) as denoiser:
         with pytest.raises(HybridiffError, match="inside `with denoiser.loop"):
             denoiser(x, t, c)
-    with hybridiff.parallelize(model, plan, guidance="two-calls", emulate=True) as denoiser:
+    with pytest.raises(HybridiffError, match="compiled for guidance='batched'"):
+        hybridiff.parallelize(model, plan, guidance="two-calls", emulate=True)
+    two_calls = _plan(model, WINDOWED, tmp_path / "two.json", "two-calls")
+    with hybridiff.parallelize(model, two_calls, guidance="two-calls", emulate=True) as denoiser:
         with pytest.raises(HybridiffError, match="two calls per step"), denoiser.loop(steps=WINDOWED.steps):
             sample(denoiser, steps=WINDOWED.steps)  # one [uncond; cond] call per step
     other = build(seed=1)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
+import hybridiff
 from hybridiff.compiler.entries import compile_model
 from hybridiff.errors import HybridiffError
 from hybridiff.graph.execution import GraphRunner
@@ -98,3 +101,22 @@ def test_flux_hybrid_is_exact_until_the_window_and_the_rule_opens_it(tmp_path):
     ruled = run("emulate", tau_cap=20, L=2)["images"][0]
     assert ruled["tau1"] is not None and ruled["tau1"] < FLUX_SCHEDULE.steps
     assert ruled["discrepancy"][: ruled["tau1"] + 1] == serial["discrepancy"][: ruled["tau1"] + 1]
+
+
+def test_wan_video_on_workers_equals_emulation(tmp_path):
+    """WanPipeline unmodified (5-D latents, two calls per step): a 2-worker torchrun run of 5
+    frames equals the emulation bit for bit, through the window."""
+    from tests.test_api import _torchrun
+
+    plan = compile_model("builtin:tiny-wan", gpus=2, schedule=FLUX_SCHEDULE, repeats=1, threads=1, cost="flops")
+    assert plan.model.denoiser == "wan" and plan.model.guidance_calls == "two-calls"
+    plan.save(tmp_path / "plan.json")
+    result = _torchrun("video", str(tmp_path / "plan.json"), str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    workers = json.loads((tmp_path / "report.json").read_text())[0]
+    pipe = load_pipeline("builtin:tiny-wan")
+    with hybridiff.parallelize(pipe, tmp_path / "plan.json", emulate=True) as ppipe:
+        emulated = ppipe(prompt="a red cube turning", generator=[torch.Generator("cpu").manual_seed(3)], output_type="pt")
+        report = ppipe.last_report.replicas[0]
+    assert torch.equal(torch.load(tmp_path / "video.pt"), emulated.frames) and emulated.frames.shape[1] == 5
+    assert workers["phases"] == report.phases and "window" in report.phases and workers["discrepancy"] == report.discrepancy

@@ -107,6 +107,7 @@ class CostedModel:
             stage_costs=partition.stage_costs,
             link_bytes_per_s=self.link_bytes_per_s,
             step_costs=self.step_costs,
+            two_calls=self.model.guidance_calls == "two-calls",
         )
 
     @cached_property

@@ -17,7 +17,7 @@ from hybridiff.compiler.costing import CostedModel, cost_graph
 from hybridiff.compiler.options import CompileOptions
 from hybridiff.compiler.search import Calibrate, calibrate_steps, check_gpus, plan_for
 from hybridiff.errors import HybridiffError
-from hybridiff.graph.guidance import batch_branches
+from hybridiff.graph.guidance import CallPattern, batch_branches
 from hybridiff.graph.pipeline import TracedModel, default_image_size, example_call, trace_pipeline
 from hybridiff.graph.rows import branch_inputs, repeat_rows
 from hybridiff.graph.trace import Leaf, adapter_for, capture_denoiser_calls, trace_module
@@ -76,6 +76,7 @@ def cost_model(
             width=width,
             dtype=dtype,
             pipeline_kwargs=pipeline_kwargs,
+            guidance_calls=traced.guidance.calls,
         ),
         device=devices.describe(device),
     )
@@ -108,11 +109,14 @@ def compile_module(
     *,
     leaves: Iterable[Leaf] | None = None,
     latent: str | None = None,
+    guidance: CallPattern = "batched",
     **changes: Any,
 ) -> Plan:
     """Compile any denoiser ``nn.Module`` from one branch's example inputs (the Python API).
 
     ``latent`` names the forward argument carrying the noisy sample (default: the first one);
+    ``guidance`` says how the sampling loop guides it (``"batched"`` ``[uncond; cond]`` rows in
+    one call, or ``"two-calls"``, conditional first), which the serial baseline's cost follows;
     ``leaves`` lists submodules (objects, qualified names or classes) to keep opaque;
     ``changes`` are ``CompileOptions`` fields to change, e.g. ``gpus=4, cost="flops"``.
     """
@@ -131,7 +135,7 @@ def compile_module(
         latent=latent,
         branch_inputs=inputs,
         forward_rows_s=None,
-        model=ModelRef(source=source, denoiser="custom", dtype=dtype),
+        model=ModelRef(source=source, denoiser="custom", dtype=dtype, guidance_calls=guidance),
         device=devices.describe(device_of(inputs)),
     )
 

@@ -135,12 +135,14 @@ def _short(value: Any) -> str:
 
 
 FLUX = Family(name="flux", latent="hidden_states")
+WAN = Family(name="wan", latent="hidden_states")
 
 
 def _register() -> None:
-    from diffusers import FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel, WanTransformer3DModel
 
     register_adapter(FluxTransformer2DModel, partial(FamilyAdapter, FLUX))
+    register_adapter(WanTransformer3DModel, partial(FamilyAdapter, WAN))
 
 
 _register()

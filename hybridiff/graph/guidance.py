@@ -46,6 +46,7 @@ class Guidance:
 #: Pipelines whose guidance differs from the SD default, by class name (no import needed).
 _PIPELINES: dict[str, Guidance] = {
     "FluxPipeline": Guidance("true_cfg_scale", "two-calls", ("negative_prompt", "negative_prompt_embeds")),
+    "WanPipeline": Guidance("guidance_scale", "two-calls"),
 }
 
 

@@ -49,7 +49,8 @@ def default_image_size(pipe: Any) -> int:
     latent = config.get("sample_size") or getattr(pipe, "default_sample_size", None)
     if latent is None:
         raise HybridiffError(f"{type(pipe).__name__} has no default image size; give --height and --width")
-    return int(latent) * pipe.vae_scale_factor
+    scale = getattr(pipe, "vae_scale_factor", None) or pipe.vae_scale_factor_spatial  # video pipelines: per frame
+    return int(latent) * scale
 
 
 def example_call(pipe: Any, height: int, width: int, **pipeline_kwargs: Any) -> Call:

@@ -4,8 +4,9 @@ Plain ``torch.fx.symbolic_trace`` stops at the first Python decision that depend
 tensor (``if txt_ids.ndim == 3``, ``batch, c, h, w = x.shape``, ``for i in range(x.shape[1])``),
 which is why diffusers' transformers cannot be traced as written. ``ValueTracer`` runs the
 forward on example inputs while it traces: each proxy carries the value its node takes, leaf
-blocks are run to get theirs, and a decision (``bool``, ``len``, ``int``, iteration) is settled
-from the value, as torch.export specialises a guard. Shape arithmetic used as a value (a
+blocks are run to get theirs, and a decision on shapes or other metadata (``bool``, ``len``,
+``int``, iteration) is settled from the value, as torch.export specialises a guard; a decision
+on tensor data fails, as in plain fx. Shape arithmetic used as a value (a
 ``reshape(batch, tokens, -1)``) stays in the graph, so the graph runs on any number of rows:
 the runtime runs stages on one row, the whole call or a shard of the tokens. Tensor dtypes
 and devices stay symbolic too, so the graph (and its fingerprint) is the same on every device.
@@ -34,6 +35,16 @@ _GUARDS = frozenset({"_assert", "_assert_is_none"})
 _STATIC_ATTRIBUTES = frozenset({"ndim", "is_cuda", "requires_grad"})
 
 
+def _settled(proxy: Any) -> Any:
+    """The value a Python decision on ``proxy`` is settled with: shapes and other metadata
+    only. A decision on tensor data (``if x.mean() > 0``) would be baked into the graph for
+    every later input, so it fails as in plain fx."""
+    value = _value(proxy)
+    if isinstance(value, torch.Tensor):
+        raise fx.proxy.TraceError("a Python decision depends on tensor values (data-dependent control flow)")
+    return value
+
+
 def _value(item: Any) -> Any:
     return item.value if isinstance(item, ValueProxy) else item
 
@@ -59,13 +70,13 @@ class ValueProxy(fx.Proxy):
         return len(self.value)
 
     def __index__(self) -> int:
-        return operator.index(self.value)
+        return operator.index(_settled(self))
 
     def __int__(self) -> int:
-        return int(self.value)
+        return int(_settled(self))
 
     def __float__(self) -> float:
-        return float(self.value)
+        return float(_settled(self))
 
     def keys(self) -> Any:
         return self.value.keys()
@@ -106,7 +117,7 @@ class ValueTracer(fx.Tracer):
         return ValueProxy(node, self)
 
     def to_bool(self, obj: fx.Proxy) -> bool:
-        return bool(_value(obj))
+        return bool(_settled(obj))
 
     def iter(self, obj: fx.Proxy) -> Iterator[Any]:
         return iter(obj)
@@ -133,9 +144,15 @@ class ValueTracer(fx.Tracer):
         if kind == "placeholder":
             proxy.value = self.example.get(target)
         elif kind == "get_attr":
-            proxy.value = operator.attrgetter(target)(self.root)
+            self._evaluating = True  # the attribute itself, not another proxy of it
+            try:
+                proxy.value = operator.attrgetter(target)(self.root)
+            finally:
+                self._evaluating = False
         elif kind != "output":
             proxy.value = self._evaluate(kind, target, _values(args), _values(kwargs))
+            if proxy.value is None:  # e.g. a block's optional output: `x is not None` must see None
+                return None
         return proxy
 
     def _evaluate(self, kind: str, target: Any, args: tuple, kwargs: dict[str, Any]) -> Any:

@@ -22,14 +22,16 @@ from hybridiff.errors import HybridiffError
 from hybridiff.models.tiny_flux import build_tiny_flux
 from hybridiff.models.tiny_sd3 import build_tiny_sd3
 from hybridiff.models.tiny_sdxl import build_tiny_sdxl
+from hybridiff.models.tiny_wan import build_tiny_wan
 
 BUILTINS: dict[str, Callable[[], DiffusionPipeline]] = {
-    "tiny-sdxl": build_tiny_sdxl, "tiny-sd3": build_tiny_sd3, "tiny-flux": build_tiny_flux,
+    "tiny-sdxl": build_tiny_sdxl, "tiny-sd3": build_tiny_sd3, "tiny-flux": build_tiny_flux, "tiny-wan": build_tiny_wan,
 }  # fmt: skip
 #: Cards of the built-ins assembled in code (the trained ones keep theirs in their folder).
 BUILTIN_CARDS: dict[str, dict[str, Any]] = {
     # Flux guides with true CFG only when a negative prompt is given: "" unless a call says otherwise
     "tiny-flux": {"pipeline_kwargs": {"max_sequence_length": 32, "negative_prompt": ""}},
+    "tiny-wan": {"pipeline_kwargs": {"max_sequence_length": 32, "num_frames": 5}},
 }
 #: Trained built-ins: name -> the package folder holding their weights.
 TRAINED = {name: Path(__file__).parent / "weights" / name for name in ("digits-sdxl", "digits-sd3")}

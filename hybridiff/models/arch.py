@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel, WanTransformer3DModel
 
 from hybridiff.errors import HybridiffError
 
@@ -32,6 +32,7 @@ _CLASSES: dict[str, type[torch.nn.Module]] = {
     "UNet2DConditionModel": UNet2DConditionModel,
     "SD3Transformer2DModel": SD3Transformer2DModel,
     "FluxTransformer2DModel": FluxTransformer2DModel,
+    "WanTransformer3DModel": WanTransformer3DModel,
 }
 
 

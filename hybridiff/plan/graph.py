@@ -15,7 +15,7 @@ class ModelRef(Strict):
     ``arch:NAME`` (a published architecture, no weights) or ``python:CLASS`` (the Python API)."""
 
     source: str
-    denoiser: Literal["unet", "sd3-transformer", "flux", "custom"] = "unet"
+    denoiser: Literal["unet", "sd3-transformer", "flux", "wan", "custom"] = "unet"
     #: Pixels; latents are 1/8 of the image, so both are multiples of 8.
     height: int | None = Field(default=None, gt=0, multiple_of=8, description="image height in pixels the plan was costed for")
     width: int | None = Field(default=None, gt=0, multiple_of=8)
@@ -23,6 +23,10 @@ class ModelRef(Strict):
     #: Extra arguments of every pipeline call, from the model's card (e.g. SD3's
     #: ``max_sequence_length``): they fix input shapes the plan was costed for.
     pipeline_kwargs: dict[str, int | float | str | bool] = Field(default_factory=dict)
+    #: How guidance calls the denoiser: one call per step on ``[uncond; cond]`` rows (SD, SDXL,
+    #: SD3), or one call per branch, conditional first (Flux, Wan true CFG). The serial baseline
+    #: costs differently, and a loop calling otherwise is refused.
+    guidance_calls: Literal["batched", "two-calls"] = "batched"
 
 
 class TokenSplit(Strict):

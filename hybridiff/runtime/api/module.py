@@ -53,6 +53,11 @@ class ParallelModule:
                 f"the plan's mesh {self.plan.mesh.label} has {self.plan.mesh.dp} replicas, but a module in your own loop "
                 "runs one batch at a time; compile it with one replica (mesh='dp=1,...' or batch=1)"
             )
+        if guidance != self.plan.model.guidance_calls:
+            raise HybridiffError(
+                f"the plan was compiled for guidance={self.plan.model.guidance_calls!r} but parallelize was given "
+                f"guidance={guidance!r}; pass the one the loop uses to both hybridiff.compile and parallelize"
+            )
         self.guidance = Guidance(calls=guidance)
         self.distributed = not emulate
         self.spans = Spans(enabled=trace)

@@ -17,16 +17,30 @@ from hybridiff.runtime.run.samplers import sampler_class
 
 #: torch generators take 64-bit unsigned seeds.
 MAX_SEED = 2**64 - 1
+#: Denoisers trained with flow matching (their schedulers are flow schedulers).
+FLOW_MATCHING = ("sd3-transformer", "flux", "wan")
+#: Denoisers of videos, which ``run`` (writing images) does not drive.
+VIDEO = ("wan",)
 #: Schedulers are configured with 1000 training timesteps; more inference steps than that fail.
 MAX_STEPS = 1000
 
 
 def check_run(opts: RunOptions, plan: Plan) -> None:
     """Every problem of ``opts`` that can be found without loading the model, in one line."""
-    if plan.model.source.startswith(("arch:", "python:")):
+    if plan.model.source.startswith("arch:"):
         raise HybridiffError(
             f"{opts.plan} is a plan for {plan.model.source}, which is compile-only: the runtime executes plans "
             "of pipelines it can load (builtin:NAME or a diffusers pipeline folder)"
+        )
+    if plan.model.source.startswith("python:"):
+        raise HybridiffError(
+            f"{opts.plan} is a plan for your module {plan.model.source[7:]}: run it in your own loop with "
+            "hybridiff.parallelize(module, plan) (docs/api.md); `run` drives diffusers pipelines"
+        )
+    if plan.model.denoiser in VIDEO:
+        raise HybridiffError(
+            f"{opts.plan} is a plan for a video model ({plan.model.denoiser}); `run` writes images: generate videos "
+            "with hybridiff.parallelize(pipe, plan) (docs/api.md)"
         )
     resolve_source(plan.model.source)
     if not opts.requests:
@@ -42,7 +56,7 @@ def check_run(opts: RunOptions, plan: Plan) -> None:
     if opts.steps is not None and not 1 <= opts.steps <= MAX_STEPS:
         raise HybridiffError(f"--steps {opts.steps}: give 1 to {MAX_STEPS} steps")
     if opts.scheduler is not None:
-        sampler_class(opts.scheduler, flow=plan.model.denoiser == "sd3-transformer")
+        sampler_class(opts.scheduler, flow=plan.model.denoiser in FLOW_MATCHING)
 
 
 def warn_truncated_prompts(pipe: Any, opts: RunOptions) -> None:
