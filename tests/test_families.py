@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from hybridiff.runtime.run.requests import ImageRequest
 from tests.equivalence import assert_workers_equal_emulation, pixels
 
 FLUX = "builtin:tiny-flux"
+QWEN = "builtin:tiny-qwen-image"
 #: Short, and the window opens at step 3 (the cap), so every run goes through every phase.
 FLUX_SCHEDULE = Schedule(steps=8, guidance_scale=4.0, L=2, g_slope=4e-4, tau_cap=3, k=2)
 
@@ -120,3 +122,32 @@ def test_wan_video_on_workers_equals_emulation(tmp_path):
         report = ppipe.last_report.replicas[0]
     assert torch.equal(torch.load(tmp_path / "video.pt"), emulated.frames) and emulated.frames.shape[1] == 5
     assert workers["phases"] == report.phases and "window" in report.phases and workers["discrepancy"] == report.discrepancy
+
+
+def test_qwen_image_true_cfg_runs_equal_emulation_and_stay_close_to_stock(tmp_path):
+    """QwenImagePipeline unmodified (true CFG, text trimmed per prompt): the workers equal the
+    emulation byte for byte through the window; with no window the image is the stock
+    pipeline's within one level (both branches are padded under the mask to one length, a
+    rounding-level change of the attention)."""
+    from hybridiff.runtime.run.session import RunOptions, execute
+
+    def compiled(name: str, **schedule: int) -> Path:
+        plan = compile_model(QWEN, gpus=2, schedule=FLUX_SCHEDULE.model_copy(update=schedule), repeats=1, threads=1, cost="flops")
+        assert plan.model.denoiser == "qwen-image" and plan.model.guidance_calls == "two-calls"
+        plan.save(tmp_path / name)
+        return tmp_path / name
+
+    hybrid, _ = assert_workers_equal_emulation(compiled("plan.json"), tmp_path, [ImageRequest("a red cube", None, 1)])
+    assert "window" in hybrid["images"][0]["phases"]
+    exact, request = compiled("exact.json", tau_cap=20, L=8), (ImageRequest("a red cube", None, 2),)
+    runs = {m: execute(RunOptions(plan=exact, requests=request, out=tmp_path / m, mode=m, threads=1)) for m in ("serial", "emulate")}
+    assert runs["emulate"]["images"][0]["phases"] == ["warm-up"] * FLUX_SCHEDULE.steps
+    assert np.abs(pixels(tmp_path / "emulate").astype(int) - pixels(tmp_path / "serial").astype(int)).max() <= 1
+
+
+def test_qwen_image_text_longer_than_traced_is_refused():
+    pipe = load_pipeline(QWEN)
+    model = trace_pipeline(pipe, call=lambda: example_call(pipe, 256, 256, max_sequence_length=16))
+    (args, kwargs), = capture_denoiser_calls(pipe, 256, 256, prompt="a red cube " * 20, max_sequence_length=128)
+    with pytest.raises(HybridiffError, match="max_sequence_length <= the plan's"):
+        model.adapter.inputs_from_call(*args, **kwargs)

@@ -42,6 +42,14 @@ class Family:
     fixed: dict[str, Any] = field(default_factory=lambda: {"return_dict": False})
     #: The prediction as the model returns it, from the tensor and the call's ``return_dict``.
     output: Callable[[torch.Tensor, bool], Any] = _transformer_output
+    #: Conditions whose length follows the prompt (Qwen-Image trims the text to its tokens), with
+    #: the mask argument marking their tokens. Every call is padded, under the mask, to the
+    #: length the graph was traced at (the longest a call can bring), so shapes are the plan's
+    #: and both guidance branches stack; a call without the mask gets one of ones.
+    masks: dict[str, str] = field(default_factory=dict)
+    #: List arguments holding one entry per image, all equal (Qwen-Image's ``img_shapes``): a
+    #: call matches the trace at any row count when its entries equal the traced one.
+    row_lists: tuple[str, ...] = ()
 
 
 class FamilyAdapter:
@@ -56,6 +64,8 @@ class FamilyAdapter:
         self.signature = inspect.signature(model.forward)
         #: The call's non-tensor arguments the graph was traced with (set by ``trace``).
         self.constants: dict[str, Any] = {}
+        #: Per masked condition (``Family.masks``), the length calls are padded to (set by ``trace``).
+        self.lengths: dict[str, int] = {}
 
     def bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Every forward argument of a call by name, defaults filled in."""
@@ -64,13 +74,19 @@ class FamilyAdapter:
         except TypeError as e:
             raise HybridiffError(f"{type(self.model).__name__} cannot be called so: {e}") from None
         bound.apply_defaults()
-        return {**bound.arguments, **self.family.fixed}
+        call = {**bound.arguments, **self.family.fixed}
+        for condition, mask in self.family.masks.items():
+            if isinstance(call.get(condition), torch.Tensor):
+                call = _padded(call, condition, mask, self.lengths.get(condition, call[condition].shape[1]))
+        return call
 
     def trace(self, example_call: tuple[tuple, dict[str, Any]]) -> fx.GraphModule:
         """The model's forward as a block-level graph, evaluated on ``example_call``."""
+        self.lengths = {}
         call = self.bind(*example_call)
+        self.lengths = {c: call[c].shape[1] for c in self.family.masks if isinstance(call.get(c), torch.Tensor)}
         self.constants = {k: v for k, v in call.items() if not isinstance(v, torch.Tensor)}
-        tracer = ValueTracer(default_leaves(self.model), call)
+        tracer = ValueTracer(default_leaves(self.model), call, latent=self.latent)
         graph = drop_concrete_inputs(tracer.trace(self.model, concrete_args=dict(self.constants)))
         _unwrap_single_output(graph)
         return fx.GraphModule(self.model, graph, class_name=f"Traced{type(self.model).__name__}")
@@ -79,7 +95,10 @@ class FamilyAdapter:
         """The graph inputs of one call; its other arguments must be the traced constants."""
         call = self.bind(args, kwargs)
         for name, traced in self.constants.items():
-            if not _same(call.get(name), traced):
+            given = call.get(name)
+            if name in self.family.row_lists and isinstance(given, list) and given and all(_same(e, traced[0]) for e in given):
+                continue
+            if not _same(given, traced):
                 raise HybridiffError(
                     f"the hybrid denoiser traced {type(self.model).__name__} with {name}={_short(traced)} but this "
                     f"call passes {_short(call.get(name))}; call it as it was traced (a plan fixes such arguments)"
@@ -122,6 +141,25 @@ def _unwrap_single_output(graph: fx.Graph) -> None:
         output.args = (value[0],)
 
 
+def _padded(call: dict[str, Any], condition: str, mask: str, length: int) -> dict[str, Any]:
+    """``call`` with ``condition`` ``[rows, tokens, ...]`` padded with masked-out zeros to
+    ``length`` tokens and its mask given (ones where the call gave none)."""
+    value = call[condition]
+    tokens = value.shape[1]
+    if tokens > length:
+        raise HybridiffError(
+            f"this call's {condition} has {tokens} tokens but the plan was traced for at most {length}; "
+            "give the pipeline max_sequence_length <= the plan's, or compile with a larger one"
+        )
+    marks = call.get(mask)
+    if marks is None:
+        marks = torch.ones(value.shape[:2], dtype=torch.long, device=value.device)
+    if tokens < length:
+        value = torch.cat([value, value.new_zeros(value.shape[0], length - tokens, *value.shape[2:])], 1)
+        marks = torch.cat([marks, marks.new_zeros(marks.shape[0], length - tokens)], 1)
+    return {**call, condition: value, mask: marks}
+
+
 def _same(a: Any, b: Any) -> bool:
     try:
         return bool(a == b) if type(a) is type(b) else False
@@ -136,13 +174,17 @@ def _short(value: Any) -> str:
 
 FLUX = Family(name="flux", latent="hidden_states")
 WAN = Family(name="wan", latent="hidden_states")
+QWEN_IMAGE = Family(
+    name="qwen-image", latent="hidden_states", masks={"encoder_hidden_states": "encoder_hidden_states_mask"}, row_lists=("img_shapes",)
+)
 
 
 def _register() -> None:
-    from diffusers import FluxTransformer2DModel, WanTransformer3DModel
+    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel, WanTransformer3DModel
 
     register_adapter(FluxTransformer2DModel, partial(FamilyAdapter, FLUX))
     register_adapter(WanTransformer3DModel, partial(FamilyAdapter, WAN))
+    register_adapter(QwenImageTransformer2DModel, partial(FamilyAdapter, QWEN_IMAGE))
 
 
 _register()

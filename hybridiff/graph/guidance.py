@@ -47,6 +47,7 @@ class Guidance:
 _PIPELINES: dict[str, Guidance] = {
     "FluxPipeline": Guidance("true_cfg_scale", "two-calls", ("negative_prompt", "negative_prompt_embeds")),
     "WanPipeline": Guidance("guidance_scale", "two-calls"),
+    "QwenImagePipeline": Guidance("true_cfg_scale", "two-calls", ("negative_prompt", "negative_prompt_embeds")),
 }
 
 

@@ -53,11 +53,18 @@ def default_image_size(pipe: Any) -> int:
     return int(latent) * scale
 
 
+#: Longer than any pipeline's text: each truncates it to the most text a call can bring.
+LONGEST_PROMPT = "an example prompt " * 80
+
+
 def example_call(pipe: Any, height: int, width: int, **pipeline_kwargs: Any) -> Call:
     """One unguided denoiser call of ``pipe`` at ``height`` x ``width``: what a family's graph is
-    traced on (its shapes settle the forward's Python decisions, not its row count)."""
+    traced on (its shapes settle the forward's Python decisions, not its row count). Its prompt
+    fills the text to the pipeline's limit, which Qwen-Image's text, trimmed to each prompt's
+    tokens, is then padded to on every call (``Family.masks``)."""
     guidance = guidance_of(pipe)
-    return capture_denoiser_calls(pipe, height, width, **{**pipeline_kwargs, **guidance.example(False)})[0]
+    kwargs = {**pipeline_kwargs, **guidance.example(False)}
+    return capture_denoiser_calls(pipe, height, width, prompt=LONGEST_PROMPT, **kwargs)[0]
 
 
 def trace_pipeline(pipe: Any, refined: Iterable[str] = (), call: Callable[[], Call] | None = None) -> TracedModel:

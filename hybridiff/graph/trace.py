@@ -245,14 +245,20 @@ def denoiser_attr(pipe: Any) -> str:
 Call = tuple[tuple, dict]
 
 
-def capture_denoiser_calls(pipe: Any, height: int, width: int, calls: int = 1, **pipeline_kwargs: Any) -> list[Call]:
+def capture_denoiser_calls(
+    pipe: Any, height: int, width: int, calls: int = 1, prompt: str = "an example prompt", **pipeline_kwargs: Any
+) -> list[Call]:
     """The arguments of the first ``calls`` calls a stock pipeline makes to its denoiser
     (the two guidance branches of the first step, for pipelines calling it twice per step).
 
     Running the pipeline's own preprocessing (text encoders, added time ids, latent
     preparation) gives example inputs of exactly the shapes and dtypes the runtime will see,
-    without any model-specific knowledge here. ``pipeline_kwargs`` set the guidance.
+    without any model-specific knowledge here. ``pipeline_kwargs`` set the guidance. The
+    pipeline's warnings (a prompt truncated, a negative prompt unused) are not shown: the call
+    is hybridiff's own.
     """
+    from diffusers.utils import logging as diffusers_logging
+
     seen: list[Call] = []
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -261,9 +267,11 @@ def capture_denoiser_calls(pipe: Any, height: int, width: int, calls: int = 1, *
             raise _Captured
 
     handle = getattr(pipe, denoiser_attr(pipe)).register_forward_pre_hook(hook, with_kwargs=True)
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.ERROR)
     try:
         pipe(
-            prompt="an example prompt",
+            prompt=prompt,
             num_inference_steps=1,
             height=height,
             width=width,
@@ -275,6 +283,7 @@ def capture_denoiser_calls(pipe: Any, height: int, width: int, calls: int = 1, *
         pass  # the denoiser calls were seen; the rest of the pipeline is not needed
     finally:
         handle.remove()
+        diffusers_logging.set_verbosity(level)
     if len(seen) < calls:
         raise HybridiffError(f"{type(pipe).__name__} called its denoiser {len(seen)} time(s) in a step, not {calls}")
     return seen

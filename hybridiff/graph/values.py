@@ -102,11 +102,18 @@ class ValueAttribute(ValueProxy):
 
 class ValueTracer(fx.Tracer):
     """Traces ``root`` with ``leaves`` kept opaque, evaluating every node on ``example``
-    (the forward's arguments by name, concrete ones included)."""
+    (the forward's arguments by name, concrete ones included).
 
-    def __init__(self, leaves: set[nn.Module], example: dict[str, Any]) -> None:
+    A read of the device or dtype of a tensor computed from ``latent`` is taken from another
+    input holding the same (Qwen-Image's rotary embedding asks for ``img_in(x).device``): an
+    embedding that needs only the latent's device then does not depend on the latent, so every
+    stage recomputes it rather than receiving it."""
+
+    def __init__(self, leaves: set[nn.Module], example: dict[str, Any], latent: str | None = None) -> None:
         super().__init__()
-        self.leaves, self.example = leaves, example
+        self.leaves, self.example, self.latent = leaves, example, latent
+        #: Tensor inputs other than the latent, whose metadata stands in for computed tensors'.
+        self._conditions: list[fx.Proxy] = []
         self._evaluating = False
         self._forwards: list[Callable[..., Any]] = []
 
@@ -140,9 +147,13 @@ class ValueTracer(fx.Tracer):
             self._forwards.pop()
 
     def create_proxy(self, kind: str, target: Any, args: tuple, kwargs: dict[str, Any], *rest: Any, **more: Any) -> Any:
+        if kind == "call_function" and target is builtins.getattr:
+            args = self._metadata_source(*args)
         proxy = super().create_proxy(kind, target, args, kwargs, *rest, **more)
         if kind == "placeholder":
             proxy.value = self.example.get(target)
+            if isinstance(proxy.value, torch.Tensor) and target != self.latent:
+                self._conditions.append(proxy)
         elif kind == "get_attr":
             self._evaluating = True  # the attribute itself, not another proxy of it
             try:
@@ -154,6 +165,15 @@ class ValueTracer(fx.Tracer):
             if proxy.value is None:  # e.g. a block's optional output: `x is not None` must see None
                 return None
         return proxy
+
+    def _metadata_source(self, source: Any, attr: str, *default: Any) -> tuple:
+        """``getattr``'s arguments, with a computed tensor's ``device`` or ``dtype`` read from an
+        input that has the same one."""
+        if attr not in ("device", "dtype") or not isinstance(source, fx.Proxy) or any(source is c for c in self._conditions):
+            return (source, attr, *default)
+        wanted = getattr(getattr(source, "value", None), attr, None)
+        same = next((c for c in self._conditions if getattr(c.value, attr) == wanted), source)
+        return (same, attr, *default)
 
     def _evaluate(self, kind: str, target: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
         if kind == "call_function" and getattr(target, "__name__", "") in _GUARDS:

@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel, WanTransformer3DModel
+from diffusers import (
+    FluxTransformer2DModel,
+    QwenImageTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+    WanTransformer3DModel,
+)
 
 from hybridiff.errors import HybridiffError
 
@@ -33,6 +39,7 @@ _CLASSES: dict[str, type[torch.nn.Module]] = {
     "SD3Transformer2DModel": SD3Transformer2DModel,
     "FluxTransformer2DModel": FluxTransformer2DModel,
     "WanTransformer3DModel": WanTransformer3DModel,
+    "QwenImageTransformer2DModel": QwenImageTransformer2DModel,
 }
 
 
