@@ -3,7 +3,10 @@
 Every entry is a plan the runtime executes: the serial baseline (the stock pipeline on one
 worker) and each strategy of ``hybridiff.compiler.strategies``, or, for ``bench PLAN``, that
 plan against serial. All of them generate the same requests with the same threads per worker,
-each in freshly launched workers, so none inherits another's threads. The entries alternate
+each in freshly launched workers, so none inherits another's threads. ``peer_entries`` adds peers
+run by other projects' own code on the same workers: diffusers' context parallelism (Ulysses
+over every worker, ``runtime.execution.context_parallel``), which the simulator does not
+model, so its prediction columns are empty. The entries alternate
 for ``rounds`` rounds, so a slow spell of a shared machine falls on all of them; the median
 of all runs counts. Every run is traced (``hybridiff.runtime.spans``, about a microsecond per
 span), which gives the per-step breakdown. Each entry's images and report stay in its own
@@ -25,6 +28,7 @@ from hybridiff.compiler.costing import CostedModel
 from hybridiff.compiler.options import CompileOptions
 from hybridiff.compiler.search import plan_for
 from hybridiff.compiler.strategies import WINDOWED
+from hybridiff.errors import HybridiffError
 from hybridiff.files import strict_json, write_atomic
 from hybridiff.models import TRAINED
 from hybridiff.plan import Plan, Schedule, StepCosts, load_plan
@@ -43,14 +47,25 @@ class Entry:
     strategy: str
     plan_path: Path
     folder: Path
+    #: Workers of a peer entry (diffusers' Ulysses runs on as many as it is given).
+    world: int | None = None
 
     @property
     def mode(self) -> str:
-        return "serial" if self.strategy == "serial" else "hybrid"
+        return {"serial": "serial", ULYSSES: "ulysses"}.get(self.strategy, "hybrid")
 
     @property
     def workers(self) -> int:
+        if self.world is not None:
+            return self.world
         return 1 if self.mode == "serial" else load_plan(self.plan_path).mesh.world_size
+
+
+#: The peer strategy run by diffusers' own context parallelism.
+ULYSSES = "diffusers-ulysses"
+PEERS = (ULYSSES,)
+#: The families of hybridiff whose diffusers models carry a context-parallel plan (``_cp_plan``).
+ULYSSES_FAMILIES = ("flux", "qwen-image", "wan")
 
 
 @dataclass(frozen=True)
@@ -85,6 +100,29 @@ def strategy_entries(
             plan.save(folder / "plan.json")
             entries.append(Entry(label, strategy, folder / "plan.json", folder))
     return entries
+
+
+def parse_peers(text: str) -> list[str]:
+    """``"diffusers-ulysses"`` as peer names, or a one-line error naming the known ones."""
+    peers = list(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        raise HybridiffError(f"--peers {text!r}: unknown {unknown}; choose from {', '.join(PEERS)}")
+    return peers
+
+
+def peer_entries(peers: list[str], entries: list[Entry], gpus: int, out: Path) -> list[Entry]:
+    """``entries`` and each of ``peers`` on ``gpus`` workers, run from the serial entry's plan
+    (the model, its dtype and schedule; the peer parallelises by its own rules)."""
+    if peers and gpus < 2:
+        raise HybridiffError("a peer strategy needs at least 2 devices; raise --gpus")
+    serial = next(e for e in entries if e.strategy == "serial")
+    family = load_plan(serial.plan_path).model.denoiser
+    if peers and family not in ULYSSES_FAMILIES:
+        raise HybridiffError(
+            f"diffusers' context parallelism has no plan for {family} models; the peer runs {', '.join(ULYSSES_FAMILIES)}"
+        )
+    return entries + [Entry(p, p, serial.plan_path, out / p, world=gpus) for p in peers]
 
 
 def run_bench(entries: list[Entry], opts: BenchOptions, out: Path) -> dict[str, Any]:
@@ -147,15 +185,18 @@ def _entry_result(
     measured, serial_s = statistics.median(runs[entry.label]), statistics.median(runs[serial.label])
     serial_plan = load_plan(serial.plan_path)
     tau1 = _tau1(report)  # where the rule opened the window in this run, not where the compiler assumed
-    predicted = predict(plan, entry.mode, images, steps, tau1)
-    predicted_speedup = predict(serial_plan, "serial", images, steps) / predicted
-    bound = predict(serial_plan, "serial", images, steps, step_costs=False) / predict(plan, entry.mode, images, steps, tau1, False)
     speedup = serial_s / measured
+    modelled = entry.mode != "ulysses"  # the simulator models hybridiff's own programs only
+    predicted = predict(plan, entry.mode, images, steps, tau1) if modelled else None
+    predicted_speedup = predict(serial_plan, "serial", images, steps) / predicted if modelled else None
+    bound = None
+    if modelled:
+        bound = predict(serial_plan, "serial", images, steps, step_costs=False) / predict(plan, entry.mode, images, steps, tau1, False)
     return {
         "label": entry.label,
         "strategy": entry.strategy,
-        "k": plan.schedule.k if entry.strategy != "serial" else None,
-        "mesh": "1 device" if entry.mode == "serial" else plan.mesh.label,
+        "k": plan.schedule.k if entry.mode == "hybrid" else None,
+        "mesh": report["mesh"] if entry.mode == "ulysses" else "1 device" if entry.mode == "serial" else plan.mesh.label,
         "folder": str(entry.folder),
         "tau1": tau1,
         "latency_s": statistics.median(t for image in _calls(report) for t in image["latency_runs_s"]),
@@ -165,9 +206,9 @@ def _entry_result(
         "speedup": speedup,
         "predicted_s": predicted,
         "predicted_speedup": predicted_speedup,
-        "speedup_error": predicted_speedup / speedup - 1,
+        "speedup_error": predicted_speedup / speedup - 1 if modelled else None,
         "bound": bound,
-        "of_bound": speedup / bound,
+        "of_bound": speedup / bound if modelled else None,
         "comm_bytes_per_image": report["totals"]["comm_bytes"] / images,
         **_fidelity(entry, serial, opts.digits),
         "profile_ms": report.get("profile_ms", {}),

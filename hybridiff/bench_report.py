@@ -30,8 +30,8 @@ def render(result: dict[str, Any], workers: int, breakdown: bool = True) -> str:
     for e in entries:
         row = (
             f"| {e['label']} | {_dash(e['k'])} | {_dash(e['tau1'])} | {e['mesh']} | {e['latency_s']:.3f} | {e['denoise_s']:.3f} | "
-            f"{e['speedup']:.2f}x | {e['predicted_speedup']:.2f}x ({e['speedup_error']:+.1%}) | {e['bound']:.2f}x | "
-            f"{e['of_bound']:.0%} | {e['images_per_s']:.2f} | {e['comm_bytes_per_image'] / 1e6:.3f} | "
+            f"{e['speedup']:.2f}x | {_predicted(e)} | {_dash(e['bound'], '{:.2f}x')} | "
+            f"{_dash(e['of_bound'], '{:.0%}')} | {e['images_per_s']:.2f} | {e['comm_bytes_per_image'] / 1e6:.3f} | "
             f"{_db(e['psnr'])} | {e['ssim']:.4f} |"
         )
         if digits:
@@ -42,8 +42,15 @@ def render(result: dict[str, Any], workers: int, breakdown: bool = True) -> str:
     return "\n".join(lines + ["", _summary(entries, workers)])
 
 
-def _dash(value: int | None) -> str:
-    return "-" if value is None else str(value)
+def _dash(value: float | None, form: str = "{}") -> str:
+    return "-" if value is None else form.format(value)
+
+
+def _predicted(entry: dict[str, Any]) -> str:
+    """The predicted speed-up and its error; a dash for a peer the simulator does not model."""
+    if entry["predicted_speedup"] is None:
+        return "-"
+    return f"{entry['predicted_speedup']:.2f}x ({entry['speedup_error']:+.1%})"
 
 
 def _db(psnr: float | None) -> str:
@@ -74,7 +81,7 @@ def _summary(entries: list[dict[str, Any]], workers: int) -> str:
     best = max(entries[1:], key=lambda e: e["speedup"])
     return (
         f"serial {serial['denoise_s']:.3f} s | {best['label']} {best['denoise_s']:.3f} s on {workers} workers | "
-        f"speed-up {best['speedup']:.2f}x (the plan predicted {best['predicted_speedup']:.2f}x)"
+        f"speed-up {best['speedup']:.2f}x (the plan predicted {_predicted(best)})"
     )
 
 

@@ -74,8 +74,32 @@ def test_bench_draws_the_plot_and_the_image_grid(bench):
     [
         (["--strategies", "serial,asyncdiff"], "choose from serial, cfg-parallel, pipeline, hybrid"),
         (["--k", "5,x"], "--k '5,x': give window lengths as integers"),
+        (["--peers", "xdit"], "unknown ['xdit']; choose from diffusers-ulysses"),
     ],
 )
 def test_bench_refuses_bad_options_in_one_line(tmp_path, args, message):
     result = invoke("bench", "builtin:digits-sd3", *args, "-o", str(tmp_path / "out"))
     assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bench_refuses_the_diffusers_peer_for_a_model_diffusers_cannot_split(tmp_path, plan_path):
+    result = invoke("bench", str(plan_path), "--peers", "diffusers-ulysses", "-o", str(tmp_path / "out"))
+    assert result.returncode == 2 and "no plan for unet models; the peer runs flux, qwen-image, wan" in result.stderr
+
+
+def test_bench_runs_diffusers_context_parallelism_as_a_peer(tmp_path):
+    """diffusers' own Ulysses on the same 2 workers (its text padded to an even length under
+    the mask): its images are the stock pipeline's up to rounding, its all-to-all bytes are
+    counted, and it has no prediction (the simulator does not model it)."""
+    plan = tmp_path / "plan.json"
+    compiled = invoke("compile", "builtin:tiny-qwen-image", "--gpus", "2", "--steps", "4", "--cost", "flops", "-o", str(plan))
+    assert compiled.returncode == 0, compiled.stderr
+    result = cli("bench", str(plan), "--peers", "diffusers-ulysses", "--rounds", "1", "-o", str(tmp_path / "out"), timeout=600)
+    assert result.returncode == 0, result.stderr
+    by = {e["label"]: e for e in json.loads((tmp_path / "out" / "bench.json").read_text())["entries"]}
+    peer = by["diffusers-ulysses"]
+    assert peer["mesh"] == "diffusers ulysses=2" and peer["predicted_speedup"] is None and peer["bound"] is None
+    assert peer["psnr"] is None or peer["psnr"] > 60
+    # each attention moves q, k, v and its output all-to-all: far more than hybrid's cut tensors
+    assert peer["comm_bytes_per_image"] > by["hybrid"]["comm_bytes_per_image"] > 0
+    assert "| diffusers-ulysses | - | - | diffusers ulysses=2 |" in result.stdout

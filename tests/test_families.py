@@ -151,3 +151,14 @@ def test_qwen_image_text_longer_than_traced_is_refused():
     (args, kwargs), = capture_denoiser_calls(pipe, 256, 256, prompt="a red cube " * 20, max_sequence_length=128)
     with pytest.raises(HybridiffError, match="max_sequence_length <= the plan's"):
         model.adapter.inputs_from_call(*args, **kwargs)
+
+
+def test_diffusers_ulysses_refuses_heads_it_cannot_split():
+    from diffusers import FluxTransformer2DModel
+
+    from hybridiff.runtime.execution.context_parallel import enable_ulysses
+
+    model = FluxTransformer2DModel(num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=3, joint_attention_dim=16,
+                                   pooled_projection_dim=8, axes_dims_rope=(2, 2, 4), in_channels=16)
+    with pytest.raises(HybridiffError, match="FluxTransformer2DModel's 3 heads do not divide among 2 workers"):
+        enable_ulysses(model, 2)

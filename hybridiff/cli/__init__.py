@@ -302,6 +302,9 @@ def bench_command(
     strategies: str = typer.Option(
         "serial,cfg-parallel,pipeline,hybrid,hybrid-cached", help="with MODEL: the strategies to compare (serial always runs)"
     ),
+    peers: str = typer.Option(
+        "", help="peers run by their own projects' code on the same workers: diffusers-ulysses (diffusers' context parallelism)"
+    ),
     k: WindowLengths = "",
     warmup: Warmup = None,
     tau_cap: TauCap = None,
@@ -336,12 +339,14 @@ def bench_command(
         per_call = load_plan(target).mesh.batch if is_plan else batch or 1
         threads = threads or devices.default_threads(load_plan(target).mesh.world_size if is_plan else gpus)
         requests = bench.requests_for(source, prompt, prompts, num_images_per_prompt, per_call)
+        peer_names = bench.parse_peers(peers)
         if is_plan:
             entries = bench.plan_entries(Path(target), out)
         else:
             names = parse_strategies(strategies)
             schedule = model_schedule(target, {"steps": steps, "tau_cap": tau_cap})
             entries = bench.model_entries(target, gpus, schedule, names, window_lengths(k), per_call, warmup, threads, calibrate, out)
+        entries = bench.peer_entries(peer_names, entries, load_plan(target).mesh.world_size if is_plan else gpus, out)
         result = bench.run_bench(entries, bench.BenchOptions(requests, steps if is_plan else None, repeats, rounds, threads, digits), out)
         workers = max(e.workers for e in entries)
         if plot:

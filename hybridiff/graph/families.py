@@ -77,7 +77,7 @@ class FamilyAdapter:
         call = {**bound.arguments, **self.family.fixed}
         for condition, mask in self.family.masks.items():
             if isinstance(call.get(condition), torch.Tensor):
-                call = _padded(call, condition, mask, self.lengths.get(condition, call[condition].shape[1]))
+                call = pad_under_mask(call, condition, mask, self.lengths.get(condition, call[condition].shape[1]))
         return call
 
     def trace(self, example_call: tuple[tuple, dict[str, Any]]) -> fx.GraphModule:
@@ -141,7 +141,7 @@ def _unwrap_single_output(graph: fx.Graph) -> None:
         output.args = (value[0],)
 
 
-def _padded(call: dict[str, Any], condition: str, mask: str, length: int) -> dict[str, Any]:
+def pad_under_mask(call: dict[str, Any], condition: str, mask: str, length: int) -> dict[str, Any]:
     """``call`` with ``condition`` ``[rows, tokens, ...]`` padded with masked-out zeros to
     ``length`` tokens and its mask given (ones where the call gave none)."""
     value = call[condition]

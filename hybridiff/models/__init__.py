@@ -33,8 +33,8 @@ BUILTINS: dict[str, Callable[[], DiffusionPipeline]] = {
 BUILTIN_CARDS: dict[str, dict[str, Any]] = {
     # Flux guides with true CFG only when a negative prompt is given: "" unless a call says otherwise
     "tiny-flux": {"pipeline_kwargs": {"max_sequence_length": 32, "negative_prompt": ""}},
-    # Qwen-Image likewise (" " as its own examples give); its text is padded to 128 tokens
-    "tiny-qwen-image": {"pipeline_kwargs": {"max_sequence_length": 128, "negative_prompt": " "}},
+    # Qwen-Image likewise (" " as its own examples give); plans pad its text to 64 tokens
+    "tiny-qwen-image": {"pipeline_kwargs": {"max_sequence_length": 64, "negative_prompt": " "}},
     "tiny-wan": {"pipeline_kwargs": {"max_sequence_length": 32, "num_frames": 5}},
 }
 #: Trained built-ins: name -> the package folder holding their weights.

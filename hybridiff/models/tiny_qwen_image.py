@@ -9,9 +9,11 @@ Guidance is true CFG: two transformer calls per step, conditional then unconditi
 prompts of their own lengths (the pipeline trims the text to its tokens), so the runtime pads
 the shorter branch under its attention mask to pair them.
 
-The tokenizer is the in-memory byte-level BPE of the other built-ins; the chat template is
-tokenized byte by byte, longer than the 34 tokens the pipeline drops. At 256 x 256 pixels the
-transformer sees 256 image tokens and (the card's ``max_sequence_length``) 128 text tokens.
+The tokenizer is the in-memory byte-level BPE of the other built-ins. It spells the chat
+template byte by byte, so the pipeline is told how many of its tokens precede the prompt (the
+real tokenizer's 34 would leave most of the system text in): the context is then the prompt and
+the template's closing tokens, as with the real model. At 256 x 256 pixels the transformer sees
+256 image tokens and up to (the card's ``max_sequence_length``) 64 text tokens.
 Weights are seeded, so every process builds the same model.
 """
 
@@ -37,7 +39,7 @@ def _text_encoder(vocab_size: int) -> Qwen2_5_VLForConditionalGeneration:
 
 
 def build_tiny_qwen_image(seed: int = 0) -> QwenImagePipeline:
-    """Build a tiny random-weight Qwen-Image pipeline (fp32, eval mode, 128 x 128 images)."""
+    """Build a tiny random-weight Qwen-Image pipeline (fp32, eval mode, 256 x 256 images)."""
     vocab, merges = build_vocabulary()
     tokenizer = build_tokenizer(vocab, merges, pad_token=EOS_TOKEN)
     with torch.random.fork_rng(devices=[]):
@@ -57,4 +59,6 @@ def build_tiny_qwen_image(seed: int = 0) -> QwenImagePipeline:
     )  # fmt: skip
     pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
     pipe.default_sample_size = 32  # latent pixels: 256 x 256 images (the pipeline's default is 128 -> 1024)
+    prefix = pipe.prompt_template_encode.split("{}")[0]
+    pipe.prompt_template_encode_start_idx = len(tokenizer(prefix).input_ids)
     return pipe

@@ -31,7 +31,7 @@ from hybridiff.plan import Plan, load_plan
 from hybridiff.program.layout import Layout
 from hybridiff.program.routing import Routing
 from hybridiff.runtime import watchdog
-from hybridiff.runtime.api import Mode, calls
+from hybridiff.runtime.api import DISTRIBUTED, Mode, calls
 from hybridiff.runtime.api.agreement import Agreement
 from hybridiff.runtime.api.callspec import CallSpec
 from hybridiff.runtime.api.checks import trace_for_plan
@@ -40,6 +40,7 @@ from hybridiff.runtime.api.module import ParallelModule
 from hybridiff.runtime.comm import shared
 from hybridiff.runtime.comm.group import choose_device, join_group, pipe_device
 from hybridiff.runtime.comm.transport import DistTransport, LocalTransport, Transport
+from hybridiff.runtime.execution.context_parallel import UlyssesDenoiser
 from hybridiff.runtime.execution.denoiser import HybridDenoiser, ObservedDenoiser, ReplicaCall, StandIn
 from hybridiff.runtime.spans import Spans
 
@@ -68,26 +69,29 @@ class ParallelPipeline:
         self, pipe: Any, plan: Plan | str | Path, mode: Mode = "hybrid", device: str | torch.device | None = None,
         all_ranks: bool = False, trace: bool = False, own_cores: bool = False,
     ) -> None:
-        """``mode="serial"`` runs the stock denoiser, observed (the CLI's baseline); ``own_cores``:
-        this worker is bound to cores of its own (``device.placement``), so it may poll for peers."""
+        """``mode="serial"`` runs the stock denoiser, observed (the CLI's baseline); ``"ulysses"``
+        runs it under diffusers' context parallelism over all launched ranks (``bench``'s peer;
+        it changes ``pipe``'s denoiser for good). ``own_cores``: this worker is bound to cores of
+        its own (``device.placement``), so it may poll for peers."""
         self.pipe = pipe
         self.plan = plan if isinstance(plan, Plan) else load_plan(Path(plan))
         self.mode, self.all_ranks = mode, all_ranks
         self.spans = Spans(enabled=trace)
         self.last_report: CallReport | None = None
         self._closed = False
-        self.device = choose_device(pipe, device, distributed=mode == "hybrid")
+        distributed = mode in DISTRIBUTED
+        self.device = choose_device(pipe, device, distributed=distributed)
         if pipe_device(pipe) != self.device:
             pipe.to(self.device)
-        self._owns_group = mode == "hybrid" and not dist.is_initialized()
+        self._owns_group = distributed and not dist.is_initialized()
         self._transports: list[Transport] = []
         self.rank = 0
         try:
-            if mode == "hybrid":
-                self.rank = join_group(self.plan, self.device)
-            self.agreement = Agreement(self.rank, distributed=mode == "hybrid")
+            if distributed:
+                self.rank = join_group(self.plan, self.device, any_size=mode == "ulysses")
+            self.agreement = Agreement(self.rank, distributed=distributed)
             traced = self.agreement.agreed(lambda: trace_for_plan(pipe, self.plan))
-            check_rows = None if mode == "serial" else Routing(Layout.of(self.plan)).check_rows
+            check_rows = None if mode in ("serial", "ulysses") else Routing(Layout.of(self.plan)).check_rows
             self.spec = CallSpec(traced, self.plan, self.replicas, check_rows)
             self._stand_ins = self._make_stand_ins(traced, own_cores)
         except BaseException:
@@ -102,13 +106,22 @@ class ParallelPipeline:
     @property
     def replicas(self) -> int:
         """Replicas a call's images are shared among (the serial baseline is one)."""
-        return 1 if self.mode == "serial" else self.plan.mesh.dp
+        return 1 if self.mode in ("serial", "ulysses") else self.plan.mesh.dp
+
+    @property
+    def world(self) -> int:
+        """The processes this pipeline runs on."""
+        return dist.get_world_size() if self.mode in DISTRIBUTED else 1
 
     def _make_stand_ins(self, traced: TracedModel, own_cores: bool) -> dict[int, StandIn]:
         """The stand-in denoiser of each replica this process runs."""
         mesh = self.plan.mesh
+        two_calls = traced.guidance.calls == "two-calls"
         if self.mode == "serial":
-            return {0: ObservedDenoiser(traced.denoiser, traced.attr, self.spans, traced.guidance.calls == "two-calls")}
+            return {0: ObservedDenoiser(traced.denoiser, traced.attr, self.spans, two_calls)}
+        if self.mode == "ulysses":
+            masks = getattr(getattr(traced.adapter, "family", None), "masks", {})
+            return {0: UlyssesDenoiser(traced.denoiser, traced.attr, self.spans, two_calls, masks)}
         if self.mode == "emulate":
             self._transports = [LocalTransport(mesh.replica_ranks(d), self.spans) for d in range(mesh.dp)]
             return {d: HybridDenoiser(traced, self.plan, t, d) for d, t in enumerate(self._transports)}
@@ -172,22 +185,22 @@ class ParallelPipeline:
 
     def _receivers(self) -> range:
         """The ranks that get each call's output."""
-        return range(self.plan.mesh.world_size if self.all_ranks and self.mode == "hybrid" else 1)
+        return range(self.world if self.all_ranks else 1)
 
     def _hands_over(self, replica: int) -> bool:
         """Whether this process sends ``replica``'s output on: it is the replica's first rank
         and a rank outside the replica wants it."""
-        ranks = self.plan.mesh.replica_ranks(replica)
+        ranks = range(self.world) if self.mode == "ulysses" else self.plan.mesh.replica_ranks(replica)
         return self.rank == ranks[0] and any(r not in ranks for r in self._receivers())
 
     def _wants_output(self, replica: int) -> bool:
         """Whether this process needs ``replica``'s output: to return it, or to hand it over."""
-        return self.mode != "hybrid" or self.rank in self._receivers() or self._hands_over(replica)
+        return self.mode not in DISTRIBUTED or self.rank in self._receivers() or self._hands_over(replica)
 
     def _collect(self, results: dict[int, tuple[Any, ReplicaCall]]) -> tuple[Any, CallReport | None]:
         """The call's output and report where they are wanted: this process's replicas', and in
         hybrid mode every replica's, handed over by its first rank (every rank's bytes too)."""
-        if self.mode != "hybrid":
+        if self.mode not in DISTRIBUTED:
             return merge_local(results, self.device)
         world, receivers = dist.get_world_size(), self._receivers()
         sent = {}

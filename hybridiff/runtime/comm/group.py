@@ -34,10 +34,10 @@ def choose_device(pipe: Any, wanted: str | torch.device | None, distributed: boo
     return devices.worker_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def join_group(plan: Plan, device: torch.device) -> int:
+def join_group(plan: Plan, device: torch.device, any_size: bool = False) -> int:
     """Join the process group torchrun or the local launcher set up (or use the one the caller
     initialised); returns this process's rank. The local launcher hands over a file store:
-    nothing listens on the network."""
+    nothing listens on the network. The world must be the plan's, unless ``any_size``."""
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             raise HybridiffError(
@@ -53,7 +53,7 @@ def join_group(plan: Plan, device: torch.device) -> int:
             # device_id binds NCCL's communicator to this GPU instead of a guess from the rank
             joined["device_id"] = device
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **joined)
-    if dist.get_world_size() != plan.mesh.world_size:
+    if not any_size and dist.get_world_size() != plan.mesh.world_size:
         raise HybridiffError(
             f"the plan is for {plan.mesh.world_size} devices but {dist.get_world_size()} workers were "
             f"launched; launch {plan.mesh.world_size} or recompile with --gpus {dist.get_world_size()}"

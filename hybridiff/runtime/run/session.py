@@ -27,6 +27,7 @@ from hybridiff.files import write_atomic
 from hybridiff.models import load_pipeline
 from hybridiff.plan import Plan, load_plan
 from hybridiff.runtime import watchdog
+from hybridiff.runtime.api import DISTRIBUTED
 from hybridiff.runtime.api.parallel import ParallelPipeline
 from hybridiff.runtime.run.checks import check_run, warn_truncated_prompts
 from hybridiff.runtime.run.options import RunOptions
@@ -38,11 +39,12 @@ from hybridiff.runtime.run.samplers import use_scheduler
 def _placement(opts: RunOptions, plan: Plan) -> devices.Placement:
     """This process's device, threads and cores. Serial and emulated runs get the compute of
     one of the plan's devices, as the plan's costs and the hybrid workers do."""
-    if opts.mode == "hybrid" and "RANK" not in os.environ:
-        raise HybridiffError("hybrid mode needs launched workers; use `hybridiff run` or torchrun")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if opts.mode == "hybrid" else 0
+    launched = opts.mode in DISTRIBUTED
+    if launched and "RANK" not in os.environ:
+        raise HybridiffError(f"{opts.mode} mode needs launched workers; use `hybridiff run` or torchrun")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if launched else 0
     local_workers = int(os.environ.get("LOCAL_WORLD_SIZE", plan.mesh.world_size))
-    if opts.mode == "hybrid":
+    if launched:
         devices.check_fits(local_workers)  # torchrun may start more ranks than the machine has GPUs
     return devices.placement(local_rank, local_workers, opts.threads)
 
@@ -67,7 +69,7 @@ def execute(opts: RunOptions) -> dict[str, Any] | None:
 
 
 def _execute(opts: RunOptions, plan: Plan, where: devices.Placement) -> dict[str, Any] | None:
-    rank = int(os.environ.get("RANK", "0")) if opts.mode == "hybrid" else 0
+    rank = int(os.environ.get("RANK", "0")) if opts.mode in DISTRIBUTED else 0
     steps = opts.steps or plan.schedule.steps
     guidance = opts.guidance_scale if opts.guidance_scale is not None else plan.schedule.guidance_scale
     report = RunReport(opts.out, opts.requests, _header(opts, plan, steps, guidance, where.device)) if rank == 0 else None
@@ -99,8 +101,8 @@ def _execute(opts: RunOptions, plan: Plan, where: devices.Placement) -> dict[str
 def _header(opts: RunOptions, plan: Plan, steps: int, guidance: float, device: torch.device) -> dict[str, Any]:
     return {
         "mode": opts.mode,
-        "world_size": 1 if opts.mode == "serial" else plan.mesh.world_size,
-        "mesh": "serial" if opts.mode == "serial" else plan.mesh.label,
+        "world_size": _world(opts, plan),
+        "mesh": {"serial": "serial", "ulysses": f"diffusers ulysses={_world(opts, plan)}"}.get(opts.mode, plan.mesh.label),
         "plan_fingerprint": plan.graph.fingerprint,
         "model": plan.model.source,
         "steps": steps,
@@ -113,6 +115,13 @@ def _header(opts: RunOptions, plan: Plan, steps: int, guidance: float, device: t
     }
 
 
+def _world(opts: RunOptions, plan: Plan) -> int:
+    """The processes ``opts`` runs on: the launched world for diffusers' Ulysses."""
+    if opts.mode == "ulysses":
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    return 1 if opts.mode == "serial" else plan.mesh.world_size
+
+
 def _generate(
     opts: RunOptions, plan: Plan, ppipe: ParallelPipeline, report: RunReport | None, steps: int, guidance: float
 ) -> None:
@@ -120,7 +129,7 @@ def _generate(
     mesh's replicas (image i of a call to replica i % dp), which generate their share together,
     as ``Mesh.replica_images`` and the simulator assume; the serial baseline takes the plan's
     batch per call. Rank 0 writes each call's images and report entries as it ends."""
-    per_call = plan.mesh.batch if opts.mode == "serial" else plan.mesh.dp * plan.mesh.images_per_call
+    per_call = plan.mesh.batch if opts.mode in ("serial", "ulysses") else plan.mesh.dp * plan.mesh.images_per_call
     total = len(opts.requests)
     show = report is not None and total > 1
     with tqdm(total=total, desc="images", unit="img", disable=None if show else True) as bar:
