@@ -42,13 +42,14 @@ bench: install
 	$(VENV)/bin/hybridiff bench out/bench/tiny8/plan.json --repeats 1 --rounds 2 -o out/bench/tiny8
 	$(MAKE) bench-families
 
-# docs/benchmarks.md, families: tiny Flux and tiny Qwen-Image (true CFG, two calls per step) and the from-scratch DiT
+# docs/benchmarks.md, families: tiny Flux and tiny Qwen-Image (true CFG, two calls per step, forwards of
+# 20-60 ms) against serial and diffusers' own Ulysses on the same 2 workers, and the from-scratch DiT
 # of examples/custom_dit.py in its own loop, each against one worker, side by side.
 bench-families: install
-	$(VENV)/bin/hybridiff compile builtin:tiny-flux --gpus 2 --threads 1 -o out/bench/tiny-flux/plan.json
-	$(VENV)/bin/hybridiff bench out/bench/tiny-flux/plan.json --prompt "a red cube on a table" --repeats 3 --rounds 4 -o out/bench/tiny-flux
-	$(VENV)/bin/hybridiff compile builtin:tiny-qwen-image --gpus 2 --threads 1 -o out/bench/tiny-qwen-image/plan.json
-	$(VENV)/bin/hybridiff bench out/bench/tiny-qwen-image/plan.json --prompt "a red cube on a table" --repeats 3 --rounds 4 -o out/bench/tiny-qwen-image
+	$(VENV)/bin/hybridiff compile builtin:tiny-flux --gpus 2 --threads 1 --height 192 --width 192 -o out/bench/tiny-flux/plan.json
+	$(VENV)/bin/hybridiff bench out/bench/tiny-flux/plan.json --peers diffusers-ulysses --prompt "a red cube on a table" --repeats 3 --rounds 4 -o out/bench/tiny-flux
+	$(VENV)/bin/hybridiff compile builtin:tiny-qwen-image --gpus 2 --threads 1 --height 384 --width 384 -o out/bench/tiny-qwen-image/plan.json
+	$(VENV)/bin/hybridiff bench out/bench/tiny-qwen-image/plan.json --peers diffusers-ulysses --prompt "a red cube on a table" --repeats 3 --rounds 4 -o out/bench/tiny-qwen-image
 	for g in "" --two-calls; do \
 	  $(VENV)/bin/python examples/custom_dit.py compile out/bench/dit$$g/plan.json $$g && \
 	  OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node 2 examples/custom_dit.py bench out/bench/dit$$g/plan.json $$g || exit 1; \

@@ -17,7 +17,7 @@ from hybridiff.graph.pipeline import example_call, trace_pipeline
 from hybridiff.graph.rows import repeat_rows
 from hybridiff.graph.trace import capture_denoiser_calls
 from hybridiff.models import load_pipeline
-from hybridiff.plan import Schedule
+from hybridiff.plan import Schedule, load_plan
 from hybridiff.runtime.execution.pairing import BranchPairing
 from hybridiff.runtime.run.requests import ImageRequest
 from tests.equivalence import assert_workers_equal_emulation, pixels
@@ -124,25 +124,34 @@ def test_wan_video_on_workers_equals_emulation(tmp_path):
     assert workers["phases"] == report.phases and "window" in report.phases and workers["discrepancy"] == report.discrepancy
 
 
+def _family_plan(model: str, path: Path, **schedule: int) -> Path:
+    """A 2-device plan of ``model`` with the short family schedule (changed by ``schedule``)."""
+    compile_model(model, gpus=2, schedule=FLUX_SCHEDULE.model_copy(update=schedule), repeats=1, threads=1, cost="flops").save(path)
+    return path
+
+
+def _without_window(model: str, tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels of the stock pipeline and of the emulated plan with the window out of reach,
+    two images; checks the plan ran whole steps only."""
+    from hybridiff.runtime.run.session import RunOptions, execute
+
+    plan, request = _family_plan(model, tmp_path / "exact.json", tau_cap=20, L=8), (ImageRequest("a red cube", None, 2),)
+    runs = {m: execute(RunOptions(plan=plan, requests=request, out=tmp_path / m, mode=m, threads=1)) for m in ("serial", "emulate")}
+    assert runs["emulate"]["images"][0]["phases"] == ["warm-up"] * FLUX_SCHEDULE.steps
+    return pixels(tmp_path / "serial"), pixels(tmp_path / "emulate")
+
+
 def test_qwen_image_true_cfg_runs_equal_emulation_and_stay_close_to_stock(tmp_path):
     """QwenImagePipeline unmodified (true CFG, text trimmed per prompt): the workers equal the
     emulation byte for byte through the window; with no window the image is the stock
     pipeline's within one level (both branches are padded under the mask to one length, a
     rounding-level change of the attention)."""
-    from hybridiff.runtime.run.session import RunOptions, execute
-
-    def compiled(name: str, **schedule: int) -> Path:
-        plan = compile_model(QWEN, gpus=2, schedule=FLUX_SCHEDULE.model_copy(update=schedule), repeats=1, threads=1, cost="flops")
-        assert plan.model.denoiser == "qwen-image" and plan.model.guidance_calls == "two-calls"
-        plan.save(tmp_path / name)
-        return tmp_path / name
-
-    hybrid, _ = assert_workers_equal_emulation(compiled("plan.json"), tmp_path, [ImageRequest("a red cube", None, 1)])
+    plan = _family_plan(QWEN, tmp_path / "plan.json")
+    assert load_plan(plan).model.denoiser == "qwen-image" and load_plan(plan).model.guidance_calls == "two-calls"
+    hybrid, _ = assert_workers_equal_emulation(plan, tmp_path, [ImageRequest("a red cube", None, 1)])
     assert "window" in hybrid["images"][0]["phases"]
-    exact, request = compiled("exact.json", tau_cap=20, L=8), (ImageRequest("a red cube", None, 2),)
-    runs = {m: execute(RunOptions(plan=exact, requests=request, out=tmp_path / m, mode=m, threads=1)) for m in ("serial", "emulate")}
-    assert runs["emulate"]["images"][0]["phases"] == ["warm-up"] * FLUX_SCHEDULE.steps
-    assert np.abs(pixels(tmp_path / "emulate").astype(int) - pixels(tmp_path / "serial").astype(int)).max() <= 1
+    stock, emulated = _without_window(QWEN, tmp_path)
+    assert np.abs(stock.astype(int) - emulated.astype(int)).max() <= 1
 
 
 def test_qwen_image_text_longer_than_traced_is_refused():
@@ -162,3 +171,16 @@ def test_diffusers_ulysses_refuses_heads_it_cannot_split():
                                    pooled_projection_dim=8, axes_dims_rope=(2, 2, 4), in_channels=16)
     with pytest.raises(HybridiffError, match="FluxTransformer2DModel's 3 heads do not divide among 2 workers"):
         enable_ulysses(model, 2)
+
+
+def test_sana_batched_cfg_runs_equal_emulation_and_stock(tmp_path):
+    """SanaPipeline unmodified (batched [uncond; cond] CFG, linear attention, a deep-compression
+    autoencoder): the workers equal the emulation byte for byte through the window, and with no
+    window the emulated plan gives the stock pipeline's image within one level (each branch runs
+    as one row rather than two: the kernels round differently, as on SD3)."""
+    plan = _family_plan("builtin:tiny-sana", tmp_path / "plan.json")
+    assert load_plan(plan).model.denoiser == "sana" and load_plan(plan).model.guidance_calls == "batched"
+    hybrid, _ = assert_workers_equal_emulation(plan, tmp_path, [ImageRequest("a red cube", None, 1)])
+    assert "window" in hybrid["images"][0]["phases"]
+    stock, emulated = _without_window("builtin:tiny-sana", tmp_path)
+    assert np.abs(stock.astype(int) - emulated.astype(int)).max() <= 1

@@ -109,7 +109,9 @@ def profile_nodes(
         everything = runner.program([n.name for n in compute], keep=[n.name for n in compute])
         values = runner.run(everything, inputs)
         env = {runner.nodes[k]: v for k, v in inputs.items()}
-        env.update({runner.nodes[k]: v for k, v in values.items()})
+        # a parameter read by the graph (Sana's scale_shift_table) reaches blocks detached: the
+        # flop counter's module tracker cannot hook a leaf that requires grad in inference mode
+        env.update({runner.nodes[k]: v.detach() if isinstance(v, torch.Tensor) else v for k, v in values.items()})
         interp = fx.Interpreter(gm, garbage_collect_values=False)
         interp.env = env
         measures = {}

@@ -174,17 +174,19 @@ def _short(value: Any) -> str:
 
 FLUX = Family(name="flux", latent="hidden_states")
 WAN = Family(name="wan", latent="hidden_states")
+SANA = Family(name="sana", latent="hidden_states")
 QWEN_IMAGE = Family(
     name="qwen-image", latent="hidden_states", masks={"encoder_hidden_states": "encoder_hidden_states_mask"}, row_lists=("img_shapes",)
 )
 
 
 def _register() -> None:
-    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel, WanTransformer3DModel
+    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel, SanaTransformer2DModel, WanTransformer3DModel
 
     register_adapter(FluxTransformer2DModel, partial(FamilyAdapter, FLUX))
     register_adapter(WanTransformer3DModel, partial(FamilyAdapter, WAN))
     register_adapter(QwenImageTransformer2DModel, partial(FamilyAdapter, QWEN_IMAGE))
+    register_adapter(SanaTransformer2DModel, partial(FamilyAdapter, SANA))
 
 
 _register()

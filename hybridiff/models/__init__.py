@@ -21,13 +21,14 @@ from transformers.utils import logging as transformers_logging
 from hybridiff.errors import HybridiffError
 from hybridiff.models.tiny_flux import build_tiny_flux
 from hybridiff.models.tiny_qwen_image import build_tiny_qwen_image
+from hybridiff.models.tiny_sana import build_tiny_sana
 from hybridiff.models.tiny_sd3 import build_tiny_sd3
 from hybridiff.models.tiny_sdxl import build_tiny_sdxl
 from hybridiff.models.tiny_wan import build_tiny_wan
 
 BUILTINS: dict[str, Callable[[], DiffusionPipeline]] = {
     "tiny-sdxl": build_tiny_sdxl, "tiny-sd3": build_tiny_sd3, "tiny-flux": build_tiny_flux,
-    "tiny-qwen-image": build_tiny_qwen_image, "tiny-wan": build_tiny_wan,
+    "tiny-qwen-image": build_tiny_qwen_image, "tiny-sana": build_tiny_sana, "tiny-wan": build_tiny_wan,
 }  # fmt: skip
 #: Cards of the built-ins assembled in code (the trained ones keep theirs in their folder).
 BUILTIN_CARDS: dict[str, dict[str, Any]] = {
@@ -35,6 +36,8 @@ BUILTIN_CARDS: dict[str, dict[str, Any]] = {
     "tiny-flux": {"pipeline_kwargs": {"max_sequence_length": 32, "negative_prompt": ""}},
     # Qwen-Image likewise (" " as its own examples give); plans pad its text to 64 tokens
     "tiny-qwen-image": {"pipeline_kwargs": {"max_sequence_length": 64, "negative_prompt": " "}},
+    # Sana at its own size (no binning to 512 x 512), without the long instruction before each prompt
+    "tiny-sana": {"pipeline_kwargs": {"max_sequence_length": 32, "use_resolution_binning": False, "complex_human_instruction": ""}},
     "tiny-wan": {"pipeline_kwargs": {"max_sequence_length": 32, "num_frames": 5}},
 }
 #: Trained built-ins: name -> the package folder holding their weights.

@@ -17,6 +17,7 @@ import torch
 from diffusers import (
     FluxTransformer2DModel,
     QwenImageTransformer2DModel,
+    SanaTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
     WanTransformer3DModel,
@@ -40,6 +41,7 @@ _CLASSES: dict[str, type[torch.nn.Module]] = {
     "FluxTransformer2DModel": FluxTransformer2DModel,
     "WanTransformer3DModel": WanTransformer3DModel,
     "QwenImageTransformer2DModel": QwenImageTransformer2DModel,
+    "SanaTransformer2DModel": SanaTransformer2DModel,
 }
 
 

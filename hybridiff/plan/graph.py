@@ -15,7 +15,7 @@ class ModelRef(Strict):
     ``arch:NAME`` (a published architecture, no weights) or ``python:CLASS`` (the Python API)."""
 
     source: str
-    denoiser: Literal["unet", "sd3-transformer", "flux", "qwen-image", "wan", "custom"] = "unet"
+    denoiser: Literal["unet", "sd3-transformer", "flux", "qwen-image", "sana", "wan", "custom"] = "unet"
     #: Pixels; latents are 1/8 of the image, so both are multiples of 8.
     height: int | None = Field(default=None, gt=0, multiple_of=8, description="image height in pixels the plan was costed for")
     width: int | None = Field(default=None, gt=0, multiple_of=8)

@@ -18,7 +18,7 @@ from hybridiff.runtime.run.samplers import sampler_class
 #: torch generators take 64-bit unsigned seeds.
 MAX_SEED = 2**64 - 1
 #: Denoisers trained with flow matching (their schedulers are flow schedulers).
-FLOW_MATCHING = ("sd3-transformer", "flux", "qwen-image", "wan")
+FLOW_MATCHING = ("sd3-transformer", "flux", "qwen-image", "sana", "wan")
 #: Denoisers of videos, which ``run`` (writing images) does not drive.
 VIDEO = ("wan",)
 #: Schedulers are configured with 1000 training timesteps; more inference steps than that fail.
