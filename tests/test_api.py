@@ -194,3 +194,34 @@ def test_schedule_defaults_come_from_the_plan(digits, pipelined):
     with hybridiff.parallelize(digits, pipelined, emulate=True) as ppipe:
         ppipe(prompt="a 6", generator=_seed(0), output_type="latent")
         assert len(ppipe.last_report.phases) == TEST_SCHEDULE.steps
+
+
+#: Every kind of argument a diffusers pipeline takes, built by a function of a seed: equal seeds
+#: give equal values in separate objects (as two ranks hold them), other seeds other contents.
+ARGUMENT_KINDS = {
+    "pil image": lambda seed: Image.new("RGB", (8, 8), seed),
+    "pil images": lambda seed: [Image.new("L", (4, 4), seed), Image.new("L", (4, 4), 0)],
+    "numpy array": lambda seed: np.full((2, 3), seed, dtype=np.float32),
+    "numpy arrays": lambda seed: [np.zeros(2), np.full(2, seed)],
+    "tensor": lambda seed: torch.full((2, 2), float(seed)),
+    "dict of tensors": lambda seed: {"scale": 0.5, "mask": torch.full((3,), float(seed))},
+    "generator": lambda seed: torch.Generator().manual_seed(seed),
+    "object": lambda seed: DDIMScheduler(num_train_timesteps=1000 + seed),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ARGUMENT_KINDS))
+def test_equal_call_arguments_agree_across_ranks_and_different_ones_do_not(kind):
+    """Each rank digests its call's arguments: equal values built separately (different
+    objects, different addresses) agree; different contents do not."""
+    from hybridiff.runtime.api.calls import digest
+
+    make = ARGUMENT_KINDS[kind]
+    assert digest({"value": make(1)}) == digest({"value": make(1)})
+    assert digest({"value": make(1)}) != digest({"value": make(2)})
+
+
+def test_a_dicts_digest_does_not_depend_on_its_order():
+    from hybridiff.runtime.api.calls import digest
+
+    assert digest({"kw": {"a": 1, "b": torch.ones(2)}}) == digest({"kw": {"b": torch.ones(2), "a": 1}})

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from hybridiff.errors import HybridiffError
 
@@ -127,16 +129,27 @@ def digest(kwargs: dict[str, Any]) -> dict[str, str]:
     return {key: hashlib.sha1(_describe(value).encode()).hexdigest()[:12] for key, value in sorted(kwargs.items())}
 
 
+#: A default ``repr``'s memory address: differs between processes for equal objects.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 def _describe(value: Any) -> str:
+    """What ``value`` is, the same text on every rank for equal values: contents of tensors,
+    arrays and images (ControlNet and image-to-image inputs), generators' states, containers
+    element by element, everything else by its ``repr`` without memory addresses."""
     if isinstance(value, torch.Tensor):
         data = value.detach().cpu().clone(memory_format=torch.contiguous_format).reshape(-1).view(torch.uint8).numpy()
         return f"tensor{tuple(value.shape)}{value.dtype}:{hashlib.sha1(data.tobytes()).hexdigest()}"
     if isinstance(value, torch.Generator):
         return f"generator:{_describe(value.get_state())}"
     if isinstance(value, np.ndarray):
-        return f"array{value.shape}:{hashlib.sha1(np.ascontiguousarray(value).tobytes()).hexdigest()}"
+        return f"array{value.shape}{value.dtype}:{hashlib.sha1(np.ascontiguousarray(value).tobytes()).hexdigest()}"
+    if isinstance(value, Image.Image):
+        return f"image{value.mode}{value.size}:{hashlib.sha1(value.tobytes()).hexdigest()}"
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(_describe(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k!r}:{_describe(v)}" for k, v in sorted(value.items(), key=lambda kv: repr(kv[0]))) + "}"
     if callable(value):
         return f"callable:{getattr(value, '__qualname__', type(value).__qualname__)}"
-    return repr(value)
+    return _ADDRESS.sub("", repr(value))
