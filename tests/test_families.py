@@ -91,8 +91,11 @@ def test_flux_hybrid_is_exact_until_the_window_and_the_rule_opens_it(tmp_path):
 
     request = (ImageRequest("a red cube", None, 2),)
 
-    def run(mode: str, **schedule: int) -> dict:
-        plan = compile_model(FLUX, gpus=2, schedule=FLUX_SCHEDULE.model_copy(update=schedule), repeats=1, threads=1, cost="flops")
+    def run(mode: str, **schedule: int) -> dict:  # one device per branch: no token split's float order
+        plan = compile_model(
+            FLUX, gpus=2, schedule=FLUX_SCHEDULE.model_copy(update=schedule), repeats=1, threads=1, cost="flops",
+            mesh="dp=1,cfg=2,pp=1,sp=1",
+        )
         plan.save(tmp_path / f"{mode}{schedule}.json")
         return execute(RunOptions(plan=tmp_path / f"{mode}{schedule}.json", requests=request, out=tmp_path / mode, mode=mode, threads=1))
 

@@ -7,7 +7,7 @@ from hybridiff.compiler.entries import compile_model
 from hybridiff.compiler.mesh import parse_mesh
 from hybridiff.errors import HybridiffError
 from hybridiff.graph.execution import GraphRunner
-from hybridiff.graph.pipeline import trace_pipeline
+from hybridiff.graph.pipeline import example_call, trace_pipeline
 from hybridiff.models import load_pipeline
 from hybridiff.runtime.comm.transport import LocalTransport
 from hybridiff.runtime.execution.sequence import ShardedForwards
@@ -20,37 +20,63 @@ def _plan(model: str, gpus: int, mesh: str):
     return compile_model(model, gpus=gpus, schedule=TEST_SCHEDULE, repeats=1, threads=1, cost="flops", mesh=mesh)
 
 
-@pytest.mark.parametrize("model", ["builtin:digits-sd3", "builtin:tiny-sd3"])
-def test_token_parallel_forward_equals_the_plain_forward(model):
+@pytest.mark.parametrize(
+    "model, size",
+    [
+        ("builtin:digits-sd3", None),  # text after the image tokens
+        ("builtin:tiny-sd3", None),
+        ("builtin:tiny-flux", 128),  # text first, a rotary table per token
+        ("builtin:tiny-qwen-image", 128),  # text first, a tuple of rotary tables (image, text)
+        ("builtin:tiny-wan", 64),  # video tokens, cross-attention to the text computed locally
+    ],
+)
+def test_token_parallel_forward_equals_the_plain_forward(model, size):
     """fp32: every shard peer's output (and its tokens of each cut tensor) equals the unsplit
     forward's within 1e-5 relative, for 2 and 4 peers."""
     pipe = load_pipeline(model)
     for sp in (2, 4):
-        plan = _plan(model, 4, f"dp=1,cfg=1,pp=4,sp={sp}")
-        traced = trace_pipeline(pipe, plan.graph.refined)
-        runner = GraphRunner(traced.graph)
-        gen = torch.Generator().manual_seed(sp)
-        inputs = {k: torch.randn(v.shape, generator=gen) for k, v in _branch(traced, plan).items()}
+        plan = compile_model(
+            model, gpus=4, schedule=TEST_SCHEDULE, repeats=1, threads=1, cost="flops",
+            mesh=f"dp=1,cfg=1,pp=4,sp={sp}", height=size, width=size,
+        )
+        runner, inputs = _runner_and_branch(pipe, plan, seed=sp)
         cuts = [c.node for c in plan.cut_tensors if c.constant is None]
         with torch.inference_mode():
-            plain = runner.run(runner.program([n.name for n in traced.graph.graph.nodes if n.op != "placeholder"], keep=cuts), inputs)
+            plain = runner.run(runner.program([n.name for n in runner.gm.graph.nodes if n.op != "placeholder"], keep=cuts), inputs)
             ranks = plan.mesh.replica_ranks(0)
             sharded = ShardedForwards(runner, plan, LocalTransport(ranks), ranks).run({s: inputs for s in range(sp)})
-        tokens = plan.graph.tokens.tokens
-        n = tokens // sp
         for s, values in sharded.items():
             assert _relative(values["output"], plain["output"]) <= 1e-5, (model, sp, s)
             for node in cuts:
-                whole, mine = plain[node], values[node]
-                differ = [d for d, (a, b) in enumerate(zip(mine.shape, whole.shape)) if a != b]
-                if differ:  # this peer's image tokens, then every text token
-                    d = differ[0]
-                    whole = torch.cat([whole.narrow(d, s * n, n), whole.narrow(d, tokens, whole.shape[d] - tokens)], d)
+                mine, whole = values[node], _shard_of(plain[node], values[node], plan.graph.tokens, s, sp)
                 assert _relative(mine, whole) <= 1e-5, (model, sp, s, node)
 
 
+def _runner_and_branch(pipe, plan, seed: int) -> tuple[GraphRunner, dict[str, torch.Tensor]]:
+    """The plan's graph and one unguided row of its inputs at the plan's size, with a random latent."""
+    m = plan.model
+    call = example_call(pipe, m.height, m.width, **m.pipeline_kwargs)
+    traced = trace_pipeline(pipe, plan.graph.refined, call=lambda: call)
+    inputs = {k: v for k, v in traced.adapter.inputs_from_call(*call[0], **call[1]).items() if isinstance(v, torch.Tensor)}
+    inputs["hidden_states"] = torch.randn(inputs["hidden_states"].shape, generator=torch.Generator().manual_seed(seed))
+    return GraphRunner(traced.graph), inputs
+
+
+def _shard_of(whole: torch.Tensor, mine: torch.Tensor, split, shard: int, sp: int) -> torch.Tensor:
+    """The unsplit value as shard ``shard`` holds it: its image tokens, with every text token
+    before or after them as the model orders them (unchanged where no dimension differs)."""
+    differ = [d for d, (a, b) in enumerate(zip(mine.shape, whole.shape)) if a != b]
+    if not differ:
+        return whole
+    d, n = differ[0], split.tokens // sp
+    text = whole.shape[d] - split.tokens
+    if split.text_first:
+        return torch.cat([whole.narrow(d, 0, text), whole.narrow(d, text + shard * n, n)], d)
+    return torch.cat([whole.narrow(d, shard * n, n), whole.narrow(d, split.tokens, text)], d)
+
+
 def _branch(traced, plan) -> dict[str, torch.Tensor]:
-    """One row of the transformer's inputs at the plan's size."""
+    """One row of a UNet's inputs at the plan's size."""
     latent = plan.model.height // traced.pipe.vae_scale_factor
     inputs = traced.adapter.inputs_from_call(**traced.adapter.example_call(latent, 1))
     return {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
@@ -66,6 +92,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
         ("builtin:digits-sd3", 4, "dp=1,cfg=2,pp=2,sp=2"),  # two shard peers per guidance branch
         ("builtin:tiny-sd3", 2, "dp=1,cfg=1,pp=2,sp=2"),  # both branches' rows on one pair of peers
         ("builtin:digits-sdxl", 4, "dp=1,cfg=2,pp=2,sp=2"),  # a UNet in two bands per branch
+        ("builtin:tiny-flux", 2, "dp=1,cfg=1,pp=2,sp=2"),  # true CFG, text first, rotary table split
     ],
 )
 def test_sequence_parallel_runs_equal_emulation(model, devices, mesh, tmp_path):

@@ -110,7 +110,8 @@ def shard_dims(graph: fx.GraphModule, split: TokenSplit | PatchSplit, sp: int, o
 def _tokens_in(graph: fx.GraphModule, tokens: TokenSplit | None) -> TokenSplit | None:
     """The model's token split, where the (refined) graph kept its two nodes."""
     names = {n.name for n in graph.graph.nodes}
-    return tokens if tokens and {tokens.shard_after, tokens.gather_after} <= names else None
+    needed = {tokens.shard_after, tokens.gather_after, *(t.node for t in tokens.tables)} if tokens else set()
+    return tokens if tokens and needed <= names else None
 
 
 def _two_row_values(graph: fx.GraphModule, one_row: dict[str, Any], names: list[str]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 from torch import fx, nn
 
 from hybridiff.errors import HybridiffError
+from hybridiff.graph.tokens import TokenLayout, declare_tokens
 from hybridiff.graph.trace import LATENT_INPUT, BlockTracer, default_leaves, drop_concrete_inputs, register_adapter
 
 
@@ -200,6 +201,11 @@ class UNetAdapter:
         return UNet2DConditionOutput(sample=prediction) if return_dict else (prediction,)
 
 
+#: The restated forward's image tokens: after the patch embedding (with its positions), in front
+#: of the text in every joint attention, up to the output projection.
+SD3_TOKENS = TokenLayout(embed="model.pos_embed", out="model.proj_out")
+
+
 class _SD3Forward(nn.Module):
     """``SD3Transformer2DModel.forward`` restated for fx (no ControlNet, skip layers, IP-adapter)."""
 
@@ -290,7 +296,7 @@ class SD3Adapter:
     def trace(self) -> fx.GraphModule:
         root = _SD3Forward(self.model)
         graph = BlockTracer(default_leaves(self.model)).trace(root)
-        return fx.GraphModule(root, graph, class_name="TracedSD3Transformer")
+        return declare_tokens(fx.GraphModule(root, graph, class_name="TracedSD3Transformer"), SD3_TOKENS)
 
 
 register_adapter(UNet2DConditionModel, UNetAdapter)

@@ -18,6 +18,7 @@ import torch
 from torch import fx, nn
 
 from hybridiff.errors import HybridiffError
+from hybridiff.graph.tokens import TokenLayout, TokenTable, declare_tokens
 from hybridiff.graph.trace import default_leaves, drop_concrete_inputs, register_adapter
 from hybridiff.graph.values import ValueTracer
 
@@ -50,6 +51,9 @@ class Family:
     #: List arguments holding one entry per image, all equal (Qwen-Image's ``img_shapes``): a
     #: call matches the trace at any row count when its entries equal the traced one.
     row_lists: tuple[str, ...] = ()
+    #: Where the image tokens form one sequence only attention mixes (sequence parallelism);
+    #: None: no token split.
+    tokens: TokenLayout | None = None
 
 
 class FamilyAdapter:
@@ -89,7 +93,7 @@ class FamilyAdapter:
         tracer = ValueTracer(default_leaves(self.model), call, latent=self.latent)
         graph = drop_concrete_inputs(tracer.trace(self.model, concrete_args=dict(self.constants)))
         _unwrap_single_output(graph)
-        return fx.GraphModule(self.model, graph, class_name=f"Traced{type(self.model).__name__}")
+        return declare_tokens(fx.GraphModule(self.model, graph, class_name=f"Traced{type(self.model).__name__}"), self.family.tokens)
 
     def inputs_from_call(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """The graph inputs of one call; its other arguments must be the traced constants."""
@@ -172,11 +176,18 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-FLUX = Family(name="flux", latent="hidden_states")
-WAN = Family(name="wan", latent="hidden_states")
+FLUX = Family(
+    name="flux", latent="hidden_states", tokens=TokenLayout("x_embedder", tables=(TokenTable("pos_embed", 0),), text="before")
+)
+WAN = Family(name="wan", latent="hidden_states", tokens=TokenLayout("patch_embedding", tables=(TokenTable("rope", 1),), text="apart"))
+#: No token split: the mix-FFN's depthwise convolution mixes neighbouring tokens.
 SANA = Family(name="sana", latent="hidden_states")
 QWEN_IMAGE = Family(
-    name="qwen-image", latent="hidden_states", masks={"encoder_hidden_states": "encoder_hidden_states_mask"}, row_lists=("img_shapes",)
+    name="qwen-image",
+    latent="hidden_states",
+    masks={"encoder_hidden_states": "encoder_hidden_states_mask"},
+    row_lists=("img_shapes",),
+    tokens=TokenLayout("img_in", tables=(TokenTable("pos_embed", 0, element=0),), text="before"),
 )
 
 

@@ -73,6 +73,7 @@ def refine(gm: fx.GraphModule, target: str) -> fx.GraphModule:
     _replace_uses(node, result)
     graph.erase_node(node)
     refined = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    refined.meta.update(gm.meta)  # what the adapter declared (the token layout) holds for the refinement too
     refined.graph.eliminate_dead_code()
     refined.graph.lint()
     refined.recompile()

@@ -29,23 +29,39 @@ class ModelRef(Strict):
     guidance_calls: Literal["batched", "two-calls"] = "batched"
 
 
+class TokenTableRef(Strict):
+    """A value indexed by image token besides the tokens (a rotary table): each shard peer
+    keeps its rows of it, after the text's rows where the value holds both."""
+
+    node: str
+    dim: int = Field(description="the dimension that runs over tokens")
+    element: int | None = Field(default=None, description="the element of a tuple value indexed per token (None: every element)")
+
+
 class TokenSplit(Strict):
     """Where a transformer denoiser's image tokens form one sequence that only attention mixes:
-    sequence parallelism (``Mesh.sp``) cuts it after ``shard_after`` and joins it after
-    ``gather_after`` (``runtime.sequence``)."""
+    sequence parallelism (``Mesh.sp``) cuts it after ``shard_after`` (and every table) and
+    joins it after ``gather_after`` (``runtime.sequence``)."""
 
     shard_after: str = Field(description="the node giving the image tokens [rows, tokens, dim] (patch embedding)")
     gather_after: str = Field(description="the last per-token node before the tokens are unpatchified")
     tokens: int = Field(gt=0, description="image tokens per row")
-    text_tokens: int = Field(default=0, ge=0, description="text tokens per row, which every peer computes whole")
+    text_tokens: int = Field(default=0, ge=0, description="text tokens per row in the image's sequence, which every peer computes whole")
     attentions: int = Field(ge=1, description="attention layers over the image tokens in one forward")
     kv_bytes_per_row: int = Field(ge=0, description="bytes of the image tokens' keys and values, one row, all attentions")
+    tables: list[TokenTableRef] = Field(default_factory=list, description="values indexed per image token (rotary tables)")
+    text_first: bool = Field(default=False, description="joint text+image sequences hold the text first (Flux, Qwen-Image)")
+    cross_keys: int = Field(
+        default=0, ge=0, description="keys of the attentions from the image tokens to the text only (no exchange); 0: none"
+    )
 
     def allows(self, sp: int) -> bool:
-        return self.tokens % sp == 0
+        """Whole shares, and (with cross-attention) a share unlike the text's length: an
+        attention whose queries and keys are equally long is the one that gathers."""
+        return self.tokens % sp == 0 and self.tokens // sp != self.cross_keys
 
     def share(self, size: int, sp: int) -> int:
-        """How much of a sequence of ``size`` (the image tokens, then any text tokens) one of
+        """How much of a sequence of ``size`` (the image tokens and any text tokens) one of
         ``sp`` shard peers holds: its own image tokens and every text token."""
         return size - self.tokens + self.tokens // sp
 

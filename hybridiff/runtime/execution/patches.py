@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from hybridiff.errors import HybridiffError
 from hybridiff.graph.execution import GraphRunner
 from hybridiff.plan import PatchSplit
 
@@ -36,15 +37,41 @@ Gather = Callable[[torch.Tensor], list[torch.Tensor]]
 Post = Callable[[torch.Tensor], Any]
 
 
-def attend_over_peers(func: Any, args: tuple, kwargs: dict, every_peer: Gather, own: int) -> torch.Tensor:
-    """``scaled_dot_product_attention`` whose first ``own`` keys and values (this peer's share)
-    are replaced by every peer's share, in peer order, ahead of the keys every peer holds whole
-    (a transformer's text tokens; none for a UNet band's self-attention)."""
-    query, key, value, *rest = args
-    parts = every_peer(torch.stack([key[..., :own, :], value[..., :own, :]]))
-    key = torch.cat([p[0] for p in parts] + [key[..., own:, :]], dim=-2)
-    value = torch.cat([p[1] for p in parts] + [value[..., own:, :]], dim=-2)
-    return func(query, key, value, *rest, **kwargs)
+#: ``scaled_dot_product_attention``'s parameters in order: diffusers passes them by name, others by place.
+_SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def sdpa_arguments(args: tuple, kwargs: dict | None) -> dict[str, Any]:
+    """An attention call's arguments by name, however it was called."""
+    return {**dict(zip(_SDPA_PARAMETERS, args)), **(kwargs or {})}
+
+
+def attend_over_peers(func: Any, call: dict[str, Any], every_peer: Gather, own: int, start: int = 0) -> torch.Tensor:
+    """``scaled_dot_product_attention`` (``call``: its arguments by name) whose ``own`` keys and
+    values from ``start`` (this peer's share) are replaced by every peer's share, in peer order,
+    between the keys every peer holds whole (a transformer's text tokens, before or after; none
+    for a UNet band's self-attention). A mask over the keys widens with them."""
+    key, value = call["key"], call["value"]
+    end = start + own
+    parts = every_peer(torch.stack([key[..., start:end, :], value[..., start:end, :]]))
+    key = torch.cat([key[..., :start, :], *(p[0] for p in parts), key[..., end:, :]], dim=-2)
+    value = torch.cat([value[..., :start, :], *(p[1] for p in parts), value[..., end:, :]], dim=-2)
+    call = {**call, "key": key, "value": value}
+    if call.get("attn_mask") is not None:
+        call["attn_mask"] = _widen_mask(call["attn_mask"], start, own, len(parts))
+    return func(**call)
+
+
+def _widen_mask(mask: torch.Tensor, start: int, own: int, peers: int) -> torch.Tensor:
+    """An attention mask over this peer's keys, over every peer's: the shared keys keep their
+    marks, the gathered ones take this peer's (one mark for all its image keys)."""
+    if mask.shape[-1] == 1:
+        return mask
+    mine = mask[..., start : start + own]
+    if not bool((mine == mine[..., :1]).all()):
+        raise HybridiffError("an attention mask that differs between image tokens cannot be split by sp; compile without sp")
+    wide = mine[..., :1].expand(*mine.shape[:-1], own * peers)
+    return torch.cat([mask[..., :start], wide, mask[..., start + own :]], dim=-1)
 
 
 class _Exchanges:
@@ -81,8 +108,10 @@ class _Bands(TorchFunctionMode):
             return self._conv(func, args, kwargs)
         if func is F.group_norm:
             return self._group_norm(*args, **kwargs)
-        if func is F.scaled_dot_product_attention and args[1].shape[-2] == args[0].shape[-2]:
-            return attend_over_peers(func, args, kwargs, self.exchanges.every_band, own=args[1].shape[-2])
+        if func is F.scaled_dot_product_attention:
+            call = sdpa_arguments(args, kwargs)
+            if call["key"].shape[-2] == call["query"].shape[-2]:
+                return attend_over_peers(func, call, self.exchanges.every_band, own=call["key"].shape[-2])
         return func(*args, **kwargs)
 
     def _conv(self, func: Any, args: tuple, kwargs: dict) -> torch.Tensor:

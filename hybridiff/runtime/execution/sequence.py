@@ -4,11 +4,13 @@ tokens here (``TokenShards``, exact), a UNet's into bands of rows (``runtime.pat
 
 The peers of a row chunk (``Mesh.shard_peers``) each run the whole graph on the chunk's rows,
 but on ``1/sp`` of every row's image tokens. The token sequence is cut right after the patch
-embedding (``TokenSplit.shard_after``) and put back together after the last per-token layer
-(``TokenSplit.gather_after``). Every attention gathers the image tokens' keys and values of
-all peers, in token order, in front of the text tokens' (which every peer computes whole). In
-these models only attention mixes tokens, so each peer computes exactly its tokens of the
-unsplit forward; only the order of float sums inside matrix products may differ.
+embedding (``TokenSplit.shard_after``), with the tables indexed per token (rotary embeddings),
+and put back together after the last per-token layer (``TokenSplit.gather_after``). Every
+attention over the image tokens gathers all peers' image keys and values, in token order,
+beside the text tokens' (which every peer computes whole; before the image in Flux and
+Qwen-Image, after it in SD3). In these models only attention mixes tokens, so each peer
+computes exactly its tokens of the unsplit forward; only the order of float sums inside
+matrix products may differ.
 
 Attention is reached through a ``TorchFunctionMode`` that intercepts
 ``scaled_dot_product_attention`` while a peer's forward runs: diffusers' attention processors
@@ -27,45 +29,70 @@ from torch.overrides import TorchFunctionMode
 
 from hybridiff.errors import HybridiffError
 from hybridiff.graph.execution import GraphRunner, NodeProgram
-from hybridiff.plan import Plan, TokenSplit
+from hybridiff.graph.tokens import token_segments
+from hybridiff.plan import Plan, TokenSplit, TokenTableRef
 from hybridiff.runtime.comm.transport import Transport
-from hybridiff.runtime.execution.patches import PatchShards, attend_over_peers
+from hybridiff.runtime.execution.patches import PatchShards, attend_over_peers, sdpa_arguments
 
 #: All-gathers a tensor among a row chunk's shard peers: every peer's, in shard order.
 Gather = Callable[[torch.Tensor], list[torch.Tensor]]
 
 
 class _GatheredKeysValues(TorchFunctionMode):
-    """Inside a peer's forward: attention sees every peer's image keys and values."""
+    """Inside a peer's forward: an attention over the image tokens sees every peer's image keys
+    and values. One whose queries and keys differ in length attends to the text only
+    (cross-attention, Wan): each peer's queries read keys every peer holds, nothing to gather."""
 
-    def __init__(self, shard_tokens: int, gather: Gather) -> None:
+    def __init__(self, split: TokenSplit, shard_tokens: int, gather: Gather) -> None:
         super().__init__()
-        self.shard_tokens, self.gather = shard_tokens, gather
+        self.split, self.shard_tokens, self.gather = split, shard_tokens, gather
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            if args[1].shape[-2] < self.shard_tokens:
-                raise HybridiffError(f"an attention sees {args[1].shape[-2]} keys, fewer than a shard's {self.shard_tokens} image tokens")
-            return attend_over_peers(func, args, kwargs, self.gather, own=self.shard_tokens)
-        return func(*args, **kwargs)
+            call = sdpa_arguments(args, kwargs)
+            keys, n = call["key"].shape[-2], self.shard_tokens
+            if keys == call["query"].shape[-2]:
+                if keys < n:
+                    raise HybridiffError(f"an attention sees {keys} keys, fewer than a shard's {n} image tokens")
+                start = keys - n if self.split.text_first else 0
+                return attend_over_peers(func, call, self.gather, own=n, start=start)
+        return func(*args, **(kwargs or {}))
+
+
+def own_tokens(value: torch.Tensor, dim: int, split: TokenSplit, shard: int, sp: int) -> torch.Tensor:
+    """Shard ``shard``'s part of a value running over the image tokens along ``dim``: its image
+    tokens, with every text token the value holds (before or after them, as the model puts them)."""
+    n = split.tokens // sp
+    text = value.shape[dim] - split.tokens
+    mine = value.narrow(dim, (text if split.text_first else 0) + shard * n, n)
+    if text == 0:
+        return mine
+    rest = value.narrow(dim, 0 if split.text_first else split.tokens, text)
+    return torch.cat([rest, mine] if split.text_first else [mine, rest], dim)
+
+
+def _own_table(value: Any, table: TokenTableRef, split: TokenSplit, shard: int, sp: int) -> Any:
+    """Shard ``shard``'s rows of a token-indexed table (each element of a tuple, or one)."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(
+            own_tokens(v, table.dim, split, shard, sp) if table.element in (None, i) else v for i, v in enumerate(value)
+        )
+    return own_tokens(value, table.dim, split, shard, sp)
 
 
 class TokenShards:
     """The whole graph as three programs: up to the token cut, the token-parallel middle, and
-    the rest after the tokens are put back together."""
+    the rest after the tokens are put back together (``graph.tokens.token_segments``)."""
 
     def __init__(self, runner: GraphRunner, tokens: TokenSplit, sp: int, keep: list[str]) -> None:
         self.runner, self.tokens, self.sp = runner, tokens, sp
         self.shard_tokens = tokens.tokens // sp
-        compute = [n for n in runner.gm.graph.nodes if n.op != "placeholder"]
-        names = [n.name for n in compute]
-        cuts = (names.index(tokens.shard_after) + 1, names.index(tokens.gather_after) + 1)
-        segments = [compute[: cuts[0]], compute[cuts[0] : cuts[1]], compute[cuts[1] :]]
+        cuts = [tokens.shard_after, *(t.node for t in tokens.tables)]
+        segments = [[runner.nodes[n] for n in names] for names in token_segments(runner.gm, cuts, tokens.gather_after)]
         self.programs: list[NodeProgram] = []
         for i, segment in enumerate(segments):
             later = {p.name for s in segments[i + 1 :] for n in s for p in n.all_input_nodes}
-            wanted = (later | set(keep) | {tokens.shard_after, tokens.gather_after}) & {n.name for n in segment}
+            wanted = (later | set(keep) | set(cuts) | {tokens.gather_after}) & {n.name for n in segment}
             self.programs.append(runner.program([n.name for n in segment], keep=wanted))
 
     def run(
@@ -74,21 +101,28 @@ class TokenShards:
         """Shard ``shard``'s forward on ``env`` (the rows' graph inputs); returns the kept values,
         the output whole, and the values between the cuts for this shard's tokens only. Every
         step is exact here (``post``, ``exact`` and ``kept`` serve ``PatchShards``' stale steps)."""
+        split = self.tokens
         first = self.runner.run(self.programs[0], env)
-        n = self.shard_tokens
-        first[self.tokens.shard_after] = first[self.tokens.shard_after][:, shard * n : (shard + 1) * n]
-        with _GatheredKeysValues(n, gather):
+        first[split.shard_after] = own_tokens(first[split.shard_after], 1, split, shard, self.sp)
+        for table in split.tables:
+            first[table.node] = _own_table(first[table.node], table, split, shard, self.sp)
+        with _GatheredKeysValues(split, self.shard_tokens, gather):
             middle = self.runner.run(self.programs[1], {**env, **first})
-        middle[self.tokens.gather_after] = torch.cat(gather(middle[self.tokens.gather_after].contiguous()), dim=1)
+        middle[split.gather_after] = self.join(gather(middle[split.gather_after].contiguous()), 1)
         last = self.runner.run(self.programs[2], {**env, **first, **middle})
         return {**first, **middle, **last}
 
     def join(self, parts: list[torch.Tensor], dim: int) -> torch.Tensor:
-        """The whole sequence from every peer's shard (in shard order): the image tokens of all,
-        then the text tokens every peer holds."""
+        """The whole sequence from every peer's shard (in shard order): every peer's image
+        tokens, with the text tokens every peer holds before or after them."""
         n = self.shard_tokens
-        rest = parts[0].narrow(dim, n, parts[0].shape[dim] - n)
-        return torch.cat([p.narrow(dim, 0, n) for p in parts] + [rest], dim=dim)
+        text = parts[0].shape[dim] - n
+        start = text if self.tokens.text_first else 0
+        images = [p.narrow(dim, start, n) for p in parts]
+        if text == 0:
+            return torch.cat(images, dim=dim)
+        rest = parts[0].narrow(dim, 0 if self.tokens.text_first else n, text)
+        return torch.cat([rest, *images] if self.tokens.text_first else [*images, rest], dim=dim)
 
 
 class ShardedForwards:
