@@ -225,3 +225,14 @@ def test_a_dicts_digest_does_not_depend_on_its_order():
     from hybridiff.runtime.api.calls import digest
 
     assert digest({"kw": {"a": 1, "b": torch.ones(2)}}) == digest({"kw": {"b": torch.ones(2), "a": 1}})
+
+
+def test_a_call_too_short_for_the_window_says_so_in_one_line(digits, pipelined, capfd):
+    """TEST_SCHEDULE opens the window at tau_cap 6 at the latest: 5 steps end before it."""
+    with hybridiff.parallelize(digits, pipelined, emulate=True) as ppipe:
+        ppipe(prompt="a 6", generator=_seed(0), output_type="latent", num_inference_steps=5)
+        warned = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning:")]
+        assert len(warned) == 1 and "5 steps end before the plan's tau_cap 6" in warned[0] and "--tau-cap 3" in warned[0]
+        ppipe(prompt="a 7", generator=_seed(0), output_type="latent", num_inference_steps=5)
+        ppipe(prompt="a 6", generator=_seed(0), output_type="latent")
+        assert "tau_cap" not in capfd.readouterr().err  # said once per step count; the plan's steps are enough

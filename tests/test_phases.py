@@ -73,3 +73,12 @@ def test_a_zero_slope_threshold_is_a_fixed_warm_up():
     assert ctl.phases == [Phase.WARM_UP] + [Phase.WINDOW] * 9
     late = _run(schedule.model_copy(update={"tau_cap": 4, "k": 5}), [0.5] * 10)
     assert late.tau1 == 4 and late.phases.count(Phase.WINDOW) == 5
+
+
+def test_a_call_too_short_for_the_cap_says_whether_the_rule_can_still_open_the_window():
+    ruled = Schedule(steps=20, guidance_scale=5.0, L=3, g_slope=4e-4, tau_cap=15, k=5)
+    assert ruled.short_call(17) is None  # the cap (15) is a window start before the last step (16)
+    assert "the rule can still open it after step 3" in ruled.short_call(10)
+    assert "so no window runs" in ruled.model_copy(update={"g_slope": 0.0}).short_call(10)
+    assert "so no window runs" in ruled.short_call(5)  # the rule reads L + 1 steps first
+    assert ruled.model_copy(update={"k": 0}).short_call(5) is None  # no window asked for

@@ -57,6 +57,18 @@ class Schedule(Strict):
         """Rows of a denoiser call for ``images`` images: both CFG branches when guided."""
         return images * (2 if self.guided else 1)
 
+    def short_call(self, steps: int) -> str | None:
+        """Why a guided call of ``steps`` steps may run no window, or None: its last window
+        start (``steps - 2``) comes before ``tau_cap``, so only the rule can open it."""
+        if self.k == 0 or self.tau_cap <= steps - 2:
+            return None
+        rule = "the rule can still open it after step" if self.g_slope > 0 and self.L + 1 <= steps - 2 else "so no window runs"
+        where = f" {self.L}" if rule.startswith("the rule") else ""
+        return (
+            f"the call's {steps} steps end before the plan's tau_cap {self.tau_cap}: the window is not sure to open "
+            f"({rule}{where}); call with at least {self.tau_cap + 2} steps or recompile with --tau-cap {max(0, steps - 2)}"
+        )
+
     def window_steps(self, tau1: int, steps: int | None = None) -> int:
         """How many window steps follow ``tau1`` before the last of ``steps`` (default: the
         plan's): the window never reaches past the run's last step."""

@@ -26,6 +26,7 @@ for the serial baseline.
 
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -182,6 +183,7 @@ class HybridDenoiser(_DenoiserProxy):
         self.executor = Executor(traced, plan, transport, replica)
         self.builder = ProgramBuilder(Layout.of(plan))
         self.timeline: CallSchedule | None = None
+        self._warned: set[int] = set()  # step counts already warned of (``_warn_short_call``)
 
     def begin_call(self, guided: bool, steps: int | None = None) -> None:
         """A new pipeline call (or a user's sampling loop of ``steps`` steps; a pipeline's
@@ -225,6 +227,14 @@ class HybridDenoiser(_DenoiserProxy):
             return self.adapter.wrap_output(self.pairing.pending_prediction, return_dict)
         return self.adapter.wrap_output(self.pairing.complete(self._step(both)), return_dict)
 
+    def _warn_short_call(self) -> None:
+        """One line, from rank 0's process, when a call is too short for the window to be sure
+        (once per step count: a run makes many calls of the same length)."""
+        reason = self.plan.schedule.short_call(self.num_steps) if self.guided else None
+        if reason and self.num_steps not in self._warned and 0 in self.executor.ranks and 0 in self.transport.hosted:
+            self._warned.add(self.num_steps)
+            print(f"warning: {reason}", file=sys.stderr)
+
     def _step(self, inputs: dict[str, Any]) -> torch.Tensor:
         """One denoising step on a call's graph inputs; the step's predictions, all rows."""
         latent = inputs[self.adapter.latent]
@@ -238,6 +248,7 @@ class HybridDenoiser(_DenoiserProxy):
             else:
                 self.num_steps = self._steps_given
             self.timeline = CallSchedule(self.builder, self.plan.schedule, self.num_steps, rows)
+            self._warn_short_call()
         if self._step_index >= self.num_steps:
             raise HybridiffError(
                 f"the pipeline called its denoiser more often than it has timesteps ({self.num_steps}); hybridiff "

@@ -109,6 +109,7 @@ def _header(opts: RunOptions, plan: Plan, steps: int, guidance: float, device: t
         "guidance_scale": guidance,
         "scheduler": opts.scheduler or "default",
         "window_guidance": plan.schedule.window_guidance,
+        "window_warning": plan.schedule.short_call(steps) if guidance > 1 else None,
         "threads": torch.get_num_threads(),
         "device": devices.describe(device),
         "requested_images": len(opts.requests),
