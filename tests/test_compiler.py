@@ -292,10 +292,16 @@ def test_compile_says_no_multi_device_plan_pays_and_writes_the_one_device_plan(t
     out = tmp_path / "plan.json"
     result = CliRunner().invoke(app, ["compile", "builtin:tiny-sdxl", "--gpus", "2", "--repeats", "1", "--threads", "1", "-o", str(out)])
     assert result.exit_code == 0, result.output
-    assert "no multi-device plan pays for 1 image(s)" in result.output
+    assert "warning: wrote a 1-DEVICE plan although --gpus is 2: no multi-device plan pays for 1 image(s)" in result.output
     plan = load_plan(out)
     assert plan.mesh.world_size == 1 and plan.estimates.step_costs == slow
     assert plan.estimates.alternatives["dp=1,cfg=2,pp=1"] > plan.estimates.latency_s
+    # launched on 2 workers anyway, every rank says why the plan has one device and how to force a mesh
+    from hybridiff.runtime.comm.group import world_mismatch
+
+    best = min((s, label) for label, s in plan.estimates.alternatives.items() if label != plan.mesh.label)[1]
+    said = world_mismatch(plan, 2)
+    assert "no multi-device mesh that pays" in said and f"--gpus 2 --mesh {best}" in said and "recompile with --gpus 2" not in said
 
 
 def test_peer_strategies_are_plans_of_the_same_model():

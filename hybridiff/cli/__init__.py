@@ -176,9 +176,10 @@ def _report_plan(plan: "Plan", out: Path, gpus: int) -> None:
     if gpus > 1 and plan.mesh.world_size == 1 and plan.strategy is None:
         best = min((t, label) for label, t in est.alternatives.items() if label != plan.mesh.label)
         typer.echo(
-            f"note: no multi-device plan pays for {plan.mesh.batch} image(s): the best, {best[1]}, is predicted "
-            f"{best[0]:.3f} s against {est.latency_s:.3f} s on one device; wrote the 1-device plan "
-            "(--mesh forces a mesh; a larger --batch gives devices more to share)",
+            f"warning: wrote a 1-DEVICE plan although --gpus is {gpus}: no multi-device plan pays for "
+            f"{plan.mesh.batch} image(s) (the best, {best[1]}, is predicted {best[0]:.3f} s against "
+            f"{est.latency_s:.3f} s on one device; on a busy machine the calibration may say so wrongly). "
+            f"--mesh {best[1]} forces it; a larger --batch gives devices more to share",
             err=True,
         )
     if plan.mesh.idle_ranks:

@@ -54,8 +54,21 @@ def join_group(plan: Plan, device: torch.device, any_size: bool = False) -> int:
             joined["device_id"] = device
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **joined)
     if not any_size and dist.get_world_size() != plan.mesh.world_size:
-        raise HybridiffError(
-            f"the plan is for {plan.mesh.world_size} devices but {dist.get_world_size()} workers were "
-            f"launched; launch {plan.mesh.world_size} or recompile with --gpus {dist.get_world_size()}"
-        )
+        raise HybridiffError(world_mismatch(plan, dist.get_world_size()))
     return dist.get_rank()
+
+
+def world_mismatch(plan: Plan, launched: int) -> str:
+    """Why ``plan`` does not fit ``launched`` workers, and the fix. A 1-device plan compiled for
+    more devices is the compiler's choice (no mesh paid), which the line says with its numbers."""
+    size, est = plan.mesh.world_size, plan.estimates
+    said = f"the plan is for {size} device{'s' if size > 1 else ''} but {launched} workers were launched"
+    others = {label: s for label, s in est.alternatives.items() if label != plan.mesh.label}
+    if size == 1 and others:
+        best = min(others, key=others.__getitem__)
+        return (
+            f"{said}: its compile found no multi-device mesh that pays (the best, {best}, was predicted "
+            f"{others[best]:.3f} s against {est.latency_s:.3f} s on one device), so it wrote a 1-device plan; launch "
+            f"1 worker, or recompile on a quiet machine, or force a mesh with --gpus {launched} --mesh {best}"
+        )
+    return f"{said}; launch {size} or recompile with --gpus {launched}"
