@@ -171,3 +171,19 @@ def test_a_model_folder_with_custom_code_or_pickled_weights_is_refused_in_one_li
     result = invoke("compile", str(folder), "--cost", "flops", "--no-calibrate", "-o", str(tmp_path / "p.json"))
     _assert_refused(result, fragment)
     assert "never custom code or pickled weights" in result.stderr and not (tmp_path / "p.json").exists()
+
+
+def test_a_controlnet_pipeline_folder_is_refused_in_one_line(tmp_path):
+    """ControlNet needs an image on every call: compile says so, exit 2, no plan written."""
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+
+    from hybridiff.models import load_pipeline
+
+    pipe = load_pipeline("builtin:tiny-sdxl")
+    parts = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
+    controlnet = ControlNetModel.from_unet(pipe.unet)
+    controlled = StableDiffusionXLControlNetPipeline(**{k: pipe.components[k] for k in parts}, controlnet=controlnet)
+    controlled.save_pretrained(tmp_path / "model")
+    result = invoke("compile", str(tmp_path / "model"), "--cost", "flops", "--no-calibrate", "-o", str(tmp_path / "p.json"))
+    _assert_refused(result, "StableDiffusionXLControlNetPipeline cannot generate from a prompt alone (TypeError: image must be passed")
+    assert "ControlNet" in result.stderr.splitlines()[-1] and not (tmp_path / "p.json").exists()

@@ -281,6 +281,14 @@ def capture_denoiser_calls(
         )
     except _Captured:
         pass  # the denoiser calls were seen; the rest of the pipeline is not needed
+    except (TypeError, ValueError) as e:
+        if seen:
+            raise
+        said = str(e) if len(str(e)) <= 70 else str(e)[:67] + "..."
+        raise HybridiffError(
+            f"{type(pipe).__name__} cannot generate from a prompt alone ({type(e).__name__}: {said}); hybridiff runs "
+            "text-to-image and text-to-video pipelines (ControlNet, image-to-image and inpainting are not supported yet)"
+        ) from None
     finally:
         handle.remove()
         diffusers_logging.set_verbosity(level)
