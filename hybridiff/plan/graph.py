@@ -60,6 +60,11 @@ class TokenSplit(Strict):
         attention whose queries and keys are equally long is the one that gathers."""
         return self.tokens % sp == 0 and self.tokens // sp != self.cross_keys
 
+    def image_start(self, length: int, images: int) -> int:
+        """Where ``images`` image tokens start in a sequence of ``length`` holding them and every
+        text token: after the text when it comes first, else at 0."""
+        return length - images if self.text_first else 0
+
     def share(self, size: int, sp: int) -> int:
         """How much of a sequence of ``size`` (the image tokens and any text tokens) one of
         ``sp`` shard peers holds: its own image tokens and every text token."""

@@ -62,11 +62,11 @@ class Schedule(Strict):
         start (``steps - 2``) comes before ``tau_cap``, so only the rule can open it."""
         if self.k == 0 or self.tau_cap <= steps - 2:
             return None
-        rule = "the rule can still open it after step" if self.g_slope > 0 and self.L + 1 <= steps - 2 else "so no window runs"
-        where = f" {self.L}" if rule.startswith("the rule") else ""
+        rule_can_fire = self.g_slope > 0 and self.L + 1 <= steps - 2
+        rule = f"the rule can still open it after step {self.L}" if rule_can_fire else "so no window runs"
         return (
             f"the call's {steps} steps end before the plan's tau_cap {self.tau_cap}: the window is not sure to open "
-            f"({rule}{where}); call with at least {self.tau_cap + 2} steps or recompile with --tau-cap {max(0, steps - 2)}"
+            f"({rule}); call with at least {self.tau_cap + 2} steps or recompile with --tau-cap {max(0, steps - 2)}"
         )
 
     def window_steps(self, tau1: int, steps: int | None = None) -> int:

@@ -54,8 +54,7 @@ class _GatheredKeysValues(TorchFunctionMode):
             if keys == call["query"].shape[-2]:
                 if keys < n:
                     raise HybridiffError(f"an attention sees {keys} keys, fewer than a shard's {n} image tokens")
-                start = keys - n if self.split.text_first else 0
-                return attend_over_peers(func, call, self.gather, own=n, start=start)
+                return attend_over_peers(func, call, self.gather, own=n, start=self.split.image_start(keys, n))
         return func(*args, **(kwargs or {}))
 
 
@@ -64,7 +63,7 @@ def own_tokens(value: torch.Tensor, dim: int, split: TokenSplit, shard: int, sp:
     tokens, with every text token the value holds (before or after them, as the model puts them)."""
     n = split.tokens // sp
     text = value.shape[dim] - split.tokens
-    mine = value.narrow(dim, (text if split.text_first else 0) + shard * n, n)
+    mine = value.narrow(dim, split.image_start(value.shape[dim], split.tokens) + shard * n, n)
     if text == 0:
         return mine
     rest = value.narrow(dim, 0 if split.text_first else split.tokens, text)
@@ -117,8 +116,7 @@ class TokenShards:
         tokens, with the text tokens every peer holds before or after them."""
         n = self.shard_tokens
         text = parts[0].shape[dim] - n
-        start = text if self.tokens.text_first else 0
-        images = [p.narrow(dim, start, n) for p in parts]
+        images = [p.narrow(dim, self.tokens.image_start(parts[0].shape[dim], n), n) for p in parts]
         if text == 0:
             return torch.cat(images, dim=dim)
         rest = parts[0].narrow(dim, 0 if self.tokens.text_first else n, text)
