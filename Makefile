@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 DEMO := out/demo
 
-.PHONY: install demo lint test bench bench-families strategies clean
+.PHONY: install demo lint test bench bench-compiled bench-families strategies clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV_ARGS) $(VENV)
@@ -17,10 +17,13 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The ten digits in one call on 2 workers, timed side by side with the stock pipeline on one.
+# The ten digits in one call on 2 workers, timed side by side with the stock pipeline on one,
+# each run eagerly and compiled (torch.compile; the first demo compiles for a few minutes, later
+# ones load the kernels from ~/.cache/hybridiff).
 demo: install
 	$(VENV)/bin/hybridiff compile builtin:digits-sdxl --gpus 2 --batch 10 -o $(DEMO)/plan.json
-	$(VENV)/bin/hybridiff bench $(DEMO)/plan.json --prompts examples/digits.txt --rounds 1 --repeats 1 --grid $(DEMO)/digits.png -o $(DEMO)
+	$(VENV)/bin/hybridiff bench $(DEMO)/plan.json --prompts examples/digits.txt --rounds 1 --repeats 1 --execution both \
+	  --grid $(DEMO)/digits.png -o $(DEMO)
 	$(VENV)/bin/hybridiff eval accuracy $(DEMO)/hybrid --digits
 
 # ruff (pyproject.toml: pyflakes, pycodestyle, import order, bugbear), then the whole suite.
@@ -41,6 +44,17 @@ bench: install
 	$(VENV)/bin/hybridiff compile builtin:tiny-sdxl --gpus 2 --batch 8 --threads 1 -o out/bench/tiny8/plan.json
 	$(VENV)/bin/hybridiff bench out/bench/tiny8/plan.json --repeats 1 --rounds 2 -o out/bench/tiny8
 	$(MAKE) bench-families
+
+# docs/benchmarks.md, compiled execution: forwards eager against compiled, then the ten digits and one
+# digits-sd3 image with serial and hybrid each run eagerly and compiled, from plans costed compiled.
+bench-compiled: install
+	$(PY) scripts/forward_compiled.py
+	$(VENV)/bin/hybridiff compile builtin:digits-sdxl --gpus 2 --batch 10 --threads 1 --execution compiled -o out/bench/digits10-compiled/plan.json
+	$(VENV)/bin/hybridiff bench out/bench/digits10-compiled/plan.json --prompts examples/digits.txt --execution both --repeats 2 --rounds 2 \
+	  -o out/bench/digits10-compiled
+	$(VENV)/bin/hybridiff compile builtin:digits-sd3 --gpus 2 --threads 1 --execution compiled -o out/bench/digits-sd3-compiled/plan.json
+	$(VENV)/bin/hybridiff bench out/bench/digits-sd3-compiled/plan.json --prompt "a handwritten digit seven" --execution both --repeats 3 \
+	  --rounds 2 -o out/bench/digits-sd3-compiled
 
 # docs/benchmarks.md, families: tiny Flux and tiny Qwen-Image (true CFG, two calls per step, forwards of
 # 20-60 ms) against serial and diffusers' own Ulysses on the same 2 workers, and the from-scratch DiT

@@ -12,6 +12,8 @@ classifier-free guidance. Nothing here comes from diffusers.
 
 ``--two-calls`` guides with one call per branch (conditional first) instead of one call on
 ``[uncond; cond]`` rows; give it to ``compile`` too (the plan records how the loop guides).
+``--compiled`` runs every program through ``torch.compile`` (``sample``, ``bench``: the plain
+loop's model too; a first, untimed loop compiles).
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ def sample(
 
 
 def main(argv: list[str]) -> None:
-    two_calls = "--two-calls" in argv
+    two_calls, compiled = "--two-calls" in argv, "--compiled" in argv
     command, *paths = [a for a in argv if not a.startswith("--")]
     model = build()
     torch.set_num_threads(1)
@@ -120,9 +122,9 @@ def main(argv: list[str]) -> None:
         with torch.inference_mode():
             torch.save(sample(model, steps=steps, two_calls=two_calls), paths[1])
     elif command == "bench":
-        bench(model, paths[0], two_calls)
+        bench(model, paths[0], two_calls, compiled)
     else:
-        with parallel(model, paths[0], two_calls) as denoiser:
+        with parallel(model, paths[0], two_calls, compiled) as denoiser:
             steps = denoiser.plan.schedule.steps  # the loop's length is the user's; here the plan's
             with denoiser.loop(steps=steps):
                 x = sample(denoiser, steps=steps, two_calls=two_calls)
@@ -132,22 +134,25 @@ def main(argv: list[str]) -> None:
                 print(f"tau1={report.tau1} tau2={report.tau2} {report.latency_s:.3f} s, {report.comm_bytes} bytes sent")
 
 
-def parallel(model: TinyDiT, plan: str, two_calls: bool):
+def parallel(model: TinyDiT, plan: str, two_calls: bool, compiled: bool = False):
     """The model run by ``plan``: on the workers under torchrun, else emulated here."""
     guidance = "two-calls" if two_calls else "batched"
-    return hybridiff.parallelize(model, plan, guidance=guidance, emulate="RANK" not in os.environ)
+    execution = "compiled" if compiled else None
+    return hybridiff.parallelize(model, plan, guidance=guidance, emulate="RANK" not in os.environ, execution=execution)
 
 
-def bench(model: TinyDiT, plan: str, two_calls: bool, rounds: int = 5) -> None:
-    """The plain loop on one worker against the plan's loop on all, in alternating rounds."""
-    with parallel(model, plan, two_calls) as denoiser:
+def bench(model: TinyDiT, plan: str, two_calls: bool, compiled: bool = False, rounds: int = 5) -> None:
+    """The plain loop on one worker against the plan's loop on all, in alternating rounds
+    (compiled: both under torch.compile, after a first round that compiles and is not counted)."""
+    plain_model = torch.compile(model, dynamic=False) if compiled else model
+    with parallel(model, plan, two_calls, compiled) as denoiser:
         steps = denoiser.plan.schedule.steps
         plain, hybrid = [], []
-        for _ in range(rounds):
+        for _ in range(rounds + compiled):
             if denoiser.rank == 0:
                 start = time.perf_counter()
                 with torch.inference_mode():
-                    sample(model, steps=steps, two_calls=two_calls)
+                    sample(plain_model, steps=steps, two_calls=two_calls)
                 plain.append(time.perf_counter() - start)
             if dist.is_initialized():
                 dist.barrier()  # the other workers wait while rank 0 runs the plain loop alone
@@ -155,6 +160,7 @@ def bench(model: TinyDiT, plan: str, two_calls: bool, rounds: int = 5) -> None:
             with denoiser.loop(steps=steps):
                 sample(denoiser, steps=steps, two_calls=two_calls)
             hybrid.append(time.perf_counter() - start)
+        plain, hybrid = plain[compiled:], hybrid[compiled:]
         if denoiser.rank == 0:
             measured, predicted = statistics.median(plain) / statistics.median(hybrid), denoiser.plan.estimates.speedup
             print(

@@ -12,6 +12,12 @@ of all runs counts. Every run is traced (``hybridiff.runtime.spans``, about a mi
 span), which gives the per-step breakdown. Each entry's images and report stay in its own
 folder, and fidelity is measured against the serial entry's images. The result is a ratio from
 one run on one machine; it is never asserted in a test.
+
+Every entry runs eagerly or compiled (``graph.compiled``); ``--execution both`` runs each
+twice, the compiled one labelled so, and with it the serial baseline both ways: a speed-up is
+measured against the eager serial entry (``speedup_vs``), and ``speedups`` holds it against
+every serial entry, so a compiled hybrid run is also compared with a compiled stock pipeline.
+A compiled entry's prediction comes from a plan costed compiled.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from hybridiff.compiler.costing import CostedModel
 from hybridiff.compiler.options import CompileOptions
@@ -49,6 +55,8 @@ class Entry:
     folder: Path
     #: Workers of a peer entry (diffusers' Ulysses runs on as many as it is given).
     world: int | None = None
+    #: "eager" or "compiled"; None: the plan's.
+    execution: str | None = None
 
     @property
     def mode(self) -> str:
@@ -79,9 +87,32 @@ class BenchOptions:
     digits: bool = False
 
 
-def plan_entries(plan_path: Path, out: Path) -> list[Entry]:
-    """``bench PLAN``: the plan against the stock pipeline."""
-    return [Entry("serial", "serial", plan_path, out / "serial"), Entry("hybrid", "hybrid", plan_path, out / "hybrid")]
+#: What a compiled entry's label and folder end with.
+COMPILED_LABEL, COMPILED_FOLDER = " (compiled)", "-compiled"
+
+
+def executions_of(text: str | None) -> Sequence[str | None]:
+    """``--execution``: eager, compiled, both, or None (the plan's)."""
+    if text not in (None, "eager", "compiled", "both"):
+        raise HybridiffError(f"--execution {text!r}: use 'eager', 'compiled' or 'both'")
+    return ["eager", "compiled"] if text == "both" else [text]
+
+
+def _named(label: str, execution: str | None, out: Path) -> tuple[str, Path]:
+    """An entry's label and folder: compiled ones say so."""
+    compiled = execution == "compiled"
+    folder = label.replace(" k=", "-k") + (COMPILED_FOLDER if compiled else "")
+    return label + (COMPILED_LABEL if compiled else ""), out / folder
+
+
+def plan_entries(plan_path: Path, out: Path, executions: Sequence[str | None] = (None,)) -> list[Entry]:
+    """``bench PLAN``: the plan against the stock pipeline, in each of ``executions``."""
+    entries = []
+    for strategy in ("serial", "hybrid"):
+        for execution in executions:
+            label, folder = _named(strategy, execution, out)
+            entries.append(Entry(label, strategy, plan_path, folder, execution=execution))
+    return entries
 
 
 def strategy_entries(
@@ -89,16 +120,17 @@ def strategy_entries(
     batch: int = 1, warmup: int | None = None,
 ) -> list[Entry]:
     """Plan every strategy (the windowed ones at every ``k``) from one costed model, written
-    to ``out/<label>/plan.json``; serial comes first whether asked for or not."""
+    to ``out/<label>/plan.json``, run as the model was costed (eager or compiled); serial
+    comes first whether asked for or not."""
     entries = []
+    execution = costed.execution
     for strategy in ["serial", *(s for s in strategies if s != "serial")]:
         for k in ks if strategy in WINDOWED else [schedule.k]:
-            label = f"{strategy} k={k}" if strategy in WINDOWED and len(ks) > 1 else strategy
-            folder = out / label.replace(" k=", "-k")
+            label, folder = _named(f"{strategy} k={k}" if strategy in WINDOWED and len(ks) > 1 else strategy, execution, out)
             windowed = schedule.model_copy(update={"k": k})
-            plan = plan_for(costed, CompileOptions(gpus=gpus, schedule=windowed, batch=batch, strategy=strategy, warmup=warmup))
-            plan.save(folder / "plan.json")
-            entries.append(Entry(label, strategy, folder / "plan.json", folder))
+            options = CompileOptions(gpus=gpus, schedule=windowed, batch=batch, strategy=strategy, warmup=warmup, execution=execution)
+            plan_for(costed, options).save(folder / "plan.json")
+            entries.append(Entry(label, strategy, folder / "plan.json", folder, execution=execution))
     return entries
 
 
@@ -134,18 +166,18 @@ def run_bench(entries: list[Entry], opts: BenchOptions, out: Path) -> dict[str, 
             launch_local(
                 RunOptions(
                     plan=entry.plan_path, requests=opts.requests, out=entry.folder, mode=entry.mode, steps=opts.steps,
-                    threads=opts.threads, repeats=opts.repeats, trace=entry.folder / "trace",
+                    threads=opts.threads, repeats=opts.repeats, trace=entry.folder / "trace", execution=entry.execution,
                 ),
                 entry.workers,
             )
             reports[entry.label] = json.loads((entry.folder / "report.json").read_text())
             runs[entry.label] += _denoise_runs(reports[entry.label])
-    serial = next(e for e in entries if e.strategy == "serial")
+    serials = [e for e in entries if e.strategy == "serial"]
     result = {
         "images": len(opts.requests),
-        "steps": reports[serial.label]["steps"],
+        "steps": reports[serials[0].label]["steps"],
         "threads": opts.threads,
-        "entries": [_entry_result(e, runs, reports, serial, opts) for e in entries],
+        "entries": [_entry_result(e, runs, reports, serials, opts) for e in entries],
     }
     write_atomic(out / "bench.json", strict_json(result))
     return result
@@ -177,15 +209,20 @@ def predict(plan: Plan, mode: str, images: int, steps: int, tau1: int | None = N
 
 
 def _entry_result(
-    entry: Entry, runs: dict[str, list[float]], reports: dict[str, dict[str, Any]], serial: Entry, opts: BenchOptions
+    entry: Entry, runs: dict[str, list[float]], reports: dict[str, dict[str, Any]], serials: list[Entry], opts: BenchOptions
 ) -> dict[str, Any]:
-    """One entry's measured and predicted numbers, its bound and its fidelity against serial."""
+    """One entry's measured and predicted numbers, its bound and its fidelity against serial:
+    measured against the first serial entry (eager), predicted against the serial entry run
+    as this one is (eager or compiled), whose plan was costed alike."""
     plan, report = load_plan(entry.plan_path), reports[entry.label]
     images, steps = len(report["images"]), report["steps"]
-    measured, serial_s = statistics.median(runs[entry.label]), statistics.median(runs[serial.label])
-    serial_plan = load_plan(serial.plan_path)
+    serial = serials[0]
+    alike = next((s for s in serials if report["execution"] == reports[s.label]["execution"]), serial)
+    measured = statistics.median(runs[entry.label])
+    speedups = {s.label: statistics.median(runs[s.label]) / measured for s in serials}
+    serial_plan = load_plan(alike.plan_path)
     tau1 = _tau1(report)  # where the rule opened the window in this run, not where the compiler assumed
-    speedup = serial_s / measured
+    speedup = speedups[serial.label]
     modelled = entry.mode != "ulysses"  # the simulator models hybridiff's own programs only
     predicted = predict(plan, entry.mode, images, steps, tau1) if modelled else None
     predicted_speedup = predict(serial_plan, "serial", images, steps) / predicted if modelled else None
@@ -203,12 +240,16 @@ def _entry_result(
         "denoise_s": measured,
         "runs_s": runs[entry.label],
         "images_per_s": images / measured,
+        "execution": report["execution"],
         "speedup": speedup,
+        "speedup_vs": serial.label,
+        "speedups": speedups,
         "predicted_s": predicted,
+        "predicted_vs": alike.label,
         "predicted_speedup": predicted_speedup,
-        "speedup_error": predicted_speedup / speedup - 1 if modelled else None,
+        "speedup_error": predicted_speedup / speedups[alike.label] - 1 if modelled else None,
         "bound": bound,
-        "of_bound": speedup / bound if modelled else None,
+        "of_bound": speedups[alike.label] / bound if modelled else None,
         "comm_bytes_per_image": report["totals"]["comm_bytes"] / images,
         **_fidelity(entry, serial, opts.digits),
         "profile_ms": report.get("profile_ms", {}),
@@ -264,12 +305,16 @@ def requests_for(
 
 def model_entries(
     model: str, gpus: int, schedule: Schedule, strategies: list[str], ks: list[int], batch: int,
-    warmup: int | None, threads: int, calibrate: bool, out: Path,
+    warmup: int | None, threads: int, calibrate: bool, out: Path, executions: Sequence[str | None] = (None,),
 ) -> list[Entry]:
-    """Cost ``model`` once (calibrated, as ``compile`` does) and plan every strategy from it."""
+    """Cost ``model`` once per execution (calibrated, as ``compile`` does) and plan every
+    strategy from it; the serial entries first."""
     from hybridiff.calibrate import calibration
     from hybridiff.compiler.entries import cost_model
 
-    options = CompileOptions(gpus=gpus, schedule=schedule, batch=batch, threads=threads)
-    costed = cost_model(model, options, calibrate=calibration(calibrate, threads))
-    return strategy_entries(costed, gpus, schedule, strategies, ks or [schedule.k], out, batch, warmup)
+    entries = []
+    for execution in executions:
+        options = CompileOptions(gpus=gpus, schedule=schedule, batch=batch, threads=threads, execution=execution or "eager")
+        costed = cost_model(model, options, calibrate=calibration(calibrate, threads))
+        entries += strategy_entries(costed, gpus, schedule, strategies, ks or [schedule.k], out, batch, warmup)
+    return sorted(entries, key=lambda e: e.strategy != "serial")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,9 @@ quiet_libraries()
 # Every run in the suite, in process or launched, computes on CPU workers, so hybrid runs and
 # their emulations agree on any machine (GPU-only checks pin their device themselves).
 os.environ["HYBRIDIFF_DEVICE"] = "cpu"
+# Compiled kernels of the suite go to a cache of its own, empty at the start of every run, so
+# the compiled tests see a cold cache first wherever they run (and users' caches stay untouched).
+os.environ["HYBRIDIFF_CACHE_DIR"] = tempfile.mkdtemp(prefix="hybridiff-test-cache-")
 
 from hybridiff.compiler.entries import compile_model  # noqa: E402
 from hybridiff.graph.pipeline import TracedModel, trace_pipeline  # noqa: E402

@@ -18,6 +18,7 @@ from hybridiff.cli.options import (
     AsJson,
     Batch,
     Calibrate,
+    ExecutionMode,
     Gpus,
     GuidanceScale,
     ImagesPerPrompt,
@@ -31,6 +32,7 @@ from hybridiff.cli.options import (
     Warmup,
     WindowGuidance,
     WindowLengths,
+    execution_mode,
     window_lengths,
 )
 from hybridiff.cli.run import run_command
@@ -99,6 +101,7 @@ def compile_command(
     ),
     warmup: Warmup = None,
     patch_parallel: bool = typer.Option(False, "--patch-parallel", help="UNets: consider sp row bands (one step stale)"),
+    execution: ExecutionMode = None,
 ) -> None:
     """Trace, profile and partition MODEL (or a published --arch) into an execution plan."""
     from hybridiff.compiler.options import CompileOptions
@@ -114,6 +117,7 @@ def compile_command(
         options = CompileOptions(
             gpus=gpus, schedule=model_schedule(model, given, window_guidance or "mixed"), batch=batch or 1, mesh=mesh, strategy=strategy,
             warmup=warmup, link_gbps=link_gbps, repeats=repeats, threads=threads, cost=cost, patch_parallel=patch_parallel,
+            execution=execution_mode(execution) or "eager",
         )
         if arch is not None:
             plan = _compile_arch(arch, resolution, options, device_tflops, device_mem_gbps, profile)
@@ -191,7 +195,7 @@ def _report_plan(plan: "Plan", out: Path, gpus: int) -> None:
     typer.echo(
         f"wrote {out}: mesh {plan.mesh.label}, {len(plan.stages)} stages, imbalance {plan.imbalance:.3f}, "
         f"predicted {est.latency_s:.3f} s for {plan.mesh.batch} image(s) vs {est.serial_latency_s:.3f} s serial "
-        f"({est.speedup:.2f}x)"
+        f"({est.speedup:.2f}x){', costed compiled' if plan.execution == 'compiled' else ''}"
     )
 
 
@@ -322,6 +326,9 @@ def bench_command(
     grid: Optional[Path] = typer.Option(None, help="draw the image grid (a row per image, a column per entry) to this PNG"),
     as_json: AsJson = False,
     out: Path = typer.Option(Path("out-bench"), "-o", "--out", help="bench.json, plots, and a folder of images per entry"),
+    execution: Optional[str] = typer.Option(
+        None, help="'eager', 'compiled' or 'both' (every entry, serial too, run both ways) (default: the plan's, or eager)"
+    ),
 ) -> None:
     """Strategies side by side: latency, speed-up, bytes and fidelity vs serial, against each plan's
     prediction. MODEL: every strategy planned for --gpus devices and --batch images per call."""
@@ -341,12 +348,15 @@ def bench_command(
         threads = threads or devices.default_threads(load_plan(target).mesh.world_size if is_plan else gpus)
         requests = bench.requests_for(source, prompt, prompts, num_images_per_prompt, per_call)
         peer_names = bench.parse_peers(peers)
+        executions = bench.executions_of(execution)
         if is_plan:
-            entries = bench.plan_entries(Path(target), out)
+            entries = bench.plan_entries(Path(target), out, executions)
         else:
             names = parse_strategies(strategies)
             schedule = model_schedule(target, {"steps": steps, "tau_cap": tau_cap})
-            entries = bench.model_entries(target, gpus, schedule, names, window_lengths(k), per_call, warmup, threads, calibrate, out)
+            entries = bench.model_entries(
+                target, gpus, schedule, names, window_lengths(k), per_call, warmup, threads, calibrate, out, executions
+            )
         entries = bench.peer_entries(peer_names, entries, load_plan(target).mesh.world_size if is_plan else gpus, out)
         result = bench.run_bench(entries, bench.BenchOptions(requests, steps if is_plan else None, repeats, rounds, threads, digits), out)
         workers = max(e.workers for e in entries)

@@ -44,7 +44,18 @@ Prompts = Annotated[
 ]
 ImagesPerPrompt = Annotated[Optional[int], typer.Option(min=1, max=10_000, help="images per prompt (seeds seed, seed+1, ...) (default: 1)")]
 Repeats = Annotated[int, typer.Option(min=1, max=1000, help="generate every image this many times; latency is the median")]
+ExecutionMode = Annotated[
+    Optional[str],
+    typer.Option(help="'eager' or 'compiled': every program through torch.compile, CUDA graphs on CUDA (default: the plan's, or eager)"),
+]
 AsJson = Annotated[bool, typer.Option("--json", help="print JSON instead of text")]
+
+
+def execution_mode(text: str | None) -> str | None:
+    """``--execution`` checked: eager, compiled or not given."""
+    if text not in (None, "eager", "compiled"):
+        raise HybridiffError(f"--execution {text!r}: use 'eager' or 'compiled'")
+    return text
 
 
 def window_lengths(text: str, one: bool = False) -> list[int]:

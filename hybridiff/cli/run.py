@@ -13,7 +13,19 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from hybridiff.cli.options import GuidanceScale, ImagesPerPrompt, PlanFile, Prompt, Prompts, Repeats, Steps, Threads, WindowGuidance
+from hybridiff.cli.options import (
+    ExecutionMode,
+    GuidanceScale,
+    ImagesPerPrompt,
+    PlanFile,
+    Prompt,
+    Prompts,
+    Repeats,
+    Steps,
+    Threads,
+    WindowGuidance,
+    execution_mode,
+)
 from hybridiff.errors import HybridiffError, Interrupted, report_and_exit
 from hybridiff.files import check_output_folder
 
@@ -46,6 +58,7 @@ def run_command(
     device: Optional[str] = typer.Option(
         None, help="cpu, cuda or auto: what the workers compute on (default: $HYBRIDIFF_DEVICE, else auto: CUDA where it exists)"
     ),
+    execution: ExecutionMode = None,
 ) -> None:
     """Generate images with a compiled plan."""
     if emulate and serial:
@@ -63,17 +76,31 @@ def run_command(
         os.environ[devices.DEVICE_ENV] = device  # the launched workers inherit it
     try:
         given = read_prompts(prompts, seed, negative_prompt) if prompts else [ImageRequest(prompt, negative_prompt, seed)]
+        execution = execution_mode(execution)
     except HybridiffError as e:
         report_and_exit(e)
     opts = RunOptions(
         plan=plan, requests=tuple(expand(given, num_images_per_prompt or 1)), out=out, mode=mode, steps=steps,
         guidance_scale=guidance_scale, threads=threads, repeats=repeats, window_guidance=window_guidance,
-        scheduler=scheduler, trace=trace,
+        scheduler=scheduler, trace=trace, execution=execution,
     )
     _run_to_one_line(opts, overwrite)
     if mode != "hybrid" or os.environ.get("RANK", "0") == "0":
         count = len(opts.requests)
         typer.echo(f"wrote {count} image{'s' if count > 1 else ''} (image-0.png ...) and report.json to {out}")
+        _say_compilation(out)
+
+
+def _say_compilation(out: Path) -> None:
+    """Compiled runs: what compiling cost, apart from the latency in the report."""
+    import json
+
+    compiled = json.loads((out / "report.json").read_text()).get("compilation")
+    if compiled:
+        typer.echo(
+            f"compiled: warm-up call(s) {compiled['warmup_s']:.1f} s (compilation included), "
+            f"{compiled['recompilations']} recompilation(s) in timed calls; kernels cached in {compiled['cache_dir']}"
+        )
 
 
 def _run_to_one_line(opts: "RunOptions", overwrite: bool) -> None:

@@ -18,6 +18,7 @@ from torch import fx
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from hybridiff.graph.execution import GraphRunner
+from hybridiff.plan import Execution
 
 
 @dataclass(frozen=True)
@@ -140,17 +141,20 @@ def profile_nodes(
     return measures
 
 
-def forward_time(gm: fx.GraphModule, inputs: dict[str, Any], repeats: int) -> float:
+def forward_time(gm: fx.GraphModule, inputs: dict[str, Any], repeats: int, execution: Execution = "eager") -> float:
     """Median time of a whole forward of the traced graph."""
-    return forward_times(gm, {0: inputs}, repeats)[0]
+    return forward_times(gm, {0: inputs}, repeats, execution)[0]
 
 
-def forward_times(gm: fx.GraphModule, inputs: dict[int, dict[str, Any]], repeats: int) -> dict[int, float]:
+def forward_times(
+    gm: fx.GraphModule, inputs: dict[int, dict[str, Any]], repeats: int, execution: Execution = "eager"
+) -> dict[int, float]:
     """Median time of a whole forward on each of several inputs (by key), timed in turns, so
-    that a machine whose speed drifts affects them alike and their ratios hold."""
-    runner = GraphRunner(gm)
-    program = runner.program([n.name for n in gm.graph.nodes if n.op != "placeholder"])
+    that a machine whose speed drifts affects them alike and their ratios hold. Compiled, each
+    input's first forward (untimed) compiles the graph for its shapes."""
     device = device_of(next(iter(inputs.values())))
+    runner = GraphRunner(gm, execution, device)
+    program = runner.program([n.name for n in gm.graph.nodes if n.op != "placeholder"])
     times: dict[int, list[float]] = {key: [] for key in inputs}
     with torch.inference_mode():
         for _ in range(repeats):

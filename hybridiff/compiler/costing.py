@@ -3,7 +3,7 @@ partitions by stage count, their cut tensors, and the layout the step programs a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Callable
 
@@ -17,7 +17,7 @@ from hybridiff.compiler.partition import Partition, best_partition
 from hybridiff.compiler.patches import patch_split
 from hybridiff.compiler.tokens import token_split
 from hybridiff.graph.trace import graph_fingerprint
-from hybridiff.plan import CutTensor, Mesh, ModelRef, PatchSplit, Schedule, StepCosts, TokenSplit, link_bytes_per_s
+from hybridiff.plan import CutTensor, Execution, Mesh, ModelRef, PatchSplit, Schedule, StepCosts, TokenSplit, link_bytes_per_s
 from hybridiff.program.layout import Layout
 from hybridiff.simulate import Workload, forward_by_rows
 
@@ -43,6 +43,8 @@ class CostedModel:
     repeats: int
     cost: str
     device_model: DeviceModel | None
+    #: How the whole forwards were timed; compiled, node costs are scaled to them (``measure``).
+    execution: Execution = "eager"
     step_costs: StepCosts = field(default_factory=StepCosts)
     splits: dict[int, Split] = field(default_factory=dict)
     #: Node measures by graph fingerprint: partitions into different stage counts open the
@@ -58,8 +60,16 @@ class CostedModel:
         """The measures of every node of ``gm`` (the graph or a refinement of it)."""
         key = graph_fingerprint(gm)
         if key not in self.measures:
-            self.measures[key] = profile_nodes(gm, self.branch_inputs, self.repeats, self.cost, self.device_model)
+            measures = profile_nodes(gm, self.branch_inputs, self.repeats, self.cost, self.device_model)
+            self.measures[key] = self._compiled_scale(measures) if self.execution == "compiled" else measures
         return self.measures[key]
+
+    def _compiled_scale(self, measures: dict[str, NodeMeasure]) -> dict[str, NodeMeasure]:
+        """Compiled, a node has no time of its own (inductor fuses it with its neighbours):
+        every node's eager cost is scaled by one factor, so the nodes sum to the compiled
+        one-row forward. Stages then balance by eager shares of the compiled time."""
+        scale = self.forward_s / max(1e-12, sum(m.cost_s for m in measures.values()))
+        return {name: replace(m, cost_s=m.cost_s * scale) for name, m in measures.items()}
 
     def split(self, stages: int) -> Split:
         """The balanced partition into ``stages`` (ValueError if the graph has too few blocks)."""
@@ -147,8 +157,8 @@ def cost_graph(
     elif options.cost == "roofline":
         forward = sum(m.cost_s for m in profile_nodes(graph, branch_inputs, 1, options.cost, device_model).values())
     else:
-        forward = forward_time(graph, branch_inputs, options.repeats)
+        forward = forward_time(graph, branch_inputs, options.repeats, options.execution)
     return CostedModel(
         graph, latent, branch_inputs, forward, forward_rows_s or {2: 2 * forward},
-        model, options.link_gbps, device, options.repeats, options.cost, device_model,
+        model, options.link_gbps, device, options.repeats, options.cost, device_model, options.execution,
     )

@@ -71,6 +71,7 @@ def assemble(costed: CostedModel, chosen: Mesh, work: Workload, alternatives: di
         cut_tensors=costed.cut_tensors(chosen.replica_size, chosen.sp),
         schedule=schedule,
         estimates=estimates,
+        execution=costed.execution,
     )
 
 

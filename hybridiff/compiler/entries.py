@@ -68,7 +68,7 @@ def cost_model(
         options,
         latent=traced.adapter.latent,
         branch_inputs=cond,
-        forward_rows_s=forward_times(traced.graph, timed, options.repeats),
+        forward_rows_s=forward_times(traced.graph, timed, options.repeats, options.execution),
         model=ModelRef(
             source=source,
             denoiser=traced.adapter.name,
@@ -165,7 +165,7 @@ def cost_arch(
     call = partial(adapter_for(model).example_call, resolution // 8)
     traced, both = trace_module(model, call(1)), trace_module(model, call(2)).inputs
     if profile:
-        serial = forward_time(traced.graph, both, options.repeats)
+        serial = forward_time(traced.graph, both, options.repeats, options.execution)
     else:
         serial = sum(m.cost_s for m in profile_nodes(traced.graph, both, 1, "roofline", device_model).values())
     return cost_graph(

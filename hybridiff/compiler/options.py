@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hybridiff.compiler.schedule_defaults import DEFAULT_SCHEDULE
+from hybridiff.errors import HybridiffError
 from hybridiff.plan import Schedule
 
 #: Default link bandwidth: PCIe 3.0 x16 moves ~15.75 GB/s raw, ~100 Gbit/s in practice.
@@ -44,6 +45,12 @@ class CompileOptions:
     #: one-step-stale halos, statistics and keys between bands (DistriFusion), so it is not
     #: exact: off unless asked for. Transformer token splits are exact and always considered.
     patch_parallel: bool = False
+    #: "eager" or "compiled": how the plan's programs are timed and will run (``graph.compiled``).
+    execution: str = "eager"
+
+    def __post_init__(self) -> None:
+        if self.execution not in ("eager", "compiled"):
+            raise HybridiffError(f"execution {self.execution!r} is not one of eager, compiled")
 
     def but(self, **changes: Any) -> CompileOptions:
         """These options with ``changes``."""

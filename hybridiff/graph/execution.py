@@ -8,15 +8,19 @@ A program is compiled once into its own small ``fx.GraphModule``: straight-line 
 reads the values it needs from outside by name and returns the values the caller keeps (the
 tensors a stage must send on, and the graph output). Generated code frees each intermediate
 after its last use, as a plain forward would, and costs a fraction of ``fx.Interpreter``'s
-per-node dispatch, which matters on short forwards run every step.
+per-node dispatch, which matters on short forwards run every step. With ``execution="compiled"``
+each program is also put through ``torch.compile`` (``graph.compiled``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
+import torch
 from torch import fx
+
+from hybridiff.graph.compiled import Execution, compile_callable
 
 
 @dataclass(frozen=True)
@@ -28,20 +32,24 @@ class NodeProgram:
     #: Values the program reads without computing them: graph inputs or other nodes' values.
     inputs: tuple[fx.Node, ...]
     module: fx.GraphModule
+    #: What runs: ``module`` itself, or ``module`` under ``torch.compile``.
+    call: Callable[..., Any]
 
 
 class GraphRunner:
     """Executes node subsets of one ``fx.GraphModule``."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
-        self.gm = gm
+    def __init__(self, gm: fx.GraphModule, execution: Execution = "eager", device: torch.device | None = None) -> None:
+        """``execution``: how programs run (``device``: where, for the compiled mode's choice)."""
+        self.gm, self.execution, self.device = gm, execution, device
         self.nodes: dict[str, fx.Node] = {n.name: n for n in gm.graph.nodes}
         self.order: dict[str, int] = {n.name: i for i, n in enumerate(gm.graph.nodes)}
         self.output = next(n for n in gm.graph.nodes if n.op == "output")
 
-    def program(self, names: Iterable[str], keep: Iterable[str] = ()) -> NodeProgram:
+    def program(self, names: Iterable[str], keep: Iterable[str] = (), eager: bool = False) -> NodeProgram:
         """A program running ``names`` (any order given; run topologically) that returns the
-        values of those among them in ``keep`` (the graph output as ``"output"``)."""
+        values of those among them in ``keep`` (the graph output as ``"output"``); ``eager``
+        whatever the runner's mode (a program that communicates while it runs)."""
         nodes = tuple(sorted((self.nodes[n] for n in set(names)), key=lambda n: self.order[n.name]))
         keep = frozenset(keep) | {self.output.name}
         inside = set(nodes)
@@ -57,7 +65,9 @@ class GraphRunner:
                 if node.name in keep:
                     returned[node.name] = copied[node]
         graph.output(returned)
-        return NodeProgram(nodes, keep, inputs, fx.GraphModule(self.gm, graph))
+        module = fx.GraphModule(self.gm, graph)
+        call = module if eager or self.execution == "eager" else compile_callable(module, self.device)
+        return NodeProgram(nodes, keep, inputs, module, call)
 
     def run(self, program: NodeProgram, env: dict[str, Any]) -> dict[str, Any]:
         """Run ``program`` on values in ``env`` (graph inputs and received values by name).
@@ -73,4 +83,4 @@ class GraphRunner:
                 args.append(node.args[0] if node.args else None)
             else:
                 raise KeyError(f"program input {node.name!r} is missing from the environment")
-        return program.module(*args)
+        return program.call(*args)

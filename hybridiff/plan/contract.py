@@ -23,6 +23,10 @@ from hybridiff.plan.mesh import Mesh
 from hybridiff.plan.schedule import Schedule
 from hybridiff.plan.strict import Strict
 
+#: How the runtime runs a plan's programs: one Python-dispatched kernel after another, or
+#: through ``torch.compile`` (``hybridiff.graph.compiled``).
+Execution = Literal["eager", "compiled"]
+
 #: 3: cut tensors record the dimension shard peers split (``CutTensor.shard_dim``).
 FORMAT_VERSION = 3
 
@@ -56,6 +60,9 @@ class Plan(Strict):
     estimates: Estimates
     #: The peer strategy this plan reproduces (``compile --strategy``); None: the compiler's choice.
     strategy: str | None = None
+    #: How the programs whose costs the estimates hold ran when they were timed, and how the
+    #: runtime runs them unless told otherwise (``run --execution``).
+    execution: Execution = "eager"
 
     @model_validator(mode="after")
     def _consistent(self) -> Plan:

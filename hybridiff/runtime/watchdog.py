@@ -23,6 +23,9 @@ from hybridiff.errors import HybridiffError
 
 TIMEOUT_ENV = "HYBRIDIFF_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 60
+#: The default wait for a peer in compiled runs: a rank compiling its stage for the first time
+#: (minutes on a CPU, with an empty cache) keeps its peers waiting at their next exchange.
+COMPILED_TIMEOUT_S = 900
 #: Seconds between two heartbeats of a worker.
 BEAT_S = 0.5
 #: A worker that has not written its first heartbeat this long after launch is declared stuck
@@ -42,6 +45,13 @@ def timeout_s() -> int:
     if not 2 <= value <= 86400:
         raise HybridiffError(f"{TIMEOUT_ENV}={text!r}: give whole seconds from 2 to 86400 (default {DEFAULT_TIMEOUT_S})")
     return value
+
+
+def allow_compilation() -> None:
+    """Before a compiled run joins its peers (and launches them): unless the user set
+    ``HYBRIDIFF_TIMEOUT_S``, wait ``COMPILED_TIMEOUT_S`` for a peer. A stopped worker is still
+    named within half of it (its heartbeat, which compiling does not stop, goes stale)."""
+    os.environ.setdefault(TIMEOUT_ENV, str(COMPILED_TIMEOUT_S))
 
 
 def stale_after_s(timeout: int) -> float:

@@ -25,9 +25,10 @@ import torch.distributed as dist
 from torch import nn
 
 from hybridiff.errors import HybridiffError
+from hybridiff.graph.compiled import chosen_execution
 from hybridiff.graph.guidance import CallPattern, Guidance
 from hybridiff.graph.pipeline import TracedModel, trace_module_call
-from hybridiff.plan import Plan, load_plan
+from hybridiff.plan import Execution, Plan, load_plan
 from hybridiff.runtime import watchdog
 from hybridiff.runtime.api import calls
 from hybridiff.runtime.api.agreement import Agreement, check_same
@@ -44,10 +45,11 @@ class ParallelModule:
 
     def __init__(
         self, module: nn.Module, plan: Plan | str | Path, guidance: CallPattern, emulate: bool = False, leaves: Any = None,
-        trace: bool = False,
+        trace: bool = False, execution: Execution | None = None,
     ) -> None:  # fmt: skip
         self.module, self.leaves = module, leaves
         self.plan = plan if isinstance(plan, Plan) else load_plan(Path(plan))
+        self.execution: Execution = chosen_execution(execution, self.plan.execution)
         if self.plan.mesh.dp > 1:
             raise HybridiffError(
                 f"the plan's mesh {self.plan.mesh.label} has {self.plan.mesh.dp} replicas, but a module in your own loop "
@@ -62,6 +64,8 @@ class ParallelModule:
         self.distributed = not emulate
         self.spans = Spans(enabled=trace)
         self._owns_group = self.distributed and not dist.is_initialized()
+        if self.distributed and self.execution == "compiled":
+            watchdog.allow_compilation()
         self.rank = join_group(self.plan, _device(module)) if self.distributed else 0
         self.agreement = Agreement(self.rank, distributed=self.distributed)
         self.last_report: CallReport | None = None
@@ -83,7 +87,7 @@ class ParallelModule:
             self._transport = DistTransport([mesh.replica_ranks(0), *mesh.shard_groups()], self.spans, timeout_s=watchdog.timeout_s())
         else:
             self._transport = LocalTransport(mesh.replica_ranks(0), self.spans)
-        return HybridDenoiser(traced, plan, self._transport, 0)
+        return HybridDenoiser(traced, plan, self._transport, 0, self.execution)
 
     @contextmanager
     def loop(self, steps: int, guided: bool = True) -> Iterator[ParallelModule]:

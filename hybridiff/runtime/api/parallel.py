@@ -25,9 +25,10 @@ import torch.distributed as dist
 from torch import nn
 
 from hybridiff.errors import HybridiffError
+from hybridiff.graph.compiled import chosen_execution
 from hybridiff.graph.guidance import CallPattern, Guidance
 from hybridiff.graph.pipeline import TracedModel
-from hybridiff.plan import Plan, load_plan
+from hybridiff.plan import Execution, Plan, load_plan
 from hybridiff.program.layout import Layout
 from hybridiff.program.routing import Routing
 from hybridiff.runtime import watchdog
@@ -48,18 +49,22 @@ from hybridiff.runtime.spans import Spans
 def parallelize(
     pipe: Any, plan: Plan | str | Path, *, device: str | torch.device | None = None, emulate: bool = False,
     all_ranks: bool = False, trace: bool = False, guidance: CallPattern = "batched", leaves: Any = None,
+    execution: Execution | None = None,
 ) -> ParallelPipeline | ParallelModule:
     """Run ``plan`` on ``pipe``: under ``torchrun --nproc-per-node N`` (one rank per device of
     the plan), or in this one process with ``emulate=True``. ``device``: where ``pipe`` computes
     [default: this rank's GPU where CUDA exists, else the pipeline's device]. ``all_ranks``: every
     rank gets the output, not only rank 0. ``trace``: record per-step spans (``write_trace``).
+    ``execution``: ``"eager"`` or ``"compiled"`` (every program through ``torch.compile``; the
+    first call compiles, so warm up before timing) [default: the plan's].
 
     ``pipe`` may be a denoiser module of your own sampling loop (``runtime.api.module``):
     ``guidance`` says how the loop guides it (``"batched"``: ``[uncond; cond]`` rows in one call;
     ``"two-calls"``: conditional, then unconditional), ``leaves`` are the ones it was compiled with."""
     if isinstance(pipe, nn.Module):
-        return ParallelModule(pipe, plan, guidance, emulate=emulate, leaves=leaves, trace=trace)
-    return ParallelPipeline(pipe, plan, mode="emulate" if emulate else "hybrid", device=device, all_ranks=all_ranks, trace=trace)
+        return ParallelModule(pipe, plan, guidance, emulate=emulate, leaves=leaves, trace=trace, execution=execution)
+    mode = "emulate" if emulate else "hybrid"
+    return ParallelPipeline(pipe, plan, mode, device=device, all_ranks=all_ranks, trace=trace, execution=execution)
 
 
 class ParallelPipeline:
@@ -67,14 +72,16 @@ class ParallelPipeline:
 
     def __init__(
         self, pipe: Any, plan: Plan | str | Path, mode: Mode = "hybrid", device: str | torch.device | None = None,
-        all_ranks: bool = False, trace: bool = False, own_cores: bool = False,
+        all_ranks: bool = False, trace: bool = False, own_cores: bool = False, execution: Execution | None = None,
     ) -> None:
         """``mode="serial"`` runs the stock denoiser, observed (the CLI's baseline); ``"ulysses"``
         runs it under diffusers' context parallelism over all launched ranks (``bench``'s peer;
         it changes ``pipe``'s denoiser for good). ``own_cores``: this worker is bound to cores of
-        its own (``device.placement``), so it may poll for peers."""
+        its own (``device.placement``), so it may poll for peers. ``execution``: eager or compiled
+        programs [default: the plan's]; diffusers' Ulysses always runs eagerly."""
         self.pipe = pipe
         self.plan = plan if isinstance(plan, Plan) else load_plan(Path(plan))
+        self.execution: Execution = "eager" if mode == "ulysses" else chosen_execution(execution, self.plan.execution)
         self.mode, self.all_ranks = mode, all_ranks
         self.spans = Spans(enabled=trace)
         self.last_report: CallReport | None = None
@@ -84,6 +91,8 @@ class ParallelPipeline:
         if pipe_device(pipe) != self.device:
             pipe.to(self.device)
         self._owns_group = distributed and not dist.is_initialized()
+        if distributed and self.execution == "compiled":
+            watchdog.allow_compilation()
         self._transports: list[Transport] = []
         self.rank = 0
         try:
@@ -118,13 +127,13 @@ class ParallelPipeline:
         mesh = self.plan.mesh
         two_calls = traced.guidance.calls == "two-calls"
         if self.mode == "serial":
-            return {0: ObservedDenoiser(traced.denoiser, traced.attr, self.spans, two_calls)}
+            return {0: ObservedDenoiser(traced.denoiser, traced.attr, self.spans, two_calls, self.execution)}
         if self.mode == "ulysses":
             masks = getattr(getattr(traced.adapter, "family", None), "masks", {})
             return {0: UlyssesDenoiser(traced.denoiser, traced.attr, self.spans, two_calls, masks)}
         if self.mode == "emulate":
             self._transports = [LocalTransport(mesh.replica_ranks(d), self.spans) for d in range(mesh.dp)]
-            return {d: HybridDenoiser(traced, self.plan, t, d) for d, t in enumerate(self._transports)}
+            return {d: HybridDenoiser(traced, self.plan, t, d, self.execution) for d, t in enumerate(self._transports)}
         one_machine = os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE")
         transport = DistTransport(
             [mesh.replica_ranks(d) for d in range(mesh.dp)] + mesh.shard_groups(), self.spans, spin=own_cores,
@@ -132,7 +141,7 @@ class ParallelPipeline:
         )
         self._transports = [transport]
         located = mesh.locate(self.rank)
-        return {located[0]: HybridDenoiser(traced, self.plan, transport, located[0])} if located else {}
+        return {located[0]: HybridDenoiser(traced, self.plan, transport, located[0], self.execution)} if located else {}
 
     def __getattr__(self, name: str) -> Any:
         """The pipeline's attributes (``ppipe.scheduler``, ``ppipe.vae``, ...)."""

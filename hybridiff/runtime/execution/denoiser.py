@@ -36,8 +36,9 @@ import torch
 from torch import nn
 
 from hybridiff.errors import HybridiffError
+from hybridiff.graph.compiled import compile_callable
 from hybridiff.graph.pipeline import TracedModel
-from hybridiff.plan import RUN_PHASES, Phase, Plan
+from hybridiff.plan import RUN_PHASES, Execution, Phase, Plan
 from hybridiff.program.build import ProgramBuilder
 from hybridiff.program.layout import Layout
 from hybridiff.program.timeline import CallSchedule
@@ -140,7 +141,14 @@ class ObservedDenoiser(_DenoiserProxy):
     """The stock denoiser, unchanged, recording the per-step discrepancy of its CFG batch.
 
     The predictions are kept and the curve is worked out after the call, so the baseline's
-    timed loop does nothing the stock pipeline would not do."""
+    timed loop does nothing the stock pipeline would not do. ``execution="compiled"`` runs the
+    denoiser module under ``torch.compile`` (static shapes), as a user compiling it would."""
+
+    def __init__(self, denoiser: nn.Module, attr: str, spans: Spans, two_calls: bool = False, execution: Execution = "eager") -> None:
+        super().__init__(denoiser, attr, spans, two_calls)
+        device = next((p.device for p in denoiser.parameters()), None)
+        # kept outside the module tree: the proxy's only submodule stays the denoiser itself
+        self.__dict__["_run"] = denoiser if execution == "eager" else compile_callable(denoiser, device)
 
     def begin_call(self, guided: bool) -> None:
         self.loop_start = None
@@ -167,7 +175,7 @@ class ObservedDenoiser(_DenoiserProxy):
             self._count_steps()
         self._start_clock()
         with self.spans.call(), self.spans.span("compute", "forward"):
-            out = self.inner(*args, **kwargs)
+            out = self._run(*args, **kwargs)
         self._predictions.append(_prediction(out))
         return out
 
@@ -176,11 +184,13 @@ class HybridDenoiser(_DenoiserProxy):
     """Runs the plan's step programs for the positions of ``replica`` this process hosts: each
     denoiser call asks the call's ``CallSchedule`` for its step's program and executes it."""
 
-    def __init__(self, traced: TracedModel, plan: Plan, transport: Transport, replica: int = 0) -> None:
+    def __init__(
+        self, traced: TracedModel, plan: Plan, transport: Transport, replica: int = 0, execution: Execution | None = None
+    ) -> None:
         super().__init__(traced.denoiser, traced.attr, transport.spans, traced.guidance.calls == "two-calls")
         self.adapter = traced.adapter
         self.plan, self.mesh, self.transport = plan, plan.mesh, transport
-        self.executor = Executor(traced, plan, transport, replica)
+        self.executor = Executor(traced, plan, transport, replica, execution)
         self.builder = ProgramBuilder(Layout.of(plan))
         self.timeline: CallSchedule | None = None
         self._warned: set[int] = set()  # step counts already warned of (``_warn_short_call``)

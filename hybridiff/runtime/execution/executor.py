@@ -18,7 +18,7 @@ from hybridiff.errors import HybridiffError
 from hybridiff.graph.execution import GraphRunner
 from hybridiff.graph.pipeline import TracedModel
 from hybridiff.graph.rows import rows_of
-from hybridiff.plan import CutTensor, Phase, Plan
+from hybridiff.plan import CutTensor, Execution, Phase, Plan
 from hybridiff.program.actions import (
     Action,
     BroadcastOutput,
@@ -40,9 +40,13 @@ from hybridiff.runtime.execution.sequence import ShardedForwards
 class Executor:
     """Runs step programs on a traced graph over ``transport``, for ``replica``'s hosted positions."""
 
-    def __init__(self, traced: TracedModel, plan: Plan, transport: Transport, replica: int = 0) -> None:
+    def __init__(
+        self, traced: TracedModel, plan: Plan, transport: Transport, replica: int = 0, execution: Execution | None = None
+    ) -> None:
+        """``execution``: how the programs run [default: the plan's]."""
         self.plan, self.mesh, self.transport = plan, plan.mesh, transport
-        self.runner = GraphRunner(traced.graph)
+        device = next((p.device for p in traced.denoiser.parameters()), None)
+        self.runner = GraphRunner(traced.graph, execution or plan.execution, device)
         self.ranks = self.mesh.replica_ranks(replica)
         self.hosted = {s for s, r in enumerate(self.ranks) if r in transport.hosted}
         self.cuts = {c.node: c for c in plan.cut_tensors}

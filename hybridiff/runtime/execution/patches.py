@@ -159,7 +159,8 @@ class PatchShards:
     def __init__(self, runner: GraphRunner, patches: PatchSplit, sp: int, keep: list[str]) -> None:
         self.runner, self.patches, self.sp = runner, patches, sp
         self.band = patches.height // sp
-        self.program = runner.program([n.name for n in runner.gm.graph.nodes if n.op != "placeholder"], keep=keep)
+        # eager in compiled mode too: the bands exchange halos while the forward runs
+        self.program = runner.program([n.name for n in runner.gm.graph.nodes if n.op != "placeholder"], keep=keep, eager=True)
 
     def run(
         self, env: dict[str, Any], shard: int, gather: Gather, post: Post, exact: bool, kept: dict[int, Any]

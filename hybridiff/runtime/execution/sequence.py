@@ -81,7 +81,8 @@ def _own_table(value: Any, table: TokenTableRef, split: TokenSplit, shard: int, 
 
 class TokenShards:
     """The whole graph as three programs: up to the token cut, the token-parallel middle, and
-    the rest after the tokens are put back together (``graph.tokens.token_segments``)."""
+    the rest after the tokens are put back together (``graph.tokens.token_segments``). The
+    middle stays eager in compiled mode: its attentions gather keys while it runs."""
 
     def __init__(self, runner: GraphRunner, tokens: TokenSplit, sp: int, keep: list[str]) -> None:
         self.runner, self.tokens, self.sp = runner, tokens, sp
@@ -92,7 +93,7 @@ class TokenShards:
         for i, segment in enumerate(segments):
             later = {p.name for s in segments[i + 1 :] for n in s for p in n.all_input_nodes}
             wanted = (later | set(keep) | set(cuts) | {tokens.gather_after}) & {n.name for n in segment}
-            self.programs.append(runner.program([n.name for n in segment], keep=wanted))
+            self.programs.append(runner.program([n.name for n in segment], keep=wanted, eager=i == 1))
 
     def run(
         self, env: dict[str, Any], shard: int, gather: Gather, post: Any = None, exact: bool = True, kept: Any = None

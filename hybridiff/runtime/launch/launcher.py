@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 from hybridiff.errors import HybridiffError, Interrupted, raise_on_signals
+from hybridiff.plan import load_plan
 from hybridiff.runtime import watchdog
 from hybridiff.runtime.comm import STORE_ENV
 from hybridiff.runtime.launch.worker import launched
@@ -61,6 +62,8 @@ def _environment(values: dict[str, str], override: bool) -> Iterator[None]:
 def launch_local(opts: RunOptions, world_size: int) -> None:
     """Run ``opts`` on ``world_size`` local workers; raises HybridiffError if any fails and
     ``Interrupted`` if the launcher is signalled, after closing the run's report."""
+    if (opts.execution or load_plan(opts.plan).execution) == "compiled":
+        watchdog.allow_compilation()
     with tempfile.TemporaryDirectory(prefix="hybridiff-") as run_dir:
         for sub in ("heartbeat", "errors", "elastic"):
             Path(run_dir, sub).mkdir()

@@ -25,4 +25,6 @@ class RunOptions:
     scheduler: str | None = None
     #: Folder for per-rank step traces (``rank-<r>.json``) and the report's ``profile_ms``.
     trace: Path | None = None
+    #: "eager" or "compiled" programs; None: the plan's.
+    execution: Literal["eager", "compiled"] | None = None
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+from functools import partial
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from hybridiff.runtime import watchdog
 from hybridiff.runtime.api import DISTRIBUTED
 from hybridiff.runtime.api.parallel import ParallelPipeline
 from hybridiff.runtime.run.checks import check_run, warn_truncated_prompts
+from hybridiff.runtime.run.compilation import Compilation
 from hybridiff.runtime.run.options import RunOptions
 from hybridiff.runtime.run.report import Call, RunReport
 from hybridiff.runtime.run.requests import ImageRequest
@@ -84,13 +86,15 @@ def _execute(opts: RunOptions, plan: Plan, where: devices.Placement) -> dict[str
         pipe.set_progress_bar_config(disable=None if report is not None else True, leave=False)
         trace = opts.trace is not None
         own_cores = where.cores is not None
-        with ParallelPipeline(pipe, plan, opts.mode, where.device, trace=trace, own_cores=own_cores) as ppipe:
-            _generate(opts, plan, ppipe, report, steps, guidance)
+        with ParallelPipeline(pipe, plan, opts.mode, where.device, trace=trace, own_cores=own_cores, execution=opts.execution) as ppipe:
+            compiling = Compilation(ppipe.execution == "compiled")
+            _generate(opts, plan, ppipe, report, steps, guidance, compiling)
             if trace:
                 ppipe.write_trace(opts.trace / f"rank-{ppipe.rank}.json")
             profiles = ppipe.step_breakdowns()
+            compiled = compiling.summary(ppipe.agreement.exchange(compiling.record()))
             if report is not None:
-                return report.complete(**({"profile_ms": dict(enumerate(profiles))} if trace else {}))
+                return report.complete(compilation=compiled, **({"profile_ms": dict(enumerate(profiles))} if trace else {}))
     except BaseException as e:
         if report is not None:
             report.write("interrupted" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "failed", error=one_line(e))
@@ -110,6 +114,8 @@ def _header(opts: RunOptions, plan: Plan, steps: int, guidance: float, device: t
         "scheduler": opts.scheduler or "default",
         "window_guidance": plan.schedule.window_guidance,
         "window_warning": plan.schedule.short_call(steps) if guidance > 1 else None,
+        "execution": "eager" if opts.mode == "ulysses" else opts.execution or plan.execution,
+        "plan_costed_with": plan.execution,
         "threads": torch.get_num_threads(),
         "device": devices.describe(device),
         "requested_images": len(opts.requests),
@@ -124,19 +130,23 @@ def _world(opts: RunOptions, plan: Plan) -> int:
 
 
 def _generate(
-    opts: RunOptions, plan: Plan, ppipe: ParallelPipeline, report: RunReport | None, steps: int, guidance: float
+    opts: RunOptions, plan: Plan, ppipe: ParallelPipeline, report: RunReport | None, steps: int, guidance: float,
+    compiling: Compilation,
 ) -> None:
     """Generate every requested image, ``per_call`` at a time: each call is shared among the
     mesh's replicas (image i of a call to replica i % dp), which generate their share together,
     as ``Mesh.replica_images`` and the simulator assume; the serial baseline takes the plan's
-    batch per call. Rank 0 writes each call's images and report entries as it ends."""
+    batch per call. Rank 0 writes each call's images and report entries as it ends. Compiled,
+    an untimed call of each size compiles first (``Compilation``)."""
     per_call = plan.mesh.batch if opts.mode in ("serial", "ulysses") else plan.mesh.dp * plan.mesh.images_per_call
     total = len(opts.requests)
     show = report is not None and total > 1
     with tqdm(total=total, desc="images", unit="img", disable=None if show else True) as bar:
         for index, start in enumerate(range(0, total, per_call)):
             chosen = list(range(start, min(start + per_call, total)))
-            runs = [_call(ppipe, [opts.requests[i] for i in chosen], steps, guidance) for _ in range(opts.repeats)]
+            one_call = partial(_call, ppipe, [opts.requests[i] for i in chosen], steps, guidance)
+            compiling.warm_up(len(chosen), one_call)
+            runs = [compiling.timed(one_call) for _ in range(opts.repeats)]
             output, last = runs[-1]
             if report is not None:
                 for i, image in zip(chosen, output.images):
