@@ -17,6 +17,7 @@ from hybridiff import quiet_libraries
 from hybridiff.cli.options import (
     AsJson,
     Batch,
+    BenchExecution,
     Calibrate,
     ExecutionMode,
     Gpus,
@@ -108,9 +109,8 @@ def compile_command(
     from hybridiff.compiler.schedule_defaults import model_schedule
 
     try:
-        window = window_lengths(k, one=True)
         given = {"steps": steps, "guidance_scale": guidance_scale, "L": L, "g_slope": g_slope, "tau_cap": tau_cap}
-        given["k"] = window[0] if window else None
+        given["k"] = next(iter(window_lengths(k, one=True)), None)
         _check_compile_options(model, arch, dtype, cost, strategy)
         _check_sizes(height, width, resolution if arch else None)
         check_output_file(out, "-o")
@@ -326,9 +326,7 @@ def bench_command(
     grid: Optional[Path] = typer.Option(None, help="draw the image grid (a row per image, a column per entry) to this PNG"),
     as_json: AsJson = False,
     out: Path = typer.Option(Path("out-bench"), "-o", "--out", help="bench.json, plots, and a folder of images per entry"),
-    execution: Optional[str] = typer.Option(
-        None, help="'eager', 'compiled' or 'both' (every entry, serial too, run both ways) (default: the plan's, or eager)"
-    ),
+    execution: BenchExecution = None,
 ) -> None:
     """Strategies side by side: latency, speed-up, bytes and fidelity vs serial, against each plan's
     prediction. MODEL: every strategy planned for --gpus devices and --batch images per call."""
@@ -336,7 +334,7 @@ def bench_command(
 
     from hybridiff import bench
     from hybridiff import device as devices
-    from hybridiff.bench_report import image_grid, plot_speed_quality, render
+    from hybridiff.bench_report import render
     from hybridiff.compiler.schedule_defaults import model_schedule
     from hybridiff.compiler.strategies import parse_strategies
 
@@ -352,21 +350,27 @@ def bench_command(
         if is_plan:
             entries = bench.plan_entries(Path(target), out, executions)
         else:
-            names = parse_strategies(strategies)
-            schedule = model_schedule(target, {"steps": steps, "tau_cap": tau_cap})
+            names, schedule = parse_strategies(strategies), model_schedule(target, {"steps": steps, "tau_cap": tau_cap})
             entries = bench.model_entries(
                 target, gpus, schedule, names, window_lengths(k), per_call, warmup, threads, calibrate, out, executions
             )
         entries = bench.peer_entries(peer_names, entries, load_plan(target).mesh.world_size if is_plan else gpus, out)
         result = bench.run_bench(entries, bench.BenchOptions(requests, steps if is_plan else None, repeats, rounds, threads, digits), out)
         workers = max(e.workers for e in entries)
-        if plot:
-            plot_speed_quality(result, out / "speed-quality.png", f"{source}, {workers} workers")
-        if plot or grid:
-            image_grid(result, grid or out / "images.png")
+        _draw_bench(result, out, plot, grid, f"{source}, {workers} workers")
     except HybridiffError as e:
         report_and_exit(e)
     typer.echo(json.dumps(result, indent=2) if as_json else render(result, workers))
+
+
+def _draw_bench(result: dict, out: Path, plot: bool, grid: Optional[Path], title: str) -> None:
+    """``bench --plot`` (speed against quality, and the image grid) and ``--grid PATH``."""
+    from hybridiff.bench_report import image_grid, plot_speed_quality
+
+    if plot:
+        plot_speed_quality(result, out / "speed-quality.png", title)
+    if plot or grid:
+        image_grid(result, grid or out / "images.png")
 
 
 def main() -> None:

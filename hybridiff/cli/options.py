@@ -48,6 +48,10 @@ ExecutionMode = Annotated[
     Optional[str],
     typer.Option(help="'eager' or 'compiled': every program through torch.compile, CUDA graphs on CUDA (default: the plan's, or eager)"),
 ]
+BenchExecution = Annotated[
+    Optional[str],
+    typer.Option(help="'eager', 'compiled' or 'both' (every entry, serial too, run both ways) (default: the plan's, or eager)"),
+]
 AsJson = Annotated[bool, typer.Option("--json", help="print JSON instead of text")]
 
 

@@ -20,24 +20,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, get_args
+from typing import Any, Callable
 
 import torch
 from torch import nn
-
-from hybridiff.errors import HybridiffError
-from hybridiff.plan.contract import Execution
-
-EXECUTIONS: tuple[str, ...] = get_args(Execution)
-
-
-def chosen_execution(requested: str | None, planned: Execution) -> Execution:
-    """``requested`` (checked), or the plan's ``planned`` when None."""
-    if requested is None:
-        return planned
-    if requested not in EXECUTIONS:
-        raise HybridiffError(f"execution {requested!r} is not one of {', '.join(EXECUTIONS)}")
-    return requested  # type: ignore[return-value]
 
 
 def cache_dir() -> Path:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import fx
 
-from hybridiff.graph.compiled import Execution, compile_callable
+from hybridiff.graph.compiled import compile_callable
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,9 @@ class NodeProgram:
 class GraphRunner:
     """Executes node subsets of one ``fx.GraphModule``."""
 
-    def __init__(self, gm: fx.GraphModule, execution: Execution = "eager", device: torch.device | None = None) -> None:
-        """``execution``: how programs run (``device``: where, for the compiled mode's choice)."""
+    def __init__(self, gm: fx.GraphModule, execution: str = "eager", device: torch.device | None = None) -> None:
+        """``execution``: how programs run, ``"eager"`` or ``"compiled"`` (the plan's
+        ``Execution``); ``device``: where, for the compiled mode's choice."""
         self.gm, self.execution, self.device = gm, execution, device
         self.nodes: dict[str, fx.Node] = {n.name: n for n in gm.graph.nodes}
         self.order: dict[str, int] = {n.name: i for i, n in enumerate(gm.graph.nodes)}

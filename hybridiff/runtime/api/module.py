@@ -25,12 +25,11 @@ import torch.distributed as dist
 from torch import nn
 
 from hybridiff.errors import HybridiffError
-from hybridiff.graph.compiled import chosen_execution
 from hybridiff.graph.guidance import CallPattern, Guidance
 from hybridiff.graph.pipeline import TracedModel, trace_module_call
 from hybridiff.plan import Execution, Plan, load_plan
 from hybridiff.runtime import watchdog
-from hybridiff.runtime.api import calls
+from hybridiff.runtime.api import calls, chosen_execution
 from hybridiff.runtime.api.agreement import Agreement, check_same
 from hybridiff.runtime.api.checks import check_fingerprint
 from hybridiff.runtime.api.collect import CallReport, merge_shares

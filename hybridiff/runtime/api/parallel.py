@@ -25,14 +25,13 @@ import torch.distributed as dist
 from torch import nn
 
 from hybridiff.errors import HybridiffError
-from hybridiff.graph.compiled import chosen_execution
 from hybridiff.graph.guidance import CallPattern, Guidance
 from hybridiff.graph.pipeline import TracedModel
 from hybridiff.plan import Execution, Plan, load_plan
 from hybridiff.program.layout import Layout
 from hybridiff.program.routing import Routing
 from hybridiff.runtime import watchdog
-from hybridiff.runtime.api import DISTRIBUTED, Mode, calls
+from hybridiff.runtime.api import DISTRIBUTED, Mode, calls, chosen_execution
 from hybridiff.runtime.api.agreement import Agreement
 from hybridiff.runtime.api.callspec import CallSpec
 from hybridiff.runtime.api.checks import trace_for_plan
