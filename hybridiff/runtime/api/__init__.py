@@ -1,9 +1,6 @@
 """``hybridiff.parallelize``: a plan run inside the user's own diffusers code."""
 
-from typing import Literal, get_args
-
-from hybridiff.errors import HybridiffError
-from hybridiff.plan import Execution
+from typing import Literal
 
 #: How a ``ParallelPipeline`` runs: ``hybrid`` (one rank of the mesh per process), ``emulate``
 #: (every rank in this process), ``serial`` (the stock denoiser, observed: the baseline),
@@ -12,12 +9,3 @@ Mode = Literal["hybrid", "emulate", "serial", "ulysses"]
 #: Modes whose ranks are launched processes meeting in a torch.distributed world.
 DISTRIBUTED: tuple[str, ...] = ("hybrid", "ulysses")
 
-
-def chosen_execution(requested: str | None, planned: Execution) -> Execution:
-    """``parallelize(execution=...)``: ``requested`` (checked), or the plan's ``planned`` when None."""
-    if requested is None:
-        return planned
-    known = get_args(Execution)
-    if requested not in known:
-        raise HybridiffError(f"execution {requested!r} is not one of {', '.join(known)}")
-    return requested  # type: ignore[return-value]

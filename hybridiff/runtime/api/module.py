@@ -29,10 +29,11 @@ from hybridiff.graph.guidance import CallPattern, Guidance
 from hybridiff.graph.pipeline import TracedModel, trace_module_call
 from hybridiff.plan import Execution, Plan, load_plan
 from hybridiff.runtime import watchdog
-from hybridiff.runtime.api import calls, chosen_execution
+from hybridiff.runtime.api import calls
 from hybridiff.runtime.api.agreement import Agreement, check_same
 from hybridiff.runtime.api.checks import check_fingerprint
 from hybridiff.runtime.api.collect import CallReport, merge_shares
+from hybridiff.runtime.api.execution import chosen_execution
 from hybridiff.runtime.comm.group import join_group
 from hybridiff.runtime.comm.transport import DistTransport, LocalTransport, Transport
 from hybridiff.runtime.execution.denoiser import HybridDenoiser

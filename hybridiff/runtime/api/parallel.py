@@ -31,11 +31,12 @@ from hybridiff.plan import Execution, Plan, load_plan
 from hybridiff.program.layout import Layout
 from hybridiff.program.routing import Routing
 from hybridiff.runtime import watchdog
-from hybridiff.runtime.api import DISTRIBUTED, Mode, calls, chosen_execution
+from hybridiff.runtime.api import DISTRIBUTED, Mode, calls
 from hybridiff.runtime.api.agreement import Agreement
 from hybridiff.runtime.api.callspec import CallSpec
 from hybridiff.runtime.api.checks import trace_for_plan
 from hybridiff.runtime.api.collect import CallReport, merge_local, merge_shares
+from hybridiff.runtime.api.execution import chosen_execution
 from hybridiff.runtime.api.module import ParallelModule
 from hybridiff.runtime.comm import shared
 from hybridiff.runtime.comm.group import choose_device, join_group, pipe_device
