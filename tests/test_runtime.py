@@ -15,6 +15,7 @@ from hybridiff.graph.execution import GraphRunner
 from hybridiff.graph.pipeline import trace_pipeline
 from hybridiff.graph.rows import branch_inputs
 from hybridiff.plan import Schedule, load_plan
+from hybridiff.runtime.comm import shared
 from hybridiff.runtime.comm.transport import LocalTransport
 from hybridiff.runtime.execution.denoiser import HybridDenoiser
 from hybridiff.runtime.run.requests import ImageRequest
@@ -53,7 +54,10 @@ def _check_trace(report, folder):
     """Each rank's trace shows every category of every step, and the report sums them up."""
     phases = report["images"][0]["phases"]
     for rank in ("0", "1"):
-        events = json.loads((folder / f"rank-{rank}.json").read_text())["traceEvents"]
+        trace = json.loads((folder / f"rank-{rank}.json").read_text())
+        # two workers bound to a core each, on one machine: cut tensors move through shared memory
+        assert trace["otherData"]["links"] == {"0->1": "shared memory", "1->0": "shared memory"} or not shared.supported()
+        events = trace["traceEvents"]
         spans = [e for e in events if e.get("ph") == "X"]
         assert {e["cat"] for e in spans} >= {"step", "compute", "wait", "send-recv", "pipeline", "glue"}
         steps = [e for e in spans if e["cat"] == "step"]

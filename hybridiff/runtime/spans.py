@@ -63,6 +63,8 @@ class Spans:
     _step_start: int | None = None
     _calls: int = 0
     _index: int = 0
+    #: How each point-to-point link of this process moves tensors (``DistTransport.links``).
+    links: dict[str, str] = field(default_factory=dict)
 
     def span(self, category: str, name: str) -> ContextManager[None]:
         """Time the enclosed block as ``category`` (one of ``CATEGORIES``)."""
@@ -155,7 +157,7 @@ class Spans:
                 cursor = max(cursor, span_end)
             if end > cursor:
                 event("glue", "glue", cursor, end, 1)
-        return {"traceEvents": events, "displayTimeUnit": "ms"}
+        return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"links": self.links}}
 
     def write(self, path: Path, process: str) -> None:
         from hybridiff.files import write_atomic

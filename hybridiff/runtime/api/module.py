@@ -128,7 +128,7 @@ class ParallelModule:
     def close(self, graceful: bool = True) -> None:
         """Release the transport, and the process group if this object created it."""
         if self._transport is not None:
-            self._transport.close()
+            self._transport.close(graceful)
             self._transport = None
         if self._owns_group and dist.is_initialized():
             if graceful:

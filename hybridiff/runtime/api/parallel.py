@@ -15,7 +15,6 @@ the call is the plan's image size and fits its mesh. Rank 0, or every rank with
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -134,10 +133,9 @@ class ParallelPipeline:
         if self.mode == "emulate":
             self._transports = [LocalTransport(mesh.replica_ranks(d), self.spans) for d in range(mesh.dp)]
             return {d: HybridDenoiser(traced, self.plan, t, d, self.execution) for d, t in enumerate(self._transports)}
-        one_machine = os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE")
         transport = DistTransport(
             [mesh.replica_ranks(d) for d in range(mesh.dp)] + mesh.shard_groups(), self.spans, spin=own_cores,
-            shared=own_cores and one_machine and shared.supported(), timeout_s=watchdog.timeout_s(),
+            shared=own_cores and shared.supported(), timeout_s=watchdog.timeout_s(),
         )
         self._transports = [transport]
         located = mesh.locate(self.rank)
@@ -252,7 +250,7 @@ class ParallelPipeline:
 
     def _release(self, graceful: bool) -> None:
         for transport in self._transports:
-            transport.close()
+            transport.close(graceful)
         if self._owns_group and dist.is_initialized():
             if graceful:
                 # Leave together: a rank that exits while its peer still holds the gloo group open

@@ -20,6 +20,9 @@ import os
 import platform
 import tempfile
 import time
+import uuid
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -33,6 +36,20 @@ _LINE = 64
 
 def supported() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def poll_until(ready: Callable[[], bool], timeout_s: float, late: Callable[[], str]) -> None:
+    """Poll ``ready`` (yielding the core between polls) until it holds; after ``timeout_s``
+    raise ``late()``'s line. The clock is read every few thousand polls only."""
+    deadline, polls = None, 0
+    while not ready():
+        os.sched_yield()
+        polls += 1
+        if polls % 4096 == 0:
+            now = time.monotonic()
+            deadline = deadline or now + timeout_s
+            if now > deadline:
+                raise HybridiffError(late())
 
 
 def _row_bytes(template: torch.Tensor) -> int:
@@ -70,19 +87,14 @@ class SharedExchange:
         return [slots[m][: n * nbytes].clone().view(template.dtype).view(n, *shape) for m, n in enumerate(sizes) if n]
 
     def _wait_for(self, step: int) -> None:
-        deadline, polls = None, 0
-        while self._counters.min() < step:
-            os.sched_yield()
-            polls += 1
-            if polls % 4096 == 0:
-                now = time.monotonic()
-                deadline = deadline or now + self._timeout_s
-                if now > deadline:
-                    missing = [self.group[m] for m, n in enumerate(self._counters) if n < step]
-                    raise HybridiffError(
-                        f"rank(s) {missing} did not reach the step's exchange within {self._timeout_s:g} s: "
-                        "a worker died or hangs; its output says why (HYBRIDIFF_TIMEOUT_S sets the limit)"
-                    )
+        def missing() -> str:
+            late = [self.group[m] for m, n in enumerate(self._counters) if n < step]
+            return (
+                f"rank(s) {late} did not reach the step's exchange within {self._timeout_s:g} s: "
+                "a worker died or hangs; its output says why (HYBRIDIFF_TIMEOUT_S sets the limit)"
+            )
+
+        poll_until(lambda: self._counters.min() >= step, self._timeout_s, missing)
 
     def _ensure(self, capacity: int) -> None:
         """(Re)create the shared block when a member's rows outgrow it; every member decides
@@ -120,10 +132,40 @@ class SharedExchange:
             self._memory = None
 
 
+def shared_folder() -> Path:
+    """Where shared blocks live: in memory (``/dev/shm``) where the system has it."""
+    return Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
+
+
 def _create(size: int) -> str:
-    """A new zero-filled file of ``size`` bytes in memory (``/dev/shm``) to map; its path."""
-    folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    fd, path = tempfile.mkstemp(prefix="hybridiff-", dir=folder)
+    """A new zero-filled file of ``size`` bytes in memory to map; its path."""
+    fd, path = tempfile.mkstemp(prefix="hybridiff-", dir=shared_folder())
     os.ftruncate(fd, size)
     os.close(fd)
     return path
+
+
+def shared_name() -> str:
+    """A name prefix for this run's shared blocks, the same on every rank (rank 0 draws it)."""
+    drawn = [f"hybridiff-{uuid.uuid4().hex[:12]}" if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(drawn, src=0)
+    return drawn[0]
+
+
+def same_memory(name: str) -> set[int]:
+    """The ranks whose shared memory this rank sees (itself included): each rank leaves a probe
+    in its ``/dev/shm`` and looks for the others'. A host name would not do: containers on one
+    host each have their own ``/dev/shm``, and machines may share a name."""
+    world = dist.get_world_size()
+    probe = lambda r: shared_folder() / f"{name}-probe-{r}"  # noqa: E731
+    probe(dist.get_rank()).touch()
+    try:
+        dist.barrier()
+        seen = {r for r in range(world) if probe(r).exists()}
+        everyone: list[set[int] | None] = [None] * world
+        dist.all_gather_object(everyone, seen)
+        dist.barrier()
+    finally:
+        probe(dist.get_rank()).unlink(missing_ok=True)
+    me = dist.get_rank()
+    return {r for r in seen if me in everyone[r]}

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from hybridiff.runtime.comm import shared as shm
+from hybridiff.runtime.comm.channel import SharedChannel
 from hybridiff.runtime.comm.shared import SharedExchange
 from hybridiff.runtime.spans import Spans
 
@@ -77,8 +79,9 @@ class Transport(ABC):
     def flush(self) -> None:
         """Wait until the messages posted so far have left."""
 
-    def close(self) -> None:
-        """Release what the transport holds besides the process group."""
+    def close(self, graceful: bool = True) -> None:
+        """Release what the transport holds besides the process group (``graceful``: every
+        rank got to the end)."""
 
     def release_waiters(self) -> None:
         """After a hosted peer failed: wake the peers waiting for it in a shard exchange."""
@@ -186,8 +189,9 @@ class DistTransport(Transport):
     yield, so this worker's own communication threads run) keeps the core awake. It burns
     only the worker's own core, so it is only for workers with cores of their own.
 
-    ``shared``: exchange predictions through shared memory (``runtime.shared``) within groups
-    whose ranks all run on this machine; cut tensors still travel point to point.
+    ``shared``: between ranks that see one shared memory (``shared.same_memory``), exchange
+    predictions and cut tensors through it (``runtime.comm.shared``, ``runtime.comm.channel``);
+    other links use the process group. ``links`` (also in the trace) says which each link took.
     """
 
     def __init__(
@@ -197,20 +201,44 @@ class DistTransport(Transport):
         a process group is a collective over the whole world)."""
         super().__init__((dist.get_rank(),), spans)
         self.rank = dist.get_rank()
-        self.spin = spin
+        self.spin, self._timeout_s = spin, timeout_s
         world = tuple(range(dist.get_world_size()))
         self._groups = {g: None if g == world else dist.new_group(list(g)) for g in groups if len(g) > 1}
+        self._name = shm.shared_name() if shared else ""
+        self._near = shm.same_memory(self._name) if shared else {self.rank}
         self._shared = {
-            g: SharedExchange(g, self.rank, pg, timeout_s) for g, pg in self._groups.items() if shared and self.rank in g
+            g: SharedExchange(g, self.rank, pg, timeout_s) for g, pg in self._groups.items() if self.rank in g and self._near.issuperset(g)
         }
+        self._channels: dict[tuple[int, int], SharedChannel] = {}
         self._pending: list[tuple[dist.Work, list[torch.Tensor]]] = []
         self._expected: dict[tuple[int, int], deque[tuple[list[dist.Work], list[torch.Tensor]]]] = defaultdict(deque)
         #: Messages a rank sends itself (a group leader standing in for its own stage).
         self._to_self: deque[list[torch.Tensor]] = deque()
 
+    @property
+    def links(self) -> dict[str, str]:
+        """How each point-to-point link this rank used moves its tensors."""
+        return self.spans.links
+
+    def _channel(self, src: int, dst: int) -> SharedChannel | None:
+        """The shared-memory channel of link ``src -> dst``, where both ends see one memory."""
+        if (src, dst) not in self._channels:
+            if dst not in self._near or src not in self._near:
+                self.spans.links[f"{src}->{dst}"] = dist.get_backend()
+                return None
+            self._channels[(src, dst)] = SharedChannel(self._name, src, dst, src == self.rank, self._timeout_s)
+            self.spans.links[f"{src}->{dst}"] = "shared memory"
+        return self._channels.get((src, dst))
+
     def post(self, src: int, dst: int, tensors: list[torch.Tensor]) -> None:
         if dst == self.rank:
             self._to_self.append(tensors)
+            return
+        channel = self._channel(src, dst)
+        if channel is not None:
+            with self.spans.span("send-recv", "shared send"):
+                channel.send(tensors)
+            self._count(_nbytes(tensors))
             return
         self._drain()
         with self.spans.span("send-recv", "isend"):
@@ -222,7 +250,7 @@ class DistTransport(Transport):
     def expect(self, src: int, dst: int, templates: list[torch.Tensor]) -> None:
         # gloo moves a message only once its receive is posted: posting it now lets the
         # transfer overlap the receiver's compute instead of starting the next step.
-        if src == self.rank:
+        if src == self.rank or self._channel(src, dst) is not None:
             return
         with self.spans.span("send-recv", "irecv"):
             out = [torch.empty_like(t) for t in templates]
@@ -231,6 +259,12 @@ class DistTransport(Transport):
     def take(self, src: int, dst: int, templates: list[torch.Tensor]) -> list[torch.Tensor]:
         if src == self.rank:
             return self._to_self.popleft()
+        channel = self._channel(src, dst)
+        if channel is not None:
+            with self.spans.span("wait", "cut tensors"):
+                channel.arrive(templates)
+            with self.spans.span("send-recv", "shared receive"):
+                return channel.read(templates)
         if self._expected[(src, dst)]:
             works, out = self._expected[(src, dst)].popleft()
         else:
@@ -308,9 +342,11 @@ class DistTransport(Transport):
         self._count(_nbytes([tensor]) * (len(peers) - 1))
         return _Pending(work, received)
 
-    def close(self) -> None:
+    def close(self, graceful: bool = True) -> None:
         for shared in self._shared.values():
             shared.close()
+        for channel in self._channels.values():
+            channel.close(graceful)
 
     def barrier(self, group: Group) -> None:
         if len(group) > 1:
