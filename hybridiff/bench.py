@@ -26,10 +26,12 @@ import dataclasses
 import json
 import math
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from hybridiff import load
 from hybridiff.compiler.costing import CostedModel
 from hybridiff.compiler.options import CompileOptions
 from hybridiff.compiler.search import plan_for
@@ -157,11 +159,25 @@ def peer_entries(peers: list[str], entries: list[Entry], gpus: int, out: Path) -
     return entries + [Entry(p, p, serial.plan_path, out / p, world=gpus) for p in peers]
 
 
+def _background_load(entries: list[Entry], opts: BenchOptions) -> tuple[float | None, str | None]:
+    """Before a round: how busy other work keeps the cores, and the warning where the round's
+    workers would not find enough of them free."""
+    busy = load.busy_cores()
+    return busy, load.load_warning(busy, max(e.workers for e in entries) * opts.threads, "this bench")
+
+
 def run_bench(entries: list[Entry], opts: BenchOptions, out: Path) -> dict[str, Any]:
     """Measure every entry, score it against serial, write ``out/bench.json``; returns it."""
     runs: dict[str, list[float]] = {e.label: [] for e in entries}
     reports: dict[str, dict[str, Any]] = {}
+    busy: list[float | None] = []
+    warned = False
     for _ in range(opts.rounds):
+        now, warning = _background_load(entries, opts)
+        if warning and not warned:
+            print(warning, file=sys.stderr)  # once: the figure of every round is in bench.json
+            warned = True
+        busy.append(now)
         for entry in entries:
             launch_local(
                 RunOptions(
@@ -177,6 +193,8 @@ def run_bench(entries: list[Entry], opts: BenchOptions, out: Path) -> dict[str, 
         "images": len(opts.requests),
         "steps": reports[serials[0].label]["steps"],
         "threads": opts.threads,
+        #: Cores other processes kept busy before each round (``hybridiff.load``).
+        "background_busy_cores": busy,
         "entries": [_entry_result(e, runs, reports, serials, opts) for e in entries],
     }
     write_atomic(out / "bench.json", strict_json(result))

@@ -31,6 +31,7 @@ def test_bench_runs_every_strategy_on_its_own_plan(bench):
     result = json.loads((out / "bench.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in bench.json"))
     labels = [e["label"] for e in result["entries"]]
     assert labels == ["serial", "pipeline", "hybrid"]
+    assert [type(b) for b in result["background_busy_cores"]] == [float]  # measured before its one round
     by = {e["label"]: e for e in result["entries"]}
     assert by["serial"]["mesh"] == "1 device" and by["pipeline"]["mesh"] == "dp=1,cfg=1,pp=2"
     assert by["hybrid"]["mesh"] == "dp=1,cfg=2,pp=1" and by["hybrid"]["k"] == 4

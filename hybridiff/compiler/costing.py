@@ -45,6 +45,8 @@ class CostedModel:
     device_model: DeviceModel | None
     #: How the whole forwards were timed; compiled, node costs are scaled to them (``measure``).
     execution: Execution = "eager"
+    #: Cores other processes kept busy when the costs were timed (``hybridiff.load``).
+    background_busy_cores: float | None = None
     step_costs: StepCosts = field(default_factory=StepCosts)
     splits: dict[int, Split] = field(default_factory=dict)
     #: Node measures by graph fingerprint: partitions into different stage counts open the

@@ -53,6 +53,7 @@ def assemble(costed: CostedModel, chosen: Mesh, work: Workload, alternatives: di
         speedup=serial / latency,
         alternatives=alternatives or {chosen.label: latency},
         step_costs=work.step_costs,
+        background_busy_cores=costed.background_busy_cores,
     )
     return Plan(
         hybridiff_version=hybridiff.__version__,

@@ -4,6 +4,7 @@ architectures and any ``nn.Module``."""
 
 from __future__ import annotations
 
+import sys
 from functools import partial
 from typing import Any, Iterable
 
@@ -12,6 +13,7 @@ from diffusers import UNet2DConditionModel
 from torch import fx, nn
 
 from hybridiff import device as devices
+from hybridiff import load
 from hybridiff.compiler.cost import DeviceModel, device_of, forward_time, forward_times, profile_nodes
 from hybridiff.compiler.costing import CostedModel, cost_graph
 from hybridiff.compiler.options import CompileOptions
@@ -54,6 +56,7 @@ def cost_model(
     source = resolve_source(model)
     device = devices.worker_device(0)
     torch.set_num_threads(options.threads or devices.default_threads(options.gpus))
+    busy = _background_load(options, device)
     pipe = load_pipeline(source, dtype, device)
     height, width = height or default_image_size(pipe), width or default_image_size(pipe)
     pipeline_kwargs = model_card(source).get("pipeline_kwargs", {})
@@ -80,9 +83,22 @@ def cost_model(
         ),
         device=devices.describe(device),
     )
+    costed.background_busy_cores = busy
     if calibrate is not None and options.gpus > 1:
         calibrate_steps(costed, options.schedule, calibrate)
     return costed
+
+
+def _background_load(options: CompileOptions, device: torch.device) -> float | None:
+    """Before timing on CPU: how busy other work keeps the cores, warning where the calibration's
+    workers (``gpus`` of ``threads`` each) would not find enough of them free."""
+    if options.cost != "time" or device.type != "cpu":
+        return None
+    busy = load.busy_cores()
+    warning = load.load_warning(busy, options.gpus * torch.get_num_threads(), "this compile's timing")
+    if warning:
+        print(warning, file=sys.stderr)
+    return busy
 
 
 def compile_model(

@@ -36,6 +36,9 @@ class Estimates(Strict):
     #: Predicted latency of every mesh the compiler considered, by label.
     alternatives: dict[str, float] = Field(default_factory=dict)
     step_costs: StepCosts = Field(default_factory=StepCosts)
+    #: Cores other processes kept busy when the costs were timed on CPU (``hybridiff.load``):
+    #: where it is near the cores the workers need, the timings and the mesh chosen are suspect.
+    background_busy_cores: float | None = None
 
     @property
     def link_bytes_per_s(self) -> float:
