@@ -8,6 +8,8 @@ not a finished compile or a generated batch.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
@@ -17,9 +19,39 @@ from typing import Any
 
 from hybridiff.errors import HybridiffError
 
+#: Why a write fails that the user can fix: the disk or quota is full, or the folder stopped
+#: being writable (a read-only remount, changed permissions).
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+_LOCKED = {errno.EROFS, errno.EACCES, errno.EPERM}
+
 
 def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write to a temporary file beside ``path`` and rename it into place."""
+    """Write to a temporary file beside ``path`` and rename it into place. A full disk or a
+    folder that became read-only is one line naming the folder; what was written before stays."""
+    try:
+        _replace_with(path, data)
+    except OSError as e:
+        if e.errno not in _FULL | _LOCKED:
+            raise
+        raise HybridiffError(_cannot_write(path, len(data), e)) from None
+
+
+def _cannot_write(path: Path, size: int, error: OSError) -> str:
+    kept = "the files written before it are kept"
+    if error.errno in _FULL:
+        try:
+            disk = os.statvfs(path.parent)
+            free = disk.f_bavail * disk.f_frsize
+        except OSError:
+            free = 0
+        return (
+            f"cannot write {path.name}: no space left in {path.parent} ({free / 1e6:.1f} MB free, {size / 1e6:.1f} MB needed); "
+            f"free some space or choose another output folder ({kept})"
+        )
+    return f"cannot write {path.name}: {path.parent} is not writable ({error.strerror}); choose a writable place ({kept})"
+
+
+def _replace_with(path: Path, data: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = "wb" if isinstance(data, bytes) else "w"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -31,7 +63,8 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
 
 

@@ -8,6 +8,7 @@ folder into the test's own, which also shows that nothing is left behind there.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -17,7 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
+from hybridiff import files
+from hybridiff.errors import HybridiffError
+from hybridiff.runtime.run.requests import ImageRequest
+from hybridiff.runtime.run.session import RunOptions, execute
 from tests.conftest import HYBRIDIFF, invoke
 from tests.test_plan import _broken
 
@@ -206,3 +212,33 @@ def test_a_timeout_is_blamed_on_the_rank_that_fell_behind_not_on_the_one_that_wa
     )
     line = _explain({}, errors, Watchdog(beats, world=2, timeout=60))
     assert line == "worker rank 1 stopped making progress (13 steps done, others reached 40); its peers timed out waiting for it"
+
+
+@pytest.mark.parametrize(
+    "code, line",
+    [
+        (errno.ENOSPC, r"cannot write \S+: no space left in .*out \([\d.]+ MB free, [\d.]+ MB needed\); free some space"),
+        (errno.EROFS, r"cannot write \S+: .*out is not writable \(Read-only file system\); choose a writable place"),
+    ],
+    ids=["disk full", "read-only"],
+)
+def test_an_output_folder_that_fills_up_or_turns_read_only_mid_run_is_one_line_and_keeps_what_was_written(
+    plan_path, tmp_path, monkeypatch, code, line
+):
+    real_replace, given_out = os.replace, []
+
+    def replace(src, dst):
+        if given_out:
+            raise OSError(code, os.strerror(code))
+        real_replace(src, dst)
+        given_out.extend([True] if Path(dst).name == "image-0.png" else [])  # the disk gives out after the first image
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    requests = tuple(ImageRequest("a red cube", None, seed) for seed in (0, 1))
+    out = tmp_path / "out"
+    with pytest.raises(HybridiffError, match=line):
+        execute(RunOptions(plan=plan_path, requests=requests, out=out, mode="serial", threads=1, steps=4))
+    # what was written is intact (the report from before: the disk had no room for a newer one),
+    # and nothing half-written is left beside it
+    assert sorted(p.name for p in out.iterdir()) == ["image-0.png", "report.json"]
+    Image.open(out / "image-0.png").verify()

@@ -124,7 +124,10 @@ def end_report(out: Path, status: str, error: str) -> None:
         report = None
     if isinstance(report, dict) and report.get("status") == "running":
         report.update(status=status, error=error)
-        write_atomic(path, strict_json(report))
+        try:
+            write_atomic(path, strict_json(report))
+        except HybridiffError:
+            pass  # a full or read-only folder: the run's own error is the line to tell
     if out.is_dir():
         remove_temporaries(out)
 

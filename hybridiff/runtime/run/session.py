@@ -14,6 +14,7 @@ rank 0 when it ends, which writes ``image-<i>.png`` then, and keeps ``report.jso
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from functools import partial
@@ -97,7 +98,9 @@ def _execute(opts: RunOptions, plan: Plan, where: devices.Placement) -> dict[str
                 return report.complete(compilation=compiled, **({"profile_ms": dict(enumerate(profiles))} if trace else {}))
     except BaseException as e:
         if report is not None:
-            report.write("interrupted" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "failed", error=one_line(e))
+            # a full disk may refuse the report as well: the error to tell is the first one
+            with contextlib.suppress(HybridiffError):
+                report.write("interrupted" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "failed", error=one_line(e))
         raise
     return None
 
