@@ -27,7 +27,7 @@ import torch
 
 from hybridiff.runtime.comm.shared import poll_until, shared_folder
 
-#: Messages a sender may be ahead of its receiver; the step programs keep at most two in flight.
+#: Messages a sender may be ahead of its receiver; one that finds the ring full waits for a read.
 DEPTH = 4
 #: Alignment of each tensor in a slot (a cache line), so every dtype's view is aligned.
 _ALIGN = 64

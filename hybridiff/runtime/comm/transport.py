@@ -209,7 +209,8 @@ class DistTransport(Transport):
         self._shared = {
             g: SharedExchange(g, self.rank, pg, timeout_s) for g, pg in self._groups.items() if self.rank in g and self._near.issuperset(g)
         }
-        self._channels: dict[tuple[int, int], SharedChannel] = {}
+        #: Each link's shared-memory channel, or None where it goes over the process group.
+        self._channels: dict[tuple[int, int], SharedChannel | None] = {}
         self._pending: list[tuple[dist.Work, list[torch.Tensor]]] = []
         self._expected: dict[tuple[int, int], deque[tuple[list[dist.Work], list[torch.Tensor]]]] = defaultdict(deque)
         #: Messages a rank sends itself (a group leader standing in for its own stage).
@@ -223,12 +224,10 @@ class DistTransport(Transport):
     def _channel(self, src: int, dst: int) -> SharedChannel | None:
         """The shared-memory channel of link ``src -> dst``, where both ends see one memory."""
         if (src, dst) not in self._channels:
-            if dst not in self._near or src not in self._near:
-                self.spans.links[f"{src}->{dst}"] = dist.get_backend()
-                return None
-            self._channels[(src, dst)] = SharedChannel(self._name, src, dst, src == self.rank, self._timeout_s)
-            self.spans.links[f"{src}->{dst}"] = "shared memory"
-        return self._channels.get((src, dst))
+            near = src in self._near and dst in self._near
+            self._channels[(src, dst)] = SharedChannel(self._name, src, dst, src == self.rank, self._timeout_s) if near else None
+            self.spans.links[f"{src}->{dst}"] = "shared memory" if near else dist.get_backend()
+        return self._channels[(src, dst)]
 
     def post(self, src: int, dst: int, tensors: list[torch.Tensor]) -> None:
         if dst == self.rank:
@@ -346,7 +345,8 @@ class DistTransport(Transport):
         for shared in self._shared.values():
             shared.close()
         for channel in self._channels.values():
-            channel.close(graceful)
+            if channel is not None:
+                channel.close(graceful)
 
     def barrier(self, group: Group) -> None:
         if len(group) > 1:

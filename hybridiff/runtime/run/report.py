@@ -11,6 +11,7 @@ Standard library only: the launcher imports it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -124,10 +125,8 @@ def end_report(out: Path, status: str, error: str) -> None:
         report = None
     if isinstance(report, dict) and report.get("status") == "running":
         report.update(status=status, error=error)
-        try:
+        with contextlib.suppress(HybridiffError):  # a full or read-only folder: the run's own error is the line to tell
             write_atomic(path, strict_json(report))
-        except HybridiffError:
-            pass  # a full or read-only folder: the run's own error is the line to tell
     if out.is_dir():
         remove_temporaries(out)
 
