@@ -67,14 +67,17 @@ def advance() -> None:
 
 
 def start_heartbeat(folder: Path, rank: int) -> None:
-    """Beat into ``folder/rank-<rank>`` from a daemon thread until the process ends."""
-    path = folder / f"rank-{rank}"
+    """Beat into ``folder/rank-<rank>`` from a daemon thread until the process ends. Each beat
+    replaces the file whole: a reader that caught a rewrite half-done (empty) would miss the
+    pid, and the watchdog could then not kill that worker."""
+    path, draft = folder / f"rank-{rank}", folder / f".rank-{rank}.tmp"
     pid = os.getpid()
 
     def beat() -> None:
         while True:
             try:
-                path.write_text(f"{pid} {_progress}")
+                draft.write_text(f"{pid} {_progress}")
+                os.replace(draft, path)
             except OSError:
                 return  # the launcher removed its folder: the run is over
             time.sleep(BEAT_S)
@@ -87,7 +90,7 @@ def _read(path: Path) -> tuple[int, int] | None:
         pid, progress = path.read_text().split()
         return int(pid), int(progress)
     except (OSError, ValueError):
-        return None  # not written yet, or caught mid-write
+        return None  # not written yet
 
 
 class Watchdog(threading.Thread):
