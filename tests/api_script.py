@@ -75,6 +75,18 @@ def mistakes(folder: str, plan: str, other_plan: str, out: Path) -> None:
     dist.destroy_process_group()
 
 
+def blocks(folder: str, plan: str, out: Path, times: int = 5) -> None:
+    """``times`` parallel blocks one after the other in one process, each in the group the
+    library created; rank 0 saves each block's image."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    for block in range(times):
+        with hybridiff.parallelize(pipe, plan) as ppipe:
+            result = ppipe(prompt=PROMPTS[0], generator=generators([SEEDS[0]]), num_inference_steps=6)
+            if ppipe.rank == 0:
+                result.images[0].save(out / f"block-{block}.png")
+
+
 def video(plan: str, out: Path) -> None:
     from hybridiff.models import load_pipeline
 
@@ -90,6 +102,8 @@ if __name__ == "__main__":
     mode, *args = sys.argv[1:]
     if mode == "generate":
         generate(args[0], args[1], Path(args[2]))
+    elif mode == "blocks":
+        blocks(args[0], args[1], Path(args[2]))
     elif mode == "video":
         video(args[0], Path(args[1]))
     else:

@@ -88,6 +88,17 @@ def test_mistakes_stop_every_rank_with_one_line_and_no_hang(folder, plan_path, t
     assert said[0]["group_kept"] and said[1]["group_kept"]  # close() leaves a group it did not create
 
 
+def test_parallel_blocks_entered_five_times_in_one_torchrun_job(folder, tmp_path):
+    """Each block makes the same call and gets the same image; re-creating the group between
+    blocks raced at the second rendezvous (gloo "Connection refused", or a hang)."""
+    plan = _plan(str(folder), "dp=1,cfg=1,pp=2", tmp_path / "plan.json")
+    result = _torchrun("blocks", str(folder), str(plan), str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    images = [np.asarray(Image.open(tmp_path / f"block-{b}.png")) for b in range(5)]
+    assert all(np.array_equal(images[0], image) for image in images[1:])
+    assert images[0].std() > 0  # a real image, not a blank one
+
+
 @pytest.fixture(scope="module")
 def digits() -> object:
     pipe = load_pipeline(DIGITS)

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from hybridiff.errors import HybridiffError
@@ -34,7 +33,7 @@ from hybridiff.runtime.api.agreement import Agreement, check_same
 from hybridiff.runtime.api.checks import check_fingerprint
 from hybridiff.runtime.api.collect import CallReport, merge_shares
 from hybridiff.runtime.api.execution import chosen_execution
-from hybridiff.runtime.comm.group import join_group
+from hybridiff.runtime.comm.group import join_group, release_group
 from hybridiff.runtime.comm.transport import DistTransport, LocalTransport, Transport
 from hybridiff.runtime.execution.denoiser import HybridDenoiser
 from hybridiff.runtime.spans import Spans
@@ -63,7 +62,7 @@ class ParallelModule:
         self.guidance = Guidance(calls=guidance)
         self.distributed = not emulate
         self.spans = Spans(enabled=trace)
-        self._owns_group = self.distributed and not dist.is_initialized()
+        self._released = False
         if self.distributed and self.execution == "compiled":
             watchdog.allow_compilation()
         self.rank = join_group(self.plan, _device(module)) if self.distributed else 0
@@ -126,15 +125,13 @@ class ParallelModule:
         return merge_shares(everyone, {0: (None, done)}, torch.device("cpu"))[1]
 
     def close(self, graceful: bool = True) -> None:
-        """Release the transport, and the process group if this object created it."""
+        """Release the transport, and leave the process group (``release_group``)."""
         if self._transport is not None:
             self._transport.close(graceful)
             self._transport = None
-        if self._owns_group and dist.is_initialized():
-            if graceful:
-                dist.barrier()  # leave together (see ParallelPipeline._release)
-            dist.destroy_process_group()
-            self._owns_group = False
+        if self.distributed and not self._released:
+            self._released = True
+            release_group(graceful)
 
     def __enter__(self) -> ParallelModule:
         return self

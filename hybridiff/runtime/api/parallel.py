@@ -38,7 +38,7 @@ from hybridiff.runtime.api.collect import CallReport, merge_local, merge_shares
 from hybridiff.runtime.api.execution import chosen_execution
 from hybridiff.runtime.api.module import ParallelModule
 from hybridiff.runtime.comm import shared
-from hybridiff.runtime.comm.group import choose_device, join_group, pipe_device
+from hybridiff.runtime.comm.group import choose_device, join_group, pipe_device, release_group
 from hybridiff.runtime.comm.transport import DistTransport, LocalTransport, Transport
 from hybridiff.runtime.execution.context_parallel import UlyssesDenoiser
 from hybridiff.runtime.execution.denoiser import HybridDenoiser, ObservedDenoiser, ReplicaCall, StandIn
@@ -89,7 +89,7 @@ class ParallelPipeline:
         self.device = choose_device(pipe, device, distributed=distributed)
         if pipe_device(pipe) != self.device:
             pipe.to(self.device)
-        self._owns_group = distributed and not dist.is_initialized()
+        self._distributed = distributed
         if distributed and self.execution == "compiled":
             watchdog.allow_compilation()
         self._transports: list[Transport] = []
@@ -251,9 +251,5 @@ class ParallelPipeline:
     def _release(self, graceful: bool) -> None:
         for transport in self._transports:
             transport.close(graceful)
-        if self._owns_group and dist.is_initialized():
-            if graceful:
-                # Leave together: a rank that exits while its peer still holds the gloo group open
-                # can abort at teardown, which leaves a torchrun peer waiting at its exit.
-                dist.barrier()
-            dist.destroy_process_group()
+        if self._distributed:
+            release_group(graceful)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 from datetime import timedelta
 from typing import Any
@@ -34,10 +36,23 @@ def choose_device(pipe: Any, wanted: str | torch.device | None, distributed: boo
     return devices.worker_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
+class _Kept:
+    """The default group this process's ``join_group`` created: kept from the first parallel
+    block to the process's exit. Destroying it at a block's end and creating it again at the
+    next made the second rendezvous race: torchrun's store still held the first group's
+    addresses, and gloo's full mesh got "Connection refused" (2 of 6 tries) or hung."""
+
+    created = False
+    #: The last block ended cleanly on every rank, so the ranks may wait for each other at exit.
+    leave_together = False
+
+
 def join_group(plan: Plan, device: torch.device, any_size: bool = False) -> int:
     """Join the process group torchrun or the local launcher set up (or use the one the caller
-    initialised); returns this process's rank. The local launcher hands over a file store:
-    nothing listens on the network. The world must be the plan's, unless ``any_size``."""
+    initialised, or the one an earlier block created); returns this process's rank. The local
+    launcher hands over a file store: nothing listens on the network. The world must be the
+    plan's, unless ``any_size``."""
+    _Kept.leave_together = False
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             raise HybridiffError(
@@ -53,9 +68,32 @@ def join_group(plan: Plan, device: torch.device, any_size: bool = False) -> int:
             # device_id binds NCCL's communicator to this GPU instead of a guess from the rank
             joined["device_id"] = device
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **joined)
+        if not _Kept.created:
+            _Kept.created = True
+            atexit.register(_leave_at_exit)
     if not any_size and dist.get_world_size() != plan.mesh.world_size:
         raise HybridiffError(world_mismatch(plan, dist.get_world_size()))
     return dist.get_rank()
+
+
+def release_group(graceful: bool) -> None:
+    """A parallel block ends: after a clean end every rank waits here for the others, so that
+    none leaves while a peer still sends (gloo can abort at teardown, leaving a torchrun peer
+    waiting at its exit). The group stays for the next block; see ``_Kept``."""
+    if graceful and _Kept.created and dist.is_initialized():
+        dist.barrier()
+    _Kept.leave_together = graceful
+
+
+def _leave_at_exit() -> None:
+    """Destroy the group ``join_group`` created; together, unless a block ended in a failure
+    (a peer may be gone: waiting for it would delay this rank's exit by the whole timeout)."""
+    if not dist.is_initialized():
+        return
+    if _Kept.leave_together:
+        with contextlib.suppress(Exception):  # a peer that died after the block: leave anyway
+            dist.barrier()
+    dist.destroy_process_group()
 
 
 def world_mismatch(plan: Plan, launched: int) -> str:
