@@ -87,6 +87,15 @@ def blocks(folder: str, plan: str, out: Path, times: int = 5) -> None:
                 result.images[0].save(out / f"block-{block}.png")
 
 
+def endless(folder: str, plan: str) -> None:
+    """Calls without end in one block, for a test to stop a rank mid-call."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    with hybridiff.parallelize(pipe, plan) as ppipe:
+        while True:
+            ppipe(prompt=PROMPTS[0], generator=generators([SEEDS[0]]), num_inference_steps=6, output_type="latent")
+
+
 def video(plan: str, out: Path) -> None:
     from hybridiff.models import load_pipeline
 
@@ -104,6 +113,8 @@ if __name__ == "__main__":
         generate(args[0], args[1], Path(args[2]))
     elif mode == "blocks":
         blocks(args[0], args[1], Path(args[2]))
+    elif mode == "endless":
+        endless(args[0], args[1])
     elif mode == "video":
         video(args[0], Path(args[1]))
     else:

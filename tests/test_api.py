@@ -2,8 +2,11 @@
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +100,29 @@ def test_parallel_blocks_entered_five_times_in_one_torchrun_job(folder, tmp_path
     images = [np.asarray(Image.open(tmp_path / f"block-{b}.png")) for b in range(5)]
     assert all(np.array_equal(images[0], image) for image in images[1:])
     assert images[0].std() > 0  # a real image, not a blank one
+
+
+def test_a_stopped_torchrun_rank_is_named_by_its_peer_within_half_the_timeout(folder, tmp_path):
+    """Under torchrun the ranks watch each other's heartbeats: rank 1 stopped mid-call is named
+    in one line within half of HYBRIDIFF_TIMEOUT_S (not found only by the collective timeout)."""
+    plan = _plan(str(folder), "dp=1,cfg=1,pp=2", tmp_path / "plan.json")
+    env = {**os.environ, "HYBRIDIFF_TIMEOUT_S": "8", "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    command = [TORCHRUN, "--standalone", "--nproc-per-node", "2", SCRIPT, "endless", str(folder), str(plan)]
+    job = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (found := next(tmp_path.glob("hybridiff-torchrun-*/heartbeat/rank-1"), None)):
+            assert job.poll() is None and time.monotonic() < deadline, "rank 1 never beat"
+            time.sleep(0.1)
+        time.sleep(2)  # into the calls
+        os.kill(int(found.read_text().split()[0]), signal.SIGSTOP)
+        stopped = time.monotonic()
+        _, stderr = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode != 0 and time.monotonic() - stopped < 4 + 20, stderr
+    assert re.search(r"error: worker rank 1 stopped responding: no heartbeat for \d+ s", stderr), stderr
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from hybridiff.errors import HybridiffError
 
@@ -66,23 +67,26 @@ def advance() -> None:
     _progress += 1
 
 
-def start_heartbeat(folder: Path, rank: int) -> None:
-    """Beat into ``folder/rank-<rank>`` from a daemon thread until the process ends. Each beat
-    replaces the file whole: a reader that caught a rewrite half-done (empty) would miss the
-    pid, and the watchdog could then not kill that worker."""
+def start_heartbeat(folder: Path, rank: int, stop: threading.Event | None = None) -> threading.Thread:
+    """Beat into ``folder/rank-<rank>`` from a daemon thread until the process ends (or ``stop``
+    is set). Each beat replaces the file whole: a reader that caught a rewrite half-done (empty)
+    would miss the pid, and the watchdog could then not kill that worker."""
     path, draft = folder / f"rank-{rank}", folder / f".rank-{rank}.tmp"
     pid = os.getpid()
+    stop = stop or threading.Event()
 
     def beat() -> None:
-        while True:
+        while not stop.is_set():
             try:
                 draft.write_text(f"{pid} {_progress}")
                 os.replace(draft, path)
             except OSError:
                 return  # the launcher removed its folder: the run is over
-            time.sleep(BEAT_S)
+            stop.wait(BEAT_S)
 
-    threading.Thread(target=beat, name="hybridiff-heartbeat", daemon=True).start()
+    thread = threading.Thread(target=beat, name="hybridiff-heartbeat", daemon=True)
+    thread.start()
+    return thread
 
 
 def _read(path: Path) -> tuple[int, int] | None:
@@ -95,11 +99,17 @@ def _read(path: Path) -> tuple[int, int] | None:
 
 class Watchdog(threading.Thread):
     """Watches the heartbeats of ``world`` local workers; on a stale one, records why
-    (``verdict``) and kills every worker it knows, so the launcher's wait ends at once."""
+    (``verdict``), kills every worker it knows, so the launcher's wait ends at once, and calls
+    ``on_verdict``. ``peers``: watch only these ranks, and only once they beat (torchrun's ranks
+    watching each other: a peer still loading is the collective timeout's case)."""
 
-    def __init__(self, folder: Path, world: int, timeout: int) -> None:
+    def __init__(
+        self, folder: Path, world: int, timeout: int, *, peers: list[int] | None = None,
+        on_verdict: Callable[[str], None] | None = None,
+    ) -> None:
         super().__init__(name="hybridiff-watchdog", daemon=True)
-        self.folder, self.world, self.timeout = folder, world, timeout
+        self.folder, self.timeout, self.on_verdict = folder, timeout, on_verdict
+        self.ranks, self._startup = (list(range(world)), True) if peers is None else (peers, False)
         self.verdict: str | None = None
         self._halt = threading.Event()
         self._launched = time.time()
@@ -108,10 +118,10 @@ class Watchdog(threading.Thread):
         stale = stale_after_s(self.timeout)
         while not self._halt.wait(0.25):
             now = time.time()
-            for rank in range(self.world):
+            for rank in self.ranks:
                 path = self.folder / f"rank-{rank}"
                 age = now - path.stat().st_mtime if path.exists() else None
-                if age is None and now - self._launched > max(stale, STARTUP_GRACE_S):
+                if age is None and self._startup and now - self._launched > max(stale, STARTUP_GRACE_S):
                     self._condemn(f"worker rank {rank} never started (no heartbeat {now - self._launched:.0f} s after launch)")
                     return
                 if age is not None and age > stale:
@@ -123,18 +133,20 @@ class Watchdog(threading.Thread):
 
     def _condemn(self, verdict: str) -> None:
         self.verdict = verdict
-        for rank in range(self.world):
+        for rank in self.ranks:
             beat = _read(self.folder / f"rank-{rank}")
             if beat is not None:
                 with contextlib.suppress(ProcessLookupError):  # it ended on its own meanwhile
                     os.kill(beat[0], signal.SIGKILL)
+        if self.on_verdict is not None:
+            self.on_verdict(verdict)
 
     def stop(self) -> None:
         self._halt.set()
 
     def laggards(self) -> str | None:
         """Which ranks fell behind the others, from the last heartbeats, or None if none did."""
-        progress = {r: beat[1] for r in range(self.world) if (beat := _read(self.folder / f"rank-{r}"))}
+        progress = {r: beat[1] for r in self.ranks if (beat := _read(self.folder / f"rank-{r}"))}
         if len(set(progress.values())) < 2:
             return None
         low, high = min(progress.values()), max(progress.values())

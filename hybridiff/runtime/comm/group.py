@@ -14,7 +14,7 @@ import torch.distributed as dist
 from hybridiff import device as devices
 from hybridiff.errors import HybridiffError
 from hybridiff.plan import Plan
-from hybridiff.runtime import watchdog
+from hybridiff.runtime import peer_watch, watchdog
 from hybridiff.runtime.comm import STORE_ENV
 
 
@@ -73,6 +73,7 @@ def join_group(plan: Plan, device: torch.device, any_size: bool = False) -> int:
             atexit.register(_leave_at_exit)
     if not any_size and dist.get_world_size() != plan.mesh.world_size:
         raise HybridiffError(world_mismatch(plan, dist.get_world_size()))
+    peer_watch.watch_peers()
     return dist.get_rank()
 
 
@@ -80,6 +81,7 @@ def release_group(graceful: bool) -> None:
     """A parallel block ends: after a clean end every rank waits here for the others, so that
     none leaves while a peer still sends (gloo can abort at teardown, leaving a torchrun peer
     waiting at its exit). The group stays for the next block; see ``_Kept``."""
+    peer_watch.stop_watching()
     if graceful and _Kept.created and dist.is_initialized():
         dist.barrier()
     _Kept.leave_together = graceful
