@@ -190,7 +190,7 @@ def test_the_watchdog_kills_and_names_a_rank_whose_heartbeat_stopped(tmp_path):
     for rank, proc in enumerate(sleepers):
         (tmp_path / f"rank-{rank}").write_text(f"{proc.pid} 7")
     os.utime(tmp_path / "rank-1", (time.time() - 10, time.time() - 10))  # rank 1 beat 10 s ago
-    dog = Watchdog(tmp_path, world=2, timeout=8)
+    dog = Watchdog(tmp_path, ranks=[0, 1], timeout=8)
     start = time.monotonic()
     dog.start()
     codes = [proc.wait(timeout=5) for proc in sleepers]
@@ -210,7 +210,7 @@ def test_a_timeout_is_blamed_on_the_rank_that_fell_behind_not_on_the_one_that_wa
     (errors / "rank-0.fault").write_text(
         "worker rank 0 failed: DistBackendError: Timed out (it waited longer than HYBRIDIFF_TIMEOUT_S=60 s for a peer)"
     )
-    line = _explain({}, errors, Watchdog(beats, world=2, timeout=60))
+    line = _explain({}, errors, Watchdog(beats, ranks=[0, 1], timeout=60))
     assert line == "worker rank 1 stopped making progress (13 steps done, others reached 40); its peers timed out waiting for it"
 
 

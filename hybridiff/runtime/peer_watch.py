@@ -56,7 +56,7 @@ def watch_peers() -> None:
     first = rank - local  # torchrun numbers a node's ranks one after the other
     peers = [r for r in range(first, first + int(os.environ["LOCAL_WORLD_SIZE"])) if r != rank]
     stop_watching()
-    _Beat.dog = watchdog.Watchdog(folder, 0, watchdog.timeout_s(), peers=peers, on_verdict=_give_up)
+    _Beat.dog = watchdog.Watchdog(folder, peers, watchdog.timeout_s(), startup=False, on_verdict=_give_up)
     _Beat.dog.start()
 
 

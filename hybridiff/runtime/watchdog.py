@@ -98,18 +98,18 @@ def _read(path: Path) -> tuple[int, int] | None:
 
 
 class Watchdog(threading.Thread):
-    """Watches the heartbeats of ``world`` local workers; on a stale one, records why
+    """Watches the heartbeats of the local workers ``ranks``; on a stale one, records why
     (``verdict``), kills every worker it knows, so the launcher's wait ends at once, and calls
-    ``on_verdict``. ``peers``: watch only these ranks, and only once they beat (torchrun's ranks
-    watching each other: a peer still loading is the collective timeout's case)."""
+    ``on_verdict``. ``startup``: a rank that never beats is condemned too; torchrun's ranks
+    watching each other leave that out (a peer still loading is the collective timeout's case)."""
 
     def __init__(
-        self, folder: Path, world: int, timeout: int, *, peers: list[int] | None = None,
+        self, folder: Path, ranks: list[int], timeout: int, *, startup: bool = True,
         on_verdict: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(name="hybridiff-watchdog", daemon=True)
-        self.folder, self.timeout, self.on_verdict = folder, timeout, on_verdict
-        self.ranks, self._startup = (list(range(world)), True) if peers is None else (peers, False)
+        self.folder, self.ranks, self.timeout = folder, ranks, timeout
+        self._startup, self.on_verdict = startup, on_verdict
         self.verdict: str | None = None
         self._halt = threading.Event()
         self._launched = time.time()

@@ -67,7 +67,7 @@ def launch_local(opts: RunOptions, world_size: int) -> None:
     with tempfile.TemporaryDirectory(prefix="hybridiff-") as run_dir:
         for sub in ("heartbeat", "errors", "elastic"):
             Path(run_dir, sub).mkdir()
-        dog = watchdog.Watchdog(Path(run_dir, "heartbeat"), world_size, watchdog.timeout_s())
+        dog = watchdog.Watchdog(Path(run_dir, "heartbeat"), list(range(world_size)), watchdog.timeout_s())
         private = {STORE_ENV: str(Path(run_dir, "group.store")), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
         with _environment(private, override=True), _environment(WORKER_ENV, override=False):
             dog.start()
