@@ -14,6 +14,7 @@ right one; every rank records the errors it got.
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -88,11 +89,14 @@ def blocks(folder: str, plan: str, out: Path, times: int = 5) -> None:
 
 
 def endless(folder: str, plan: str) -> None:
-    """Calls without end in one block, for a test to stop a rank mid-call."""
+    """Calls for two minutes in one block, for a test to stop a rank mid-call. Bounded: should
+    the test fail to end the job, its workers (which torchrun starts in sessions of their own,
+    out of the test's reach) do not outlive it by more."""
     pipe = StableDiffusionXLPipeline.from_pretrained(folder, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
+    deadline = time.monotonic() + 120
     with hybridiff.parallelize(pipe, plan) as ppipe:
-        while True:
+        while time.monotonic() < deadline:
             ppipe(prompt=PROMPTS[0], generator=generators([SEEDS[0]]), num_inference_steps=6, output_type="latent")
 
 
