@@ -37,7 +37,7 @@ from hybridiff.cli.options import (
     window_lengths,
 )
 from hybridiff.cli.run import run_command
-from hybridiff.errors import HybridiffError, report_and_exit, run_cli
+from hybridiff.errors import HybridiffError, report_and_exit, run_cli, stop_promptly
 from hybridiff.files import check_output_file
 from hybridiff.plan import load_plan
 
@@ -119,14 +119,11 @@ def compile_command(
             warmup=warmup, link_gbps=link_gbps, repeats=repeats, threads=threads, cost=cost, patch_parallel=patch_parallel,
             execution=execution_mode(execution) or "eager",
         )
-        if arch is not None:
-            plan = _compile_arch(arch, resolution, options, device_tflops, device_mem_gbps, profile)
-        else:
-            from hybridiff.calibrate import calibration
-            from hybridiff.compiler.entries import compile_model
-
-            measure = calibration(calibrate and cost == "time", threads)
-            plan = compile_model(model, options, height=height, width=width, dtype=dtype, calibrate=measure)
+        with stop_promptly():  # Ctrl-C ends a compile within seconds, even inside a long attention call
+            if arch is not None:
+                plan = _compile_arch(arch, resolution, options, device_tflops, device_mem_gbps, profile)
+            else:
+                plan = _compile_model(model, options, calibrate, height=height, width=width, dtype=dtype)
         plan.save(out)
     except HybridiffError as e:
         report_and_exit(e)
@@ -152,6 +149,15 @@ def _check_sizes(*pixels: int | None) -> None:
     for size in pixels:
         if size is not None and (size <= 0 or size % 16 or size > 8192):
             raise HybridiffError(f"image size {size}: give a multiple of 16 from 16 to 8192 pixels, e.g. {max(16, round(size / 16) * 16)}")
+
+
+def _compile_model(model: str, options: "CompileOptions", calibrate: bool, **size: Any) -> Plan:
+    """``compile MODEL``: traced, costed (and calibrated where it is timed) on this machine."""
+    from hybridiff.calibrate import calibration
+    from hybridiff.compiler.entries import compile_model
+
+    measure = calibration(calibrate and options.cost == "time", options.threads)
+    return compile_model(model, options, calibrate=measure, **size)
 
 
 def _compile_arch(arch: str, resolution: int, options: "CompileOptions", tflops: float, mem_gbps: float, profile: bool) -> Plan:

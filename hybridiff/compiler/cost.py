@@ -90,13 +90,14 @@ def profile_nodes(
     repeats: int,
     method: str = "time",
     device_model: DeviceModel | None = None,
+    seconds_per_flop: float | None = None,
 ) -> dict[str, NodeMeasure]:
     """Per-node cost and output size for one forward on ``inputs``.
 
     - ``time``: each node measured on this device, median of ``repeats``.
     - ``flops``: FLOPs counted with torch's flop counter and converted to seconds with one
       measured whole forward; reproducible across runs and machines, but blind to memory-bound
-      work such as norms.
+      work such as norms. ``seconds_per_flop`` given, no forward is run (meta ``inputs``).
     - ``roofline``: FLOPs and bytes moved priced by ``device_model``; needs no real data, so it
       costs real-size models built on the meta device.
     """
@@ -136,7 +137,8 @@ def profile_nodes(
             else:
                 measures[node.name] = NodeMeasure(cost, None, None, 0, _as_constant(out))
     if method == "flops":
-        seconds_per_flop = forward_time(gm, inputs, repeats) / max(1.0, sum(m.cost_s for m in measures.values()))
+        if seconds_per_flop is None:
+            seconds_per_flop = forward_time(gm, inputs, repeats) / max(1.0, sum(m.cost_s for m in measures.values()))
         measures = {k: replace(m, cost_s=m.cost_s * seconds_per_flop) for k, m in measures.items()}
     return measures
 

@@ -47,6 +47,9 @@ class CostedModel:
     execution: Execution = "eager"
     #: Cores other processes kept busy when the costs were timed (``hybridiff.load``).
     background_busy_cores: float | None = None
+    #: ``flops`` costs priced at this rate instead of one forward on ``branch_inputs`` (meta
+    #: tensors, where that forward is too big to run: ``compiler.entries._priced_rate``).
+    seconds_per_flop: float | None = None
     step_costs: StepCosts = field(default_factory=StepCosts)
     splits: dict[int, Split] = field(default_factory=dict)
     #: Node measures by graph fingerprint: partitions into different stage counts open the
@@ -62,7 +65,7 @@ class CostedModel:
         """The measures of every node of ``gm`` (the graph or a refinement of it)."""
         key = graph_fingerprint(gm)
         if key not in self.measures:
-            measures = profile_nodes(gm, self.branch_inputs, self.repeats, self.cost, self.device_model)
+            measures = profile_nodes(gm, self.branch_inputs, self.repeats, self.cost, self.device_model, self.seconds_per_flop)
             self.measures[key] = self._compiled_scale(measures) if self.execution == "compiled" else measures
         return self.measures[key]
 
@@ -148,12 +151,14 @@ def cost_graph(
     model: ModelRef,
     device: str,
     device_model: DeviceModel | None = None,
+    seconds_per_flop: float | None = None,
 ) -> CostedModel:
     """Cost a traced graph given one guidance branch's inputs (one row).
 
     ``forward_rows_s`` holds whole forwards timed together by row count, two rows (the serial
     CFG step) at least; without it (custom models) the estimate assumes that rows cost in
-    proportion. Without one row in it, one row is timed here."""
+    proportion. Without one row in it, one row is timed here. ``seconds_per_flop``: what
+    ``flops`` costs are priced at, where they are not measured on these inputs (too big to run)."""
     if forward_rows_s and 1 in forward_rows_s:
         forward = forward_rows_s[1]
     elif options.cost == "roofline":
@@ -163,4 +168,5 @@ def cost_graph(
     return CostedModel(
         graph, latent, branch_inputs, forward, forward_rows_s or {2: 2 * forward},
         model, options.link_gbps, device, options.repeats, options.cost, device_model, options.execution,
+        seconds_per_flop=seconds_per_flop,
     )

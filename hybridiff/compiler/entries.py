@@ -18,11 +18,12 @@ from hybridiff.compiler.cost import DeviceModel, device_of, forward_time, forwar
 from hybridiff.compiler.costing import CostedModel, cost_graph
 from hybridiff.compiler.options import CompileOptions
 from hybridiff.compiler.search import Calibrate, calibrate_steps, check_gpus, plan_for
-from hybridiff.errors import HybridiffError
+from hybridiff.compiler.sizing import ForwardSize, available_bytes, size_forward, to_meta, traced_on_meta
+from hybridiff.errors import HybridiffError, one_line
 from hybridiff.graph.guidance import CallPattern, batch_branches
 from hybridiff.graph.pipeline import TracedModel, default_image_size, example_call, trace_pipeline
 from hybridiff.graph.rows import branch_inputs, repeat_rows
-from hybridiff.graph.trace import Leaf, adapter_for, capture_denoiser_calls, trace_module
+from hybridiff.graph.trace import Leaf, adapter_for, capture_denoiser_calls, denoiser_attr, trace_module
 from hybridiff.models import load_pipeline, model_card, resolve_source
 from hybridiff.models.arch import build_on_device
 from hybridiff.plan import ModelRef, Plan
@@ -60,18 +61,14 @@ def cost_model(
     pipe = load_pipeline(source, dtype, device)
     height, width = height or default_image_size(pipe), width or default_image_size(pipe)
     pipeline_kwargs = model_card(source).get("pipeline_kwargs", {})
-    traced = trace_pipeline(pipe, call=lambda: example_call(pipe, height, width, **pipeline_kwargs))
-    both = guided_inputs(traced, height, width, pipeline_kwargs)
-    # A guided call gives one row per branch and the two-row (serial CFG) batch to time.
-    _, cond = branch_inputs(both, traced.adapter.latent)
-    rows = sorted({1, 2, options.batch, 2 * options.batch})
-    timed = {r: both if r == 2 else repeat_rows(cond, r) for r in rows}
+    traced, cond, forwards, rate = _forwards(pipe, options, height, width, pipeline_kwargs)
     costed = cost_graph(
         traced.graph,
         options,
         latent=traced.adapter.latent,
         branch_inputs=cond,
-        forward_rows_s=forward_times(traced.graph, timed, options.repeats, options.execution),
+        forward_rows_s=forwards,
+        seconds_per_flop=rate,
         model=ModelRef(
             source=source,
             denoiser=traced.adapter.name,
@@ -87,6 +84,79 @@ def cost_model(
     if calibrate is not None and options.gpus > 1:
         calibrate_steps(costed, options.schedule, calibrate)
     return costed
+
+
+#: ``--cost flops`` prices a forward predicted to take longer than this instead of running it.
+RUN_LIMIT_S = 5.0
+#: ``--cost time`` refuses a forward predicted to take longer than this: timing every node of it
+#: ``repeats`` times would take hours.
+TIME_LIMIT_S = 300.0
+
+
+def _forwards(
+    pipe: Any, options: CompileOptions, height: int, width: int, pipeline_kwargs: dict[str, Any]
+) -> tuple[TracedModel, dict[str, Any], dict[int, float], float | None]:
+    """The traced denoiser and one branch's inputs to cost, whole forwards by row count, and the
+    seconds per FLOP its nodes are priced at. The model is sized on a meta copy first; where a
+    forward is too big to run here (``_priced_rate``) that copy is what is costed, its forwards
+    priced from their FLOPs."""
+    call = partial(example_call, pipe, height, width, **pipeline_kwargs)
+    rows = sorted({1, 2, options.batch, 2 * options.batch})
+    try:
+        sized = traced_on_meta(pipe, call)
+        _, meta_cond = branch_inputs(to_meta(guided_inputs(sized, height, width, pipeline_kwargs)), sized.adapter.latent)
+        size = size_forward(sized.graph, meta_cond)
+    except ValueError as e:  # the model's own limit, e.g. SD3's pos_embed_max_size
+        model = type(getattr(pipe, denoiser_attr(pipe))).__name__
+        raise HybridiffError(f"{model} refuses {width}x{height} images ({one_line(e)}); give a size it takes") from None
+    rate = _priced_rate(pipe, size, max(rows), options, (height, width), pipeline_kwargs)
+    if rate is not None:
+        return sized, meta_cond, {r: r * size.flops * rate for r in rows}, rate
+    traced = trace_pipeline(pipe, call=call)
+    both = guided_inputs(traced, height, width, pipeline_kwargs)
+    # A guided call gives one row per branch and the two-row (serial CFG) batch to time.
+    _, cond = branch_inputs(both, traced.adapter.latent)
+    timed = {r: both if r == 2 else repeat_rows(cond, r) for r in rows}
+    return traced, cond, forward_times(traced.graph, timed, options.repeats, options.execution), None
+
+
+def _priced_rate(
+    pipe: Any, size: ForwardSize, rows: int, options: CompileOptions, pixels: tuple[int, int], pipeline_kwargs: dict[str, Any]
+) -> float | None:
+    """Seconds per FLOP (measured at the model's default size) to price forwards too big to
+    run here, or None where they run: they fit in free memory and take seconds. ``--cost time``
+    refuses what does not."""
+    free, need = available_bytes(pipe.device), size.needs_bytes(rows)
+    fits = free is None or need <= free
+    side = default_image_size(pipe)
+    if fits and pixels[0] * pixels[1] <= side * side:
+        return None
+    rate = _seconds_per_flop(pipe, side, pipeline_kwargs, options)
+    predicted = size.flops * rate
+    if fits and predicted <= (TIME_LIMIT_S if options.cost == "time" else RUN_LIMIT_S):
+        return None
+    room = f"{free / 1e9:.1f} GB free" if free is not None else "free memory unknown"
+    what = (
+        f"one forward at {pixels[1]}x{pixels[0]} is {size.flops / 1e12:.3g} TFLOP (about {_duration(predicted)} here) and "
+        f"needs at least {need / 1e9:.2g} GB for {rows} row(s) ({room})"
+    )
+    if options.cost == "time":
+        raise HybridiffError(f"{what}: too big to time here; --cost flops prices it without running it, or give a smaller size")
+    print(f"note: {what}: priced without running it, at {1e-9 / rate:.3g} GFLOP/s measured at {side}x{side}", file=sys.stderr)
+    return rate
+
+
+def _seconds_per_flop(pipe: Any, side: int, pipeline_kwargs: dict[str, Any], options: CompileOptions) -> float:
+    """This machine's seconds per FLOP on ``pipe``'s denoiser forward at ``side`` x ``side`` pixels."""
+    call = partial(example_call, pipe, side, side, **pipeline_kwargs)
+    traced = trace_pipeline(pipe, call=call)
+    _, cond = branch_inputs(guided_inputs(traced, side, side, pipeline_kwargs), traced.adapter.latent)
+    flops = size_forward(traced_on_meta(pipe, call).graph, to_meta(cond)).flops
+    return forward_time(traced.graph, cond, options.repeats, options.execution) / max(flops, 1.0)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.0f} h"
 
 
 def _background_load(options: CompileOptions, device: torch.device) -> float | None:

@@ -245,6 +245,12 @@ def denoiser_attr(pipe: Any) -> str:
 Call = tuple[tuple, dict]
 
 
+def _skipped(*args: Any, **kwargs: Any) -> tuple[torch.Tensor]:
+    """A captured call before the last one (the first branch of two) is not computed: at
+    8192x8192 one forward takes hours, and only its arguments are wanted."""
+    return (torch.zeros_like(next(v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor))),)
+
+
 def capture_denoiser_calls(
     pipe: Any, height: int, width: int, calls: int = 1, prompt: str = "an example prompt", **pipeline_kwargs: Any
 ) -> list[Call]:
@@ -266,7 +272,10 @@ def capture_denoiser_calls(
         if len(seen) == calls:
             raise _Captured
 
-    handle = getattr(pipe, denoiser_attr(pipe)).register_forward_pre_hook(hook, with_kwargs=True)
+    denoiser = getattr(pipe, denoiser_attr(pipe))
+    own_forward = denoiser.__dict__.get("forward")  # accelerate's offload hooks set one
+    denoiser.forward = _skipped
+    handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity(diffusers_logging.ERROR)
     try:
@@ -291,6 +300,10 @@ def capture_denoiser_calls(
         ) from None
     finally:
         handle.remove()
+        if own_forward is None:
+            del denoiser.forward
+        else:
+            denoiser.forward = own_forward
         diffusers_logging.set_verbosity(level)
     if len(seen) < calls:
         raise HybridiffError(f"{type(pipe).__name__} called its denoiser {len(seen)} time(s) in a step, not {calls}")

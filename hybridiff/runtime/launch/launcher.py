@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from hybridiff.errors import HybridiffError, Interrupted, raise_on_signals
+from hybridiff.errors import HybridiffError, Interrupted, paused_promptness, raise_on_signals
 from hybridiff.plan import load_plan
 from hybridiff.runtime import watchdog
 from hybridiff.runtime.comm import STORE_ENV
@@ -64,7 +64,7 @@ def launch_local(opts: RunOptions, world_size: int) -> None:
     ``Interrupted`` if the launcher is signalled, after closing the run's report."""
     if (opts.execution or load_plan(opts.plan).execution) == "compiled":
         watchdog.allow_compilation()
-    with tempfile.TemporaryDirectory(prefix="hybridiff-") as run_dir:
+    with paused_promptness(), tempfile.TemporaryDirectory(prefix="hybridiff-") as run_dir:
         for sub in ("heartbeat", "errors", "elastic"):
             Path(run_dir, sub).mkdir()
         dog = watchdog.Watchdog(Path(run_dir, "heartbeat"), list(range(world_size)), watchdog.timeout_s())
