@@ -104,7 +104,9 @@ def _forwards(
     rows = sorted({1, 2, options.batch, 2 * options.batch})
     try:
         sized = traced_on_meta(pipe, call)
-        _, meta_cond = branch_inputs(to_meta(guided_inputs(sized, height, width, pipeline_kwargs)), sized.adapter.latent)
+        # the pipeline's calls, captured once: a graph traced on meta takes the same inputs
+        both = guided_inputs(sized, height, width, pipeline_kwargs)
+        _, meta_cond = branch_inputs(to_meta(both), sized.adapter.latent)
         size = size_forward(sized.graph, meta_cond)
     except ValueError as e:  # the model's own limit, e.g. SD3's pos_embed_max_size
         model = type(getattr(pipe, denoiser_attr(pipe))).__name__
@@ -113,7 +115,6 @@ def _forwards(
     if rate is not None:
         return sized, meta_cond, {r: r * size.flops * rate for r in rows}, rate
     traced = trace_pipeline(pipe, call=call)
-    both = guided_inputs(traced, height, width, pipeline_kwargs)
     # A guided call gives one row per branch and the two-row (serial CFG) batch to time.
     _, cond = branch_inputs(both, traced.adapter.latent)
     timed = {r: both if r == 2 else repeat_rows(cond, r) for r in rows}

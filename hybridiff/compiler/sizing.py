@@ -10,7 +10,6 @@ the same forward is sized in half a second; the compile then prices it without r
 
 from __future__ import annotations
 
-import os
 from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -35,10 +34,10 @@ class ForwardSize:
     #: block are not seen, so this is a lower bound of what the forward needs.
     activation_bytes: int
 
-    def needs_bytes(self, rows: int, rows_sized: int = 1) -> int:
-        """Memory for a forward of ``rows`` rows, sized on ``rows_sized``: weights once,
-        activations in proportion to rows."""
-        return self.weights_bytes + self.activation_bytes * rows // rows_sized
+    def needs_bytes(self, rows: int) -> int:
+        """Memory for a forward of ``rows`` rows (sized on one): weights once, activations in
+        proportion to rows."""
+        return self.weights_bytes + self.activation_bytes * rows
 
 
 def meta_copy(module: nn.Module) -> nn.Module:
@@ -99,4 +98,4 @@ def available_bytes(device: torch.device) -> int | None:
             fields = dict(line.split(":", 1) for line in f)
         return int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
-        return None if not hasattr(os, "sysconf") else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return None
