@@ -6,7 +6,9 @@ pipeline window; flop-counted costs make the partition reproducible from run to 
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,6 +26,7 @@ os.environ["HYBRIDIFF_DEVICE"] = "cpu"
 # Compiled kernels of the suite go to a cache of its own, empty at the start of every run, so
 # the compiled tests see a cold cache first wherever they run (and users' caches stay untouched).
 os.environ["HYBRIDIFF_CACHE_DIR"] = tempfile.mkdtemp(prefix="hybridiff-test-cache-")
+atexit.register(shutil.rmtree, os.environ["HYBRIDIFF_CACHE_DIR"], ignore_errors=True)
 
 from hybridiff.compiler.entries import compile_model  # noqa: E402
 from hybridiff.graph.pipeline import TracedModel, trace_pipeline  # noqa: E402

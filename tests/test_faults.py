@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -150,6 +151,55 @@ def test_sigint_to_the_launcher_ends_with_130_and_a_closed_report_and_nothing_li
     run.proc.send_signal(signal.SIGINT)
     report = _assert_ended(run, 130, 10, r"interrupted by SIGINT; \d+ image\(s\) and report.json \('interrupted'\)", "interrupted")
     assert 1 <= len(report["images"]) < 12
+
+
+def _shared_blocks() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("hybridiff-*")} if Path("/dev/shm").is_dir() else set()
+
+
+def _alive(pids: list[int], limit_s: float) -> list[int]:
+    """Those of ``pids`` still running (not even a zombie) after waiting up to ``limit_s``."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        alive = [pid for pid in pids if Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
+
+
+def _break_the_output_folder(run: Run) -> None:
+    """Rank 0's next write raises: its output folder has become a file."""
+    shutil.rmtree(run.out)
+    run.out.write_text("")
+
+
+#: Five crashes mid-run, each kind the README names: the launcher killed (twice: the workers are
+#: left to clean up alone), a worker killed, Ctrl-C, and an exception in a worker.
+CRASHES = [
+    lambda run: run.proc.kill(),
+    lambda run: os.kill(run.ranks()[1], signal.SIGKILL),
+    lambda run: run.proc.send_signal(signal.SIGINT),
+    _break_the_output_folder,
+    lambda run: run.proc.kill(),
+]
+
+
+def test_five_crashes_in_a_row_leave_no_shared_block_temporary_folder_or_process(plan_path, tmp_path):
+    blocks_before = _shared_blocks()
+    for n, crash in enumerate(CRASHES):
+        (tmp_path / str(n)).mkdir()
+        run = Run(plan_path, tmp_path / str(n), *LONG_RUN)
+        run.wait_for_images()
+        processes = [run.proc.pid, *run.ranks().values()]
+        crash(run)
+        code, stderr, _ = run.finish()
+        assert code != 0, stderr
+        assert _alive(processes, 5) == [], f"crash {n}: processes left"
+        assert _shared_blocks() == blocks_before, f"crash {n}: shared blocks left"
+        left = [p.name for p in run.tmp.iterdir() if not p.name.startswith("torchinductor_")]  # a cache, kept on purpose
+        assert left == [], f"crash {n}: temporary files left"
+        if code == -signal.SIGKILL:  # the launcher's own death: its workers closed the report
+            assert run.report()["status"] == "failed" and "launcher ended" in run.report()["error"]
 
 
 def test_sigterm_ends_a_single_process_run_with_143_and_a_closed_report(plan_path, tmp_path):

@@ -67,21 +67,26 @@ def advance() -> None:
     _progress += 1
 
 
-def start_heartbeat(folder: Path, rank: int, stop: threading.Event | None = None) -> threading.Thread:
+def start_heartbeat(
+    folder: Path, rank: int, stop: threading.Event | None = None, on_orphaned: Callable[[], None] | None = None
+) -> threading.Thread:
     """Beat into ``folder/rank-<rank>`` from a daemon thread until the process ends (or ``stop``
     is set). Each beat replaces the file whole: a reader that caught a rewrite half-done (empty)
-    would miss the pid, and the watchdog could then not kill that worker."""
+    would miss the pid, and the watchdog could then not kill that worker. ``on_orphaned`` is
+    called from this thread, within a beat, once the process that started this one has ended
+    (its launcher was killed); it is expected to end the process."""
     path, draft = folder / f"rank-{rank}", folder / f".rank-{rank}.tmp"
-    pid = os.getpid()
+    pid, parent = os.getpid(), os.getppid()
     stop = stop or threading.Event()
 
     def beat() -> None:
         while not stop.is_set():
-            try:
+            if on_orphaned is not None and os.getppid() != parent:
+                on_orphaned()
+                return
+            with contextlib.suppress(OSError):  # the launcher removed its folder: the run is ending
                 draft.write_text(f"{pid} {_progress}")
                 os.replace(draft, path)
-            except OSError:
-                return  # the launcher removed its folder: the run is over
             stop.wait(BEAT_S)
 
     thread = threading.Thread(target=beat, name="hybridiff-heartbeat", daemon=True)

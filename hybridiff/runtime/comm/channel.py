@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hybridiff.runtime.comm.shared import poll_until, shared_folder
+from hybridiff.runtime.comm.blocks import shared_folder
+from hybridiff.runtime.comm.shared import poll_until
 
 #: Messages a sender may be ahead of its receiver; one that finds the ring full waits for a read.
 DEPTH = 4

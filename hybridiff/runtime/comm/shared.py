@@ -21,7 +21,6 @@ import platform
 import tempfile
 import time
 import uuid
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -29,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from hybridiff.errors import HybridiffError
+from hybridiff.runtime.comm.blocks import run_prefix, shared_folder
 
 #: Bytes between members' step counters (one cache line each).
 _LINE = 64
@@ -132,14 +132,9 @@ class SharedExchange:
             self._memory = None
 
 
-def shared_folder() -> Path:
-    """Where shared blocks live: in memory (``/dev/shm``) where the system has it."""
-    return Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
-
-
 def _create(size: int) -> str:
     """A new zero-filled file of ``size`` bytes in memory to map; its path."""
-    fd, path = tempfile.mkstemp(prefix="hybridiff-", dir=shared_folder())
+    fd, path = tempfile.mkstemp(prefix=f"{run_prefix()}-", dir=shared_folder())
     os.ftruncate(fd, size)
     os.close(fd)
     return path
@@ -147,7 +142,7 @@ def _create(size: int) -> str:
 
 def shared_name() -> str:
     """A name prefix for this run's shared blocks, the same on every rank (rank 0 draws it)."""
-    drawn = [f"hybridiff-{uuid.uuid4().hex[:12]}" if dist.get_rank() == 0 else None]
+    drawn = [f"{run_prefix()}-{uuid.uuid4().hex[:12]}" if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(drawn, src=0)
     return drawn[0]
 

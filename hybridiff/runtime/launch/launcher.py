@@ -10,6 +10,9 @@ with one line whatever happens to them.
 - A heartbeat watchdog names a stopped rank within half of ``HYBRIDIFF_TIMEOUT_S``.
 - A signal to the launcher stops the workers, closes ``report.json`` as ``interrupted`` and
   ends with 128 + the signal.
+- Whatever ends the run, the launcher removes its folder and the run's shared-memory blocks
+  (named after the run id, ``HYBRIDIFF_RUN_ID``). If the launcher itself is killed, its
+  workers notice (``hybridiff.runtime.launch.worker``), close the report and remove them.
 
 Multi-node jobs skip this module: ``torchrun ... -m hybridiff run`` runs on each node.
 Only ``launch_local`` imports torch.
@@ -29,6 +32,7 @@ from hybridiff.errors import HybridiffError, Interrupted, paused_promptness, rai
 from hybridiff.plan import load_plan
 from hybridiff.runtime import watchdog
 from hybridiff.runtime.comm import STORE_ENV
+from hybridiff.runtime.comm.blocks import RUN_ID_ENV, remove_run_blocks
 from hybridiff.runtime.launch.worker import launched
 from hybridiff.runtime.run.options import RunOptions
 from hybridiff.runtime.run.report import end_report
@@ -68,11 +72,12 @@ def launch_local(opts: RunOptions, world_size: int) -> None:
         for sub in ("heartbeat", "errors", "elastic"):
             Path(run_dir, sub).mkdir()
         dog = watchdog.Watchdog(Path(run_dir, "heartbeat"), list(range(world_size)), watchdog.timeout_s())
-        private = {STORE_ENV: str(Path(run_dir, "group.store")), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+        run_id = f"hybridiff-{uuid.uuid4().hex[:12]}"
+        private = {STORE_ENV: str(Path(run_dir, "group.store")), RUN_ID_ENV: run_id, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
         with _environment(private, override=True), _environment(WORKER_ENV, override=False):
             dog.start()
             try:
-                _elastic(opts, world_size, run_dir, dog)
+                _elastic(opts, world_size, run_id, run_dir, dog)
             except HybridiffError as e:
                 end_report(opts.out, "failed", str(e))
                 raise
@@ -81,10 +86,11 @@ def launch_local(opts: RunOptions, world_size: int) -> None:
                 raise
             finally:
                 dog.stop()
+                remove_run_blocks(run_id)  # a killed worker's; the others unlinked theirs
                 raise_on_signals()  # elastic replaced the command's handlers with its own
 
 
-def _elastic(opts: RunOptions, world_size: int, run_dir: str, dog: watchdog.Watchdog) -> None:
+def _elastic(opts: RunOptions, world_size: int, run_id: str, run_dir: str, dog: watchdog.Watchdog) -> None:
     from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -93,7 +99,7 @@ def _elastic(opts: RunOptions, world_size: int, run_dir: str, dog: watchdog.Watc
         min_nodes=1,
         max_nodes=1,
         nproc_per_node=world_size,
-        run_id=f"hybridiff-{uuid.uuid4().hex[:8]}",
+        run_id=run_id,
         rdzv_backend="c10d",
         rdzv_endpoint=str(Path(run_dir, "rendezvous.store")),
         rdzv_configs={"store_type": "file"},
