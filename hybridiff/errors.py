@@ -8,6 +8,7 @@ with 128 + the signal's number (130, 143), as shells expect.
 
 from __future__ import annotations
 
+import atexit
 import os
 import select
 import signal
@@ -47,6 +48,29 @@ def report_and_exit(error: HybridiffError) -> NoReturn:
     """Print the one-line message a user sees and exit with status 2."""
     print(f"error: {error}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def one_line_when_uncaught() -> None:
+    """From now on, a ``HybridiffError`` nothing catches ends the process as the CLI does: one
+    ``error:`` line and exit status 2, after the exit handlers ran (the leave-together barrier
+    of a process group ``parallelize`` created), instead of a traceback and status 1. Set by
+    ``parallelize`` under torchrun, where each rank is a user's script; other exceptions
+    reach the hook that was there before."""
+    previous = sys.excepthook
+    if getattr(previous, "one_line", False):
+        return
+
+    def hook(kind: type[BaseException], error: BaseException, tb: Any) -> None:
+        if not issubclass(kind, HybridiffError):
+            previous(kind, error, tb)
+            return
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        os._exit(2)
+
+    hook.one_line = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
 
 
 #: How long a signal waits for the main thread to raise ``Interrupted`` before ``stop_promptly``

@@ -78,10 +78,13 @@ def test_a_torchrun_script_generates_what_hybridiff_run_does(folder, tmp_path):
 
 def test_mistakes_stop_every_rank_with_one_line_and_no_hang(folder, plan_path, tmp_path):
     """Rank 1 passes a plan for another model; then the ranks make different calls; both
-    ranks hear of each mistake and go on, in the process group the script set up itself."""
+    ranks hear of each mistake and go on, in the process group the script set up itself. A
+    last mistake left uncaught ends each rank with one line and exit code 2, no traceback."""
     plan = _plan(str(folder), "dp=1,cfg=1,pp=2", tmp_path / "plan.json")
     result = _torchrun("mistakes", str(folder), str(plan), str(plan_path), str(tmp_path))
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert set(re.findall(r"exitcode\s*: (\d+)", result.stderr)) == {"2"}, result.stderr
+    assert result.stderr.count("error: callback_on_step_end is a int, which cannot be called") == 2, result.stderr
+    assert "HybridiffError" not in result.stderr, result.stderr
     said = [json.loads((tmp_path / f"mistakes-rank{r}.json").read_text()) for r in (0, 1)]
     fingerprint, different = said[1]["errors"]
     assert fingerprint.startswith("plan fingerprint") and "builtin:tiny-sdxl" in fingerprint
@@ -191,6 +194,25 @@ def test_close_leaves_the_pipeline_as_it_was(digits, pipelined):
     assert digits.unet is original
     with pytest.raises(HybridiffError, match="closed"):
         ppipe(prompt="a 2")
+
+
+MISTAKES = [
+    ({"callback_on_step_end": 5}, r"^callback_on_step_end is a int, which cannot be called: pass a function"),
+    ({"generator": _seed(0), "num_images_per_prompt": 2}, r"^generator is a list of 1 but the call makes 2 image\(s\)"),
+    ({"timesteps": [[999, 500]]}, r"^timesteps must be one list of numbers, one per step .*got shape \(1, 2\)"),
+    ({"callback_on_step_end_tensor_inputs": ["noise"]},
+     r"^StableDiffusionXLPipeline refused the call \(ValueError: `callback_on_step_end_tensor_inputs` has to be in"),
+]
+
+
+@pytest.mark.parametrize("mistake, line", MISTAKES, ids=["callback", "generators", "timesteps", "pipeline-check"])
+def test_a_mistaken_argument_is_one_line_before_any_step_runs(digits, pipelined, mistake, line):
+    with hybridiff.parallelize(digits, pipelined, emulate=True) as ppipe:
+        with pytest.raises(HybridiffError, match=line):
+            ppipe(**{"prompt": "a 3", "generator": _seed(0), "num_inference_steps": 2, **mistake})
+        assert ppipe.last_report is None  # no call finished
+        tuple_out = ppipe(prompt="a 3", generator=_seed(0), num_inference_steps=2, output_type="latent", return_dict=False)
+    assert isinstance(tuple_out, tuple) and tuple_out[0].shape[0] == 1  # return_dict=False works as in the stock pipeline
 
 
 def test_weights_changed_in_place_between_calls_are_used(digits, pipelined):

@@ -81,7 +81,7 @@ MESHES = [
     (3, "dp=1,cfg=1,pp=3", 2, 5.0),  # odd: three stages over the whole batch
     (4, "dp=1,cfg=2,pp=2", 3, 5.0),  # two devices per branch, 3 images split 2 + 1
     (4, "dp=2,cfg=2,pp=1", 2, 5.0),
-    (8, "dp=2,cfg=2,pp=2", 3, 5.0),
+    (8, "dp=2,cfg=2,pp=2", 2, 5.0),  # 8 workers on 2 cores: one image per replica keeps it short
 ]
 
 

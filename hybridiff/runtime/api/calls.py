@@ -58,6 +58,36 @@ def replica_images(images: int, replicas: int) -> list[list[int]]:
     return [list(range(d, images, replicas)) for d in range(replicas)]
 
 
+def check_arguments(kwargs: dict[str, Any], images: int) -> None:
+    """Refuse the argument mistakes a stock pipeline finds only mid-call (at the first step's
+    end) or deep inside its scheduler, here, before any rank starts the call."""
+    callback = kwargs.get("callback_on_step_end")
+    if callback is not None and not callable(callback):
+        raise HybridiffError(
+            f"callback_on_step_end is a {type(callback).__name__}, which cannot be called: pass a function "
+            "(pipe, step, timestep, callback_kwargs) -> callback_kwargs, or a diffusers PipelineCallback"
+        )
+    generator = kwargs.get("generator")
+    if isinstance(generator, list) and len(generator) != images:
+        raise HybridiffError(
+            f"generator is a list of {len(generator)} but the call makes {images} image(s): "
+            "pass one generator per image, or a single generator"
+        )
+    for key in ("timesteps", "sigmas"):
+        value = kwargs.get(key)
+        if value is None:
+            continue
+        try:
+            shape = np.asarray(value.cpu() if isinstance(value, torch.Tensor) else value, dtype=np.float64).shape
+        except (TypeError, ValueError):
+            shape = None
+        if shape is None or len(shape) != 1 or not shape[0]:
+            raise HybridiffError(
+                f"{key} must be one list of numbers, one per step (e.g. {key}=[999, 749, 499, 249]); "
+                f"got {'shape ' + str(shape) if shape is not None else type(value).__name__}"
+            )
+
+
 def split(kwargs: dict[str, Any], images: list[int], per_prompt: int, total: int) -> dict[str, Any]:
     """The arguments of one replica's call generating ``images`` (indices into the call's
     ``total`` images, ``per_prompt`` per prompt)."""

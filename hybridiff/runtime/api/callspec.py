@@ -47,6 +47,7 @@ class CallSpec:
         guided = self.guided(call)
         self.plan.mesh.check_guided(guided)
         images, per_prompt = calls.image_count(call)
+        calls.check_arguments(call, images)
         most = calls.replica_images(images, self.replicas)[0]
         if self.replicas > 1:  # refuse what cannot be shared out here, where every rank hears of it
             calls.split(call, most, per_prompt, images)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hybridiff.errors import HybridiffError
+from hybridiff.errors import HybridiffError, one_line, one_line_when_uncaught
 from hybridiff.graph.guidance import CallPattern, Guidance
 from hybridiff.graph.pipeline import TracedModel
 from hybridiff.plan import Execution, Plan, load_plan
@@ -97,6 +97,7 @@ class ParallelPipeline:
         try:
             if distributed:
                 self.rank = join_group(self.plan, self.device, any_size=mode == "ulysses")
+                one_line_when_uncaught()
             self.agreement = Agreement(self.rank, distributed=distributed)
             traced = self.agreement.agreed(lambda: trace_for_plan(pipe, self.plan))
             check_rows = None if mode in ("serial", "ulysses") else Routing(Layout.of(self.plan)).check_rows
@@ -187,7 +188,12 @@ class ParallelPipeline:
             call["callback_on_step_end_tensor_inputs"] = tensor_inputs
         stand_in.begin_call(guided=self.spec.guided(call))
         with stand_in.installed(self.pipe), torch.inference_mode():
-            output = self.pipe(**call)
+            try:
+                output = self.pipe(**call)
+            except (ValueError, TypeError) as e:
+                if stand_in.loop_start is not None:
+                    raise  # raised while denoising: not the pipeline's check of its arguments
+                raise HybridiffError(f"{type(self.pipe).__name__} refused the call ({one_line(e)}); correct that argument") from e
         return output, stand_in.record(replica, images, latency_s=ends[-1] - stand_in.loop_start)
 
     def _receivers(self) -> range:
