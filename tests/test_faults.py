@@ -157,11 +157,20 @@ def _shared_blocks() -> set[str]:
     return {p.name for p in Path("/dev/shm").glob("hybridiff-*")} if Path("/dev/shm").is_dir() else set()
 
 
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie is not; one reaped while looked at is not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 def _alive(pids: list[int], limit_s: float) -> list[int]:
-    """Those of ``pids`` still running (not even a zombie) after waiting up to ``limit_s``."""
+    """Those of ``pids`` still running after waiting up to ``limit_s``."""
     deadline = time.monotonic() + limit_s
     while True:
-        alive = [pid for pid in pids if Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"]
+        alive = [pid for pid in pids if _running(pid)]
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.1)
