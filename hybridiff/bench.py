@@ -250,7 +250,7 @@ def _entry_result(
     return {
         "label": entry.label,
         "strategy": entry.strategy,
-        "k": plan.schedule.k if entry.mode == "hybrid" else None,
+        "k": plan.schedule.k if entry.mode == "hybrid" and plan.schedule.k else None,  # what ran: no window, no k
         "mesh": report["mesh"] if entry.mode == "ulysses" else "1 device" if entry.mode == "serial" else plan.mesh.label,
         "folder": str(entry.folder),
         "tau1": tau1,

@@ -295,6 +295,11 @@ def test_compile_says_no_multi_device_plan_pays_and_writes_the_one_device_plan(t
     assert "warning: wrote a 1-DEVICE plan although --gpus is 2: no multi-device plan pays for 1 image(s)" in result.output
     plan = load_plan(out)
     assert plan.mesh.world_size == 1 and plan.estimates.step_costs == slow
+    assert plan.schedule.k == 0 and "1 stage(s), no window" in result.output  # one stage: no window to report
+    edited = out.with_name("edited.json")
+    edited.write_text(plan.model_copy(update={"schedule": plan.schedule.model_copy(update={"k": 5})}).model_dump_json())
+    with pytest.raises(HybridiffError, match="schedule.k is 5 but mesh dp=1,cfg=1,pp=1 runs one stage per replica, which has no window"):
+        load_plan(edited)
     assert plan.estimates.alternatives["dp=1,cfg=2,pp=1"] > plan.estimates.latency_s
     # launched on 2 workers anyway, every rank says why the plan has one device and how to force a mesh
     from hybridiff.runtime.comm.group import world_mismatch

@@ -199,7 +199,8 @@ def _report_plan(plan: "Plan", out: Path, gpus: int) -> None:
             err=True,
         )
     typer.echo(
-        f"wrote {out}: mesh {plan.mesh.label}, {len(plan.stages)} stages, imbalance {plan.imbalance:.3f}, "
+        f"wrote {out}: mesh {plan.mesh.label}, {len(plan.stages)} stage(s), "
+        f"{f'window of {plan.schedule.k} steps' if plan.schedule.k else 'no window'}, imbalance {plan.imbalance:.3f}, "
         f"predicted {est.latency_s:.3f} s for {plan.mesh.batch} image(s) vs {est.serial_latency_s:.3f} s serial "
         f"({est.speedup:.2f}x){', costed compiled' if plan.execution == 'compiled' else ''}"
     )

@@ -51,17 +51,19 @@ def plan_for(costed: CostedModel, options: CompileOptions) -> Plan:
     simulated: dict[str, tuple[float, Mesh, Workload]] = {}
     for candidate in candidates:
         try:
-            work = costed.workload(candidate, schedule)
+            runs = schedule.for_stages(candidate.replica_size)
+            work = costed.workload(candidate, runs)
         except ValueError as e:
             if mesh or strategy:
                 raise HybridiffError(f"--mesh {candidate.label}: {e}; use fewer pipeline stages") from None
             continue
-        simulated[candidate.label] = (simulate(candidate, work, schedule, batch).latency_s, candidate, work)
+        simulated[candidate.label] = (simulate(candidate, work, runs, batch).latency_s, candidate, work)
     if not any(m.world_size == gpus for _, m, _ in simulated.values()) and strategy != "serial":
         raise HybridiffError(f"--gpus {gpus}: the graph has too few blocks to mesh {gpus} devices; use fewer devices")
     # Fastest first; on a tie, fewer idle devices, then split guidance branches (cfg = 2).
     _, chosen, work = min(simulated.values(), key=lambda v: (round(v[0], 9), len(v[1].idle_ranks), -v[1].cfg, v[1].dp))
-    plan = assemble(costed, chosen, work, {label: v[0] for label, v in simulated.items()}, schedule=schedule)
+    runs = schedule.for_stages(chosen.replica_size)
+    plan = assemble(costed, chosen, work, {label: v[0] for label, v in simulated.items()}, schedule=runs)
     return plan.model_copy(update={"strategy": strategy}) if strategy else plan
 
 

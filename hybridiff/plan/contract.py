@@ -70,6 +70,10 @@ class Plan(Strict):
             raise ValueError("stages must be numbered 0..S-1 in order")
         if len(self.stages) != self.mesh.replica_size:
             raise ValueError(f"{len(self.stages)} stages for a mesh {self.mesh.label} of {self.mesh.replica_size} positions")
+        if self.schedule.k and len(self.stages) == 1:
+            raise ValueError(
+                f"schedule.k is {self.schedule.k} but mesh {self.mesh.label} runs one stage per replica, which has no window; set k to 0"
+            )
         split = self.graph.shard_split
         if self.mesh.sp > 1 and (split is None or not split.allows(self.mesh.sp)):
             raise ValueError(f"mesh {self.mesh.label} splits each image among shard peers, which this graph does not allow")

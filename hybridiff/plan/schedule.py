@@ -69,6 +69,12 @@ class Schedule(Strict):
             f"({rule}); call with at least {self.tau_cap + 2} steps or recompile with --tau-cap {max(0, steps - 2)}"
         )
 
+    def for_stages(self, stages: int) -> Schedule:
+        """This schedule on a mesh of ``stages`` stages per replica: one stage has no window
+        (nothing runs beside it to overlap), so its ``k`` is 0 and every step is a full one;
+        a window there would only be reported, never run."""
+        return self if stages > 1 or self.k == 0 else self.model_copy(update={"k": 0})
+
     def window_steps(self, tau1: int, steps: int | None = None) -> int:
         """How many window steps follow ``tau1`` before the last of ``steps`` (default: the
         plan's): the window never reaches past the run's last step."""
